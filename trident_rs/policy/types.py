@@ -1,0 +1,153 @@
+"""The data the policy layer decides over. Plain frozen dataclasses, no ray, no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Stage = Literal["encode", "diffuse", "decode"]
+STAGES: tuple[Stage, ...] = ("encode", "diffuse", "decode")
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """What the cost model keys on: output height, width and frame count."""
+
+    height: int
+    width: int
+    frames: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.height}-{self.width}-{self.frames}"
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width * self.frames
+
+    @classmethod
+    def parse(cls, key: str) -> "Shape":
+        h, w, *f = (int(x) for x in key.split("-"))
+        return cls(h, w, f[0] if f else 1)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request as the scheduler sees it (no prompt, no tensors)."""
+
+    id: str
+    model: str
+    shape: Shape
+    steps: int
+    arrival: float
+    deadline: float
+
+    @property
+    def slo_s(self) -> float:
+        return self.deadline - self.arrival
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gb: float = 48.0
+    gpu_name: str = "L20"
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ReplicaGroup:
+    """`width` GPUs of one node that run `stages` of `model` together (k sequence-parallel ranks).
+
+    Stage-level policies use groups with one stage each; pipeline-level ones use all three.
+    """
+
+    id: str
+    model: str
+    stages: tuple[Stage, ...]
+    width: int
+    node: int
+    gpus: tuple[int, ...]  # GPU indices within the node, len == width
+
+    def __post_init__(self) -> None:
+        if len(self.gpus) != self.width:
+            raise ValueError(f"group {self.id}: {len(self.gpus)} GPUs for width {self.width}")
+
+    @property
+    def deployment(self) -> str:
+        """The Ray Serve deployment this group is a replica of, e.g. 'diffuse-w4'."""
+        return f"{'+'.join(self.stages)}-w{self.width}"
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Replica groups per stage, width and node. `None` plans mean a shared GPU pool."""
+
+    groups: tuple[ReplicaGroup, ...]
+    predicted_attainment: float | None = None
+    stats: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def gpus_used(self, node: int) -> int:
+        return sum(g.width for g in self.groups if g.node == node)
+
+    def group(self, group_id: str) -> ReplicaGroup:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        raise KeyError(group_id)
+
+    def count(self) -> dict[str, int]:
+        """Replica count per deployment name."""
+        out: dict[str, int] = {}
+        for g in self.groups:
+            out[g.deployment] = out.get(g.deployment, 0) + 1
+        return out
+
+    def check(self, cluster: Cluster) -> None:
+        """Raise ValueError if any node is over-allocated or any GPU is in two groups."""
+        seen: set[tuple[int, int]] = set()
+        for g in self.groups:
+            if not 0 <= g.node < cluster.nodes:
+                raise ValueError(f"group {g.id} on node {g.node} of {cluster.nodes}")
+            for gpu in g.gpus:
+                if not 0 <= gpu < cluster.gpus_per_node or (g.node, gpu) in seen:
+                    raise ValueError(f"group {g.id}: GPU {g.node}:{gpu} out of range or taken twice")
+                seen.add((g.node, gpu))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Start `stages` of a batch of same-shape requests now on `gpus` of `node`.
+
+    `group_id` names the plan's replica group when the policy has a plan; dynamic policies
+    (shared GPU pool) leave it empty and pick GPUs directly.
+    """
+
+    request_ids: tuple[str, ...]
+    model: str
+    stages: tuple[Stage, ...]
+    width: int
+    node: int
+    gpus: tuple[int, ...]
+    group_id: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What the runtime tells the policy at each `schedule` call."""
+
+    now: float
+    free_gpus: dict[int, frozenset[int]]  # node -> free GPU indices
+    ready_groups: frozenset[str] = frozenset()  # plan groups started and idle
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """A policy's decision at one instant: what starts now, and optionally a new plan."""
+
+    launches: tuple[Launch, ...] = ()
+    new_plan: PlacementPlan | None = None
+    replan_reason: str = ""
