@@ -1,0 +1,54 @@
+"""The user-facing generation request: one pydantic schema for HTTP, CLI and Python."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trident_rs.models.spec import get_spec
+from trident_rs.policy.types import Shape
+
+
+class GenerationParams(BaseModel):
+    """Everything one generation needs. `resolved()` fills model defaults and validates.
+
+    Validation raises `InvalidRequestError` / `UnknownModelError` before any compute.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    slo_ms: float | None = Field(default=None, gt=0)
+
+    def resolved(self) -> "GenerationParams":
+        """A copy with every None replaced by the model's default, validated against its spec."""
+        spec = get_spec(self.model)
+        h, w = spec.default_size
+        out = self.model_copy(
+            update={
+                "height": self.height if self.height is not None else h,
+                "width": self.width if self.width is not None else w,
+                "num_frames": self.num_frames if self.num_frames is not None else spec.default_frames,
+                "steps": self.steps if self.steps is not None else spec.default_steps,
+                "guidance_scale": self.guidance_scale if self.guidance_scale is not None else spec.default_guidance,
+            }
+        )
+        spec.validate(
+            height=out.height, width=out.width, frames=out.num_frames, steps=out.steps,
+            guidance=out.guidance_scale, prompt=out.prompt,
+        )
+        if len(out.negative_prompt) > spec.max_prompt_chars:
+            from trident_rs.errors import InvalidRequestError
+
+            raise InvalidRequestError("negative_prompt", f"longer than {spec.max_prompt_chars} characters")
+        return out
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.height or 0, self.width or 0, self.num_frames or 1)
