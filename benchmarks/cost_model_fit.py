@@ -1,0 +1,102 @@
+"""How well the cost model predicts diffuse latency at shapes it has not seen.
+
+Leave-one-out on the shipped L20 table: for each measured (model, shape, width) point, build
+the cost model from all the other points and predict the held-out one. Prints per-model
+median / max relative error (also for the bare quadratic fit, for comparison) and writes
+benchmarks/results/cost_model_fit.json.
+
+    .venv/bin/python benchmarks/cost_model_fit.py [--tiny] [--no-loo]
+
+--tiny also profiles tiny-sd3 on this machine at two sizes, predicts a third size from that
+profile and measures it (needs the diffusers executors).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from trident_rs.policy.cost_model import CostModel, token_count
+from trident_rs.policy.profile_format import Profile, load_profile
+from trident_rs.policy.types import Shape
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def leave_one_out() -> dict:
+    base = load_profile(CostModel.default_path())
+    diffuse = [p for p in base.points if p.stage == "diffuse" and p.batch == 1]
+    errors: dict[str, dict[str, list[float]]] = {}
+    for held in diffuse:
+        rest = [p for p in base.points if p.key != held.key]
+        cm = CostModel([Profile(hardware=base.hardware, points=rest)])
+        pred = cm.predict(held.model, "diffuse", held.shape, held.width_gpus).latency_s
+        series = cm._series[(held.model, "diffuse", held.width_gpus, 1)]  # bare quadratic, for comparison
+        bare = series.latency.base(token_count(held.model, held.shape))
+        per = errors.setdefault(held.model, {"model": [], "quadratic": [], "interior": []})
+        err = abs(pred - held.latency_s) / held.latency_s
+        per["model"].append(err)
+        tokens = token_count(held.model, held.shape)
+        if series.latency.knots[0] < tokens < series.latency.knots[-1]:
+            per["interior"].append(err)  # held-out point inside the remaining range: interpolation
+        per["quadratic"].append(abs(bare - held.latency_s) / held.latency_s)
+    out = {}
+    for model, e in sorted(errors.items()):
+        out[model] = {k: {"median": statistics.median(v), "max": max(v), "n": len(v)} for k, v in e.items()}
+    return out
+
+
+def tiny_check(sizes=(64, 128), held_out=96, steps=2, repeats=3) -> dict:
+    from trident_rs.profiler import ProfileSpec, profile_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiny.json"
+        t0 = time.perf_counter()
+        profile = profile_model(ProfileSpec("tiny-sd3", [Shape(s, s) for s in sizes], steps=steps,
+                                            warmup=1, repeats=repeats))
+        profile_s = time.perf_counter() - t0
+        path.write_text(profile.model_dump_json())
+        cm = CostModel.from_files(path)
+        shape = Shape(held_out, held_out)
+        measured = profile_model(ProfileSpec("tiny-sd3", [shape], steps=steps, warmup=1, repeats=repeats))
+    rows = []
+    for p in measured.points:
+        pred = cm.predict("tiny-sd3", p.stage, shape, p.width_gpus)
+        rows.append({"stage": p.stage, "shape": shape.key, "predicted_s": pred.latency_s, "measured_s": p.latency_s,
+                     "rel_error": abs(pred.latency_s - p.latency_s) / p.latency_s,
+                     "predicted_mem_gb": pred.memory_gb, "measured_mem_gb": p.memory_gb})
+    return {"profiled_sizes": list(sizes), "steps": steps, "repeats": repeats, "profile_seconds": profile_s,
+            "profile": [p.model_dump() for p in profile.points], "held_out": rows, "hardware": profile.hardware.name}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="also profile tiny-sd3 on this machine")
+    parser.add_argument("--no-loo", action="store_true")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    result: dict = {}
+    if not args.no_loo:
+        result["leave_one_out"] = loo = leave_one_out()
+        print(f"{'model':14} {'n':>3} {'median %':>9} {'max %':>7} | {'interp n':>8} {'median %':>9} {'max %':>7}"
+              f" | {'quadratic only: median %':>24} {'max %':>7}")
+        for model, r in loo.items():
+            m, i, q = r["model"], r["interior"], r["quadratic"]
+            print(f"{model:14} {m['n']:>3} {100*m['median']:9.1f} {100*m['max']:7.1f} | {i['n']:>8} "
+                  f"{100*i['median']:9.1f} {100*i['max']:7.1f} | {100*q['median']:24.1f} {100*q['max']:7.1f}")
+    if args.tiny:
+        result["tiny_sd3"] = tiny = tiny_check()
+        print(f"\ntiny-sd3 on {tiny['hardware']}: profiled {tiny['profiled_sizes']} px, held out 96 px")
+        print(f"{'stage':8} {'predicted s':>11} {'measured s':>10} {'error %':>8}")
+        for r in tiny["held_out"]:
+            print(f"{r['stage']:8} {r['predicted_s']:11.4f} {r['measured_s']:10.4f} {100*r['rel_error']:8.1f}")
+    name = "cost_model_fit.json" if not args.no_loo else "cost_model_tiny.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

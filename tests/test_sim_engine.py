@@ -1,0 +1,182 @@
+"""The simulator: accounting, contract enforcement, determinism, plan changes, metrics."""
+from __future__ import annotations
+
+import pytest
+
+from trident_rs.policy.baselines import DynamicPipelinePolicy, StaticPipelinePolicy, StaticStagePolicy
+from trident_rs.policy.interface import Policy
+from trident_rs.policy.types import (
+    STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request, SchedulerOutput, Shape,
+)
+from trident_rs.sim import PolicyViolation, SimConfig, simulate, summarize
+
+
+class FakeCost:
+    """encode 0.1 s, decode 0.2 s, diffuse (pixels / 1e6) s per step at width 1, 90% efficient per doubling."""
+
+    def stage_time(self, model, stage, shape, width=1, batch=1, steps=1):
+        if stage == "encode":
+            return 0.1 * batch
+        if stage == "decode":
+            return 0.2 * batch
+        return shape.pixels / 1e6 * batch * steps / (width * 0.9 ** (width.bit_length() - 1))
+
+    def best_width(self, model, shape, threshold=0.8, widths=(1, 2, 4, 8)):
+        return 2 if shape.pixels >= 512 * 512 else 1
+
+    def min_width(self, model, stage, shape, gpu_memory_gb):
+        return 1
+
+
+def requests(n: int, gap: float = 0.3, slo: float = 20.0) -> list[Request]:
+    shapes = [Shape(256, 256), Shape(512, 512), Shape(1024, 1024)]
+    return [Request(f"r{i}", "flux", shapes[i % 3], 10, i * gap, i * gap + slo) for i in range(n)]
+
+
+@pytest.mark.parametrize("make", [
+    lambda c, k: StaticPipelinePolicy(c, k, width=2),
+    lambda c, k: StaticStagePolicy(c, k, width=2, encode_gpus=1, decode_gpus=1),
+    lambda c, k: DynamicPipelinePolicy(c, k),
+])
+def test_every_request_completes_or_is_in_flight(make):
+    cluster, cost, reqs = Cluster(2, 4), FakeCost(), requests(120)
+    full = simulate(cluster, make(cluster, cost), cost, reqs)
+    assert set(full.finish) == {r.id for r in reqs}
+    for r in reqs:  # a request cannot finish before its own work could
+        assert full.finish[r.id] - r.arrival >= 0.3 + r.shape.pixels / 1e6 * 10 / 8 - 1e-9
+    cut = simulate(cluster, make(cluster, cost), cost, reqs, SimConfig(until=15.0))
+    arrived = [r for r in reqs if r.arrival <= 15.0]
+    assert len(cut.requests) == len(arrived)
+    assert len(cut.finish) + cut.in_flight_at_end == len(arrived)
+    assert cut.in_flight_at_end > 0
+
+
+class GreedyOnGpuZero(Policy):
+    """Deliberately broken: always launches on GPU 0 of node 0, busy or not."""
+
+    name = "broken-greedy"
+
+    def __init__(self):
+        self.queue: list[Request] = []
+
+    def initial_plan(self, now):
+        return None
+
+    def add_request(self, request, now):
+        self.queue.append(request)
+
+    def on_launch_done(self, launch, now):
+        pass
+
+    def schedule(self, state: ClusterState) -> SchedulerOutput:
+        out = tuple(Launch((r.id,), r.model, STAGES, 1, 0, (0,)) for r in self.queue)
+        self.queue.clear()
+        return SchedulerOutput(out)
+
+
+def test_engine_rejects_launch_on_busy_gpu_and_names_policy():
+    cost = FakeCost()
+    with pytest.raises(PolicyViolation, match="broken-greedy.*not free"):
+        simulate(Cluster(1, 2), GreedyOnGpuZero(), cost, requests(3, gap=0.0))
+
+
+class DecodeFirst(GreedyOnGpuZero):
+    name = "decode-first"
+
+    def schedule(self, state):
+        out = tuple(Launch((r.id,), r.model, ("decode",), 1, 0, (0,)) for r in self.queue)
+        self.queue.clear()
+        return SchedulerOutput(out)
+
+
+class NeverLaunches(GreedyOnGpuZero):
+    name = "lazy"
+
+    def schedule(self, state):
+        return SchedulerOutput()
+
+
+def test_engine_rejects_stages_out_of_order_and_dropped_requests():
+    with pytest.raises(PolicyViolation, match="decode-first.*next needs"):
+        simulate(Cluster(1, 2), DecodeFirst(), FakeCost(), requests(1))
+    with pytest.raises(PolicyViolation, match="lazy.*never completed"):
+        simulate(Cluster(1, 2), NeverLaunches(), FakeCost(), requests(2))
+
+
+def test_same_seed_same_result_and_noise_changes_it():
+    cluster, cost, reqs = Cluster(2, 4), FakeCost(), requests(80)
+    runs = [simulate(cluster, DynamicPipelinePolicy(cluster, cost), cost, reqs, SimConfig(noise=0.3, seed=s))
+            for s in (7, 7, 8)]
+    assert runs[0].finish == runs[1].finish
+    assert runs[0].finish != runs[2].finish
+
+
+def test_metrics_on_hand_computed_scenario():
+    # one GPU; each request: encode 0.1 + diffuse 1.0 + decode 0.2 = 1.3 s, FCFS.
+    shape = Shape(1000, 1000)
+    reqs = [Request("a", "flux", shape, 1, 0.0, 2.0), Request("b", "flux", shape, 1, 0.5, 2.0),
+            Request("c", "flux", shape, 1, 10.0, 10.5)]
+    cluster, cost = Cluster(1, 1), FakeCost()
+    m = summarize(simulate(cluster, StaticPipelinePolicy(cluster, cost, width=1), cost, reqs))
+    # finishes: a 1.3 (met), b 2.6 (latency 2.1, missed), c 11.3 (latency 1.3, missed)
+    assert m.slo_attainment == pytest.approx(1 / 3)
+    assert m.mean_latency_s == pytest.approx((1.3 + 2.1 + 1.3) / 3)
+    assert m.p50_latency_s == pytest.approx(1.3)
+    assert m.makespan_s == pytest.approx(11.3)
+    assert m.gpu_utilisation == pytest.approx(3.9 / 11.3)
+    assert m.goodput_rps == pytest.approx(1 / 11.3)
+    assert m.completed == m.requests == 3
+
+
+class AddsAGroupLater(Policy):
+    """Starts with no plan; on the first arrival asks for one width-2 group and uses it when ready."""
+
+    name = "adds-group"
+
+    def __init__(self):
+        self.queue: list[Request] = []
+        self.planned = False
+        self.group = ReplicaGroup("g0", "flux", STAGES, 2, 0, (0, 1))
+        self.ready_seen_at: float | None = None
+
+    def initial_plan(self, now):
+        return None
+
+    def add_request(self, request, now):
+        self.queue.append(request)
+
+    def on_launch_done(self, launch, now):
+        pass
+
+    def schedule(self, state):
+        if not self.planned:
+            self.planned = True
+            return SchedulerOutput(new_plan=PlacementPlan((self.group,)), replan_reason="first request")
+        if "g0" in state.ready_groups and self.queue:
+            self.ready_seen_at = state.now if self.ready_seen_at is None else self.ready_seen_at
+            r = self.queue.pop(0)
+            return SchedulerOutput((Launch((r.id,), "flux", STAGES, 2, 0, (0, 1), "g0"),))
+        return SchedulerOutput()
+
+
+def test_new_group_is_ready_only_after_start_cost():
+    policy = AddsAGroupLater()
+    res = simulate(Cluster(1, 2), policy, FakeCost(), requests(2, gap=1.0), SimConfig(start_cost_s=5.0))
+    assert policy.ready_seen_at == pytest.approx(5.0)
+    assert res.plan_changes == 1
+    assert min(res.finish.values()) > 5.0
+
+
+def test_transfer_between_nodes_adds_time():
+    shape = Shape(1024, 1024)
+    reqs = [Request("a", "flux", shape, 1, 0.0, 100.0)]
+    cluster, cost = Cluster(3, 1), FakeCost()
+    compute = 0.1 + 1024 * 1024 / 1e6 + 0.2
+    same = simulate(cluster, StaticPipelinePolicy(cluster, cost, width=1), cost, reqs,
+                    SimConfig(inter_node_gbps=0.001))
+    assert same.finish["a"] == pytest.approx(compute)
+    # stage-level on 3 one-GPU nodes: encode, diffuse and decode each on another node (two hops)
+    policy = StaticStagePolicy(cluster, cost, width=1, encode_gpus=1, decode_gpus=1)
+    hops = simulate(cluster, policy, cost, reqs, SimConfig(inter_node_gbps=0.001))
+    embeddings, latent = 512 * 4096 * 2, 128 * 128 * 16 * 2
+    assert hops.finish["a"] == pytest.approx(compute + (embeddings + latent) / 1e6)

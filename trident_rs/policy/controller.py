@@ -1,0 +1,190 @@
+"""Re-planning: watch the workload, detect a shift, re-solve, move to the new plan safely.
+
+- `ArrivalWindow` keeps the last `window_s` seconds of arrivals and finishes: rate, class mix,
+  attainment, and a `Forecast` of them.
+- `Controller.check()` compares the window with the forecast the current plan was built for.
+  A shift is any of: total-variation distance between the class mixes >= `mix_threshold`;
+  rate ratio outside [1/`rate_ratio`, `rate_ratio`]; attainment below the plan's prediction by
+  `attainment_dip`. Hysteresis: the shift must be seen on `persist_checks` consecutive checks,
+  and plans change at most once per `cooldown_s`.
+- `Transition` moves from the current plan to a target plan in steps that never over-commit a
+  node: groups to remove first *drain* (no new work; they stay in the plan while busy), and a
+  new group joins the plan only once every one of its GPUs is free (not in any group of the
+  plan, draining ones included, and idle in the cluster).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from trident_rs.errors import ConfigError
+from trident_rs.policy.solver import PlacementSolver
+from trident_rs.policy.types import PlacementPlan, ReplicaGroup, Request
+from trident_rs.policy.workload import Forecast
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    window_s: float = 60.0
+    check_interval_s: float = 5.0
+    min_arrivals: int = 20
+    mix_threshold: float = 0.25
+    rate_ratio: float = 1.5
+    attainment_dip: float = 0.2
+    persist_checks: int = 2
+    cooldown_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0 or self.check_interval_s <= 0 or self.cooldown_s < 0:
+            raise ConfigError("controller window_s and check_interval_s must be > 0, cooldown_s >= 0")
+        if not 0 < self.mix_threshold <= 1 or self.rate_ratio <= 1 or self.persist_checks < 1:
+            raise ConfigError("controller needs 0 < mix_threshold <= 1, rate_ratio > 1, persist_checks >= 1")
+
+
+def mix_distance(a: dict, b: dict) -> float:
+    """Total-variation distance between two class mixes (0 = same, 1 = disjoint)."""
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+class ArrivalWindow:
+    """Arrivals and finishes of the last `window_s` seconds."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self.arrivals: deque[tuple[float, Request]] = deque()
+        self.finishes: deque[tuple[float, bool]] = deque()  # (time, on time)
+        self.first_arrival: float | None = None
+
+    def add(self, request: Request, now: float) -> None:
+        if self.first_arrival is None:
+            self.first_arrival = now
+        self.arrivals.append((now, request))
+
+    def finish(self, on_time: bool, now: float) -> None:
+        self.finishes.append((now, on_time))
+
+    def trim(self, now: float) -> None:
+        for q in (self.arrivals, self.finishes):
+            while q and q[0][0] < now - self.window_s:
+                q.popleft()
+
+    def span(self, now: float) -> float:
+        """Seconds the window covers (shorter at the start of a run)."""
+        if self.first_arrival is None:
+            return 0.0
+        return max(min(self.window_s, now - self.first_arrival), 1e-9)
+
+    def forecast(self, now: float) -> Forecast:
+        self.trim(now)
+        return Forecast.from_requests((r for _, r in self.arrivals), max(self.span(now), 1e-3))
+
+    def attainment(self) -> float | None:
+        return sum(ok for _, ok in self.finishes) / len(self.finishes) if self.finishes else None
+
+
+@dataclass
+class Transition:
+    """From `current` to `target`, draining before removing; see the module docstring."""
+
+    target: PlacementPlan
+    reason: str
+    draining: set[str] = field(default_factory=set)
+
+    def step(self, current: PlacementPlan, busy: frozenset[str], free_gpus: dict[int, frozenset[int]]
+             ) -> tuple[PlacementPlan, bool]:
+        """The plan to run now and whether the transition is complete."""
+        target_ids = {g.id: g for g in self.target.groups}
+        keep: list[ReplicaGroup] = []
+        self.draining = set()
+        for g in current.groups:
+            same = target_ids.get(g.id)
+            if same is not None and (same.node, same.gpus) == (g.node, g.gpus):
+                keep.append(g)
+            elif g.id in busy:  # still running: keep its GPUs until it drains
+                keep.append(g)
+                self.draining.add(g.id)
+        held = {(g.node, i) for g in keep for i in g.gpus}
+        have = {g.id for g in keep}
+        waiting = 0
+        for g in self.target.groups:
+            if g.id in have:
+                continue
+            if any((g.node, i) in held or i not in free_gpus.get(g.node, ()) for i in g.gpus):
+                waiting += 1
+                continue
+            keep.append(g)
+            held.update((g.node, i) for i in g.gpus)
+        done = waiting == 0 and not self.draining
+        stats = dict(self.target.stats, transition_waiting=waiting, transition_draining=len(self.draining))
+        return PlacementPlan(tuple(keep), self.target.predicted_attainment, stats), done
+
+
+class Controller:
+    """Sliding-window monitor + shift detection + re-solve; hands out `Transition`s."""
+
+    def __init__(self, solver: PlacementSolver, config: ControllerConfig | None = None):
+        self.solver = solver
+        self.config = config or ControllerConfig()
+        self.window = ArrivalWindow(self.config.window_s)
+        self.planned_for: Forecast | None = None  # the forecast behind the current plan
+        self.predicted_attainment: float | None = None
+        self.last_replan: float = float("-inf")
+        self.last_check: float = float("-inf")
+        self.strikes = 0
+        self.replans = 0
+
+    def observe_arrival(self, request: Request, now: float) -> None:
+        self.window.add(request, now)
+
+    def observe_finish(self, request: Request, now: float) -> None:
+        self.window.finish(now <= request.deadline + 1e-9, now)
+
+    def planned(self, forecast: Forecast, plan: PlacementPlan, now: float) -> None:
+        """Record that `plan` (built for `forecast`) is now the target."""
+        self.planned_for = forecast
+        self.predicted_attainment = plan.predicted_attainment
+        self.last_replan = now
+        self.strikes = 0
+
+    def shift_reason(self, now: float) -> str:
+        """Why the window differs from the plan's forecast ('' = it does not)."""
+        cfg = self.config
+        observed = self.window.forecast(now)
+        if len(self.window.arrivals) < cfg.min_arrivals:
+            return ""
+        if self.planned_for is None or not self.planned_for.rates:
+            return "first window"
+        d = mix_distance(observed.mix(), self.planned_for.mix())
+        if d >= cfg.mix_threshold:
+            return f"mix shift (distance {d:.2f})"
+        ratio = observed.total_rate / max(self.planned_for.total_rate, 1e-9)
+        if not 1 / cfg.rate_ratio <= ratio <= cfg.rate_ratio:
+            return f"rate change (x{ratio:.2f})"
+        att = self.window.attainment()
+        if (att is not None and self.predicted_attainment is not None and len(self.window.finishes) >= cfg.min_arrivals
+                and att < self.predicted_attainment - cfg.attainment_dip):
+            return f"attainment dip ({att:.2f} < predicted {self.predicted_attainment:.2f})"
+        return ""
+
+    def check(self, now: float, current: PlacementPlan | None) -> Transition | None:
+        """A transition to a new plan if the workload shifted (with hysteresis), else None."""
+        cfg = self.config
+        if now - self.last_check < cfg.check_interval_s:
+            return None
+        self.last_check = now
+        reason = self.shift_reason(now)
+        if not reason:
+            self.strikes = 0
+            return None
+        self.strikes += 1
+        first = reason == "first window"
+        if not first and (self.strikes < cfg.persist_checks or now - self.last_replan < cfg.cooldown_s):
+            return None
+        return self.replan(now, current, reason)
+
+    def replan(self, now: float, current: PlacementPlan | None, reason: str) -> Transition:
+        forecast = self.window.forecast(now)
+        plan = self.solver.solve(forecast, current)
+        self.planned(forecast, plan, now)
+        self.replans += 1
+        return Transition(plan, reason)

@@ -1,0 +1,234 @@
+"""Predicted latency and peak memory of (model, stage, shape, width, batch), from profiles.
+
+Backed by profile files (`profile_format`): exact at profiled points, and between/beyond them a
+monotone curve over the diffuse token count (`token_curve`), one curve per (model, stage, GPU
+width, batch). Pure Python + numpy; cached, so the dispatcher can call `predict` in its hot path.
+
+Model names: a profile entry under the exact name wins; otherwise a registry model is looked up
+under its `ModelSpec.profile_model` (or family), e.g. "tiny-sd3" -> the "sd3" GPU table.
+
+Batching (when no point was profiled at that batch size): with the fitted per-call fixed cost
+c0 of the curve (its intercept), a batch of b same-shape requests costs
+    latency(b) = c0 + b * (latency(1) - c0),   memory(b) = m0 + b * (memory(1) - m0)
+so b x at large sizes, and much less at small ones where the fixed cost (kernel launches,
+weights streaming; weights for memory) dominates. A stage whose profile does not vary with
+size (encode) shows no fixed cost, so it is taken as linear in b (c0 = 0).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from trident_rs.errors import ConfigError, InvalidRequestError, ProfileError, UnknownModelError
+from trident_rs.models.spec import REGISTRY, get_spec, model_names
+from trident_rs.policy.profile_format import Profile, ProfilePoint, load_profile
+from trident_rs.policy.token_curve import TokenCurve
+from trident_rs.policy.types import STAGES, Shape
+
+DEFAULT_PROFILE = "l20.json"
+
+
+class DoesNotFitError(ConfigError):
+    """No profiled width of a stage fits in the given GPU memory."""
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Predicted cost of one stage call. Diffuse latency is PER STEP; memory is per GPU."""
+
+    latency_s: float
+    memory_gb: float
+
+
+def token_count(model: str, shape: Shape) -> int:
+    """Diffuse sequence length of `shape` for a profile/registry model (pixels / 256 if unknown)."""
+    spec = REGISTRY.get(model)
+    if spec is not None:
+        return max(1, spec.tokens(shape.height, shape.width, shape.frames))
+    return max(1, shape.pixels // 256)
+
+
+@dataclass(frozen=True)
+class _Series:
+    """The points of one (model, stage, width, batch) and the curves fitted through them."""
+
+    exact: dict  # Shape -> ProfilePoint
+    latency: TokenCurve
+    memory: TokenCurve | None
+
+
+def _build_series(model: str, points: list[ProfilePoint]) -> _Series:
+    tokens = [token_count(model, p.shape) for p in points]
+    latency = TokenCurve.fit(tokens, [p.latency_s for p in points])
+    with_mem = [(t, p.memory_gb) for t, p in zip(tokens, points) if p.memory_gb]
+    memory = TokenCurve.fit(*zip(*with_mem)) if with_mem else None
+    return _Series({p.shape: p for p in points}, latency, memory)
+
+
+class CostModel:
+    """Stage cost predictions from one or more profiles (later profiles override earlier points)."""
+
+    def __init__(self, profiles: list[Profile] | tuple[Profile, ...]):
+        if not profiles:
+            raise ProfileError("a cost model needs at least one profile")
+        self.profiles = tuple(profiles)
+        points: dict[tuple, ProfilePoint] = {}
+        for profile in self.profiles:
+            for p in profile.points:
+                points[p.key] = p
+        grouped: dict[tuple[str, str, int, int], list[ProfilePoint]] = {}
+        for p in points.values():
+            grouped.setdefault((p.model, p.stage, p.width_gpus, p.batch), []).append(p)
+        self._series = {k: _build_series(k[0], v) for k, v in grouped.items()}
+        self._models = frozenset(k[0] for k in grouped)
+        self._cache: dict[tuple, StageCost] = {}
+
+    # ----- construction -------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> "CostModel":
+        """The shipped GPU profile (NVIDIA L20 48 GB), loaded once per process."""
+        return _default_model()
+
+    @classmethod
+    def from_files(cls, *paths: str | Path) -> "CostModel":
+        """Load profile JSON files; a point in a later file replaces the same point in an earlier one."""
+        return cls([load_profile(p) for p in paths])
+
+    @staticmethod
+    def default_path() -> Path:
+        return Path(__file__).resolve().parent.parent / "profiles" / DEFAULT_PROFILE
+
+    @property
+    def gpu_memory_gb(self) -> float:
+        return self.profiles[0].hardware.memory_gb
+
+    @property
+    def hardware(self) -> str:
+        return self.profiles[0].hardware.name
+
+    def models(self) -> list[str]:
+        return sorted(self._models)
+
+    # ----- lookups ------------------------------------------------------------------------
+    def profile_model(self, model: str) -> str:
+        """The profile entry that stands for `model` (itself, or its spec's profile model)."""
+        if model in self._models:
+            return model
+        if not isinstance(model, str) or model not in REGISTRY:
+            raise UnknownModelError(str(model), sorted(set(model_names()) | self._models))
+        spec = get_spec(model)
+        for name in (spec.profile_model, spec.family):
+            if name and name in self._models:
+                return name
+        raise ProfileError(f"no profile data for model {model!r} (profiles cover {', '.join(self.models())})")
+
+    def _profiled_widths(self, pmodel: str, stage: str) -> tuple[int, ...]:
+        return tuple(sorted({w for (m, s, w, b) in self._series if m == pmodel and s == stage and b == 1}))
+
+    def widths(self, model: str, stage: str) -> tuple[int, ...]:
+        """GPU widths with data for this stage, limited to those the model's spec allows."""
+        _check_stage(stage)
+        pmodel = self.profile_model(model)
+        widths = self._profiled_widths(pmodel, stage)
+        if model in REGISTRY:
+            allowed = set(get_spec(model).widths.get(stage, widths))
+            widths = tuple(w for w in widths if w in allowed) or widths[:1]
+        if not widths:
+            raise ProfileError(f"no profile data for {model!r} stage {stage!r}")
+        return widths
+
+    # ----- predictions --------------------------------------------------------------------
+    def predict(self, model: str, stage: str, shape: Shape, width: int = 1, batch: int = 1) -> StageCost:
+        """Latency (per step for diffuse) and peak memory per GPU of one stage call."""
+        key = (model, stage, shape, width, batch)
+        cost = self._cache.get(key)
+        if cost is None:
+            cost = self._predict(model, stage, shape, width, batch)
+            self._cache[key] = cost
+        return cost
+
+    def _predict(self, model: str, stage: str, shape: Shape, width: int, batch: int) -> StageCost:
+        _check_stage(stage)
+        if not isinstance(shape, Shape):
+            raise InvalidRequestError("shape", f"expected a Shape, got {type(shape).__name__}")
+        for name, v in (("width", width), ("batch", batch)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidRequestError(name, f"must be a positive integer, got {v!r}")
+        pmodel = self.profile_model(model)
+        if model in REGISTRY:
+            get_spec(model).validate(height=shape.height, width=shape.width, frames=shape.frames)
+        elif shape.height < 1 or shape.width < 1 or shape.frames < 1:
+            raise InvalidRequestError("shape", f"{shape.key} has a non-positive dimension")
+        series = self._series.get((pmodel, stage, width, batch))
+        if series is not None:  # profiled at this batch size
+            return self._from_series(series, pmodel, shape)
+        one = self._series.get((pmodel, stage, width, 1))
+        if one is None:
+            have = self._profiled_widths(pmodel, stage)
+            if not have:
+                raise ProfileError(f"no profile data for {model!r} stage {stage!r}")
+            raise ProfileError(f"no profile data for {model!r} {stage} at width {width} (have {have})")
+        single = self._from_series(one, pmodel, shape)
+        if batch == 1:
+            return single
+        c0 = 0.0 if one.latency.is_constant else min(one.latency.coef[0], single.latency_s)
+        m0 = min(one.memory.coef[0], single.memory_gb) if one.memory is not None else 0.0
+        return StageCost(c0 + batch * (single.latency_s - c0), m0 + batch * (single.memory_gb - m0))
+
+    @staticmethod
+    def _from_series(series: _Series, pmodel: str, shape: Shape) -> StageCost:
+        point = series.exact.get(shape)
+        tokens = token_count(pmodel, shape)
+        latency = point.latency_s if point is not None else series.latency(tokens)
+        if point is not None and point.memory_gb is not None:
+            memory = point.memory_gb
+        else:
+            memory = series.memory(tokens) if series.memory is not None else 0.0
+        return StageCost(latency, memory)
+
+    def stage_time(self, model: str, stage: str, shape: Shape, width: int = 1, batch: int = 1, steps: int = 1) -> float:
+        """Whole-stage seconds: per-step latency x steps for diffuse, the stage latency otherwise."""
+        latency = self.predict(model, stage, shape, width, batch).latency_s
+        return latency * steps if stage == "diffuse" else latency
+
+    def efficiency(self, model: str, shape: Shape, width: int) -> float:
+        """Diffuse parallel efficiency (t1 / tk) / k."""
+        t1 = self.predict(model, "diffuse", shape, 1).latency_s
+        return t1 / self.predict(model, "diffuse", shape, width).latency_s / width
+
+    def best_width(self, model: str, shape: Shape, threshold: float = 0.8,
+                   widths: tuple[int, ...] = (1, 2, 4, 8)) -> int:
+        """Largest diffuse width (among `widths` with data) whose efficiency is >= threshold."""
+        have = set(self.widths(model, "diffuse"))
+        best = 1
+        for w in sorted(set(widths) & have):
+            if self.efficiency(model, shape, w) >= threshold:
+                best = w
+        return best
+
+    def min_width(self, model: str, stage: str, shape: Shape, gpu_memory_gb: float) -> int:
+        """Smallest width of `stage` whose predicted peak memory per GPU fits; DoesNotFitError if none."""
+        needs = {}
+        for w in self.widths(model, stage):
+            needs[w] = self.predict(model, stage, shape, w).memory_gb
+            if needs[w] <= gpu_memory_gb:
+                return w
+        detail = ", ".join(f"w{w}: {m:.1f} GB" for w, m in needs.items())
+        raise DoesNotFitError(f"{model} {stage} {shape.key} fits no width in {gpu_memory_gb:g} GB GPUs ({detail})")
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise InvalidRequestError("stage", f"{stage!r} is not one of {', '.join(STAGES)}")
+
+
+@functools.cache
+def _default_model() -> CostModel:
+    path = CostModel.default_path()
+    if not path.exists():
+        raise ProfileError(f"shipped profile {path} is missing (package data not installed?)")
+    return CostModel([load_profile(path)])
+
+
+__all__ = ["CostModel", "DoesNotFitError", "StageCost", "token_count"]

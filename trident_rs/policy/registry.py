@@ -1,0 +1,57 @@
+"""Policy names -> factories `(cluster, cost, **options) -> Policy`.
+
+`paper` and `trident` are imported lazily (and skipped with a warning where not installed).
+`static-best` is not a policy of its own: the runtime runs `static-pipeline` at every width in
+`STATIC_BEST_WIDTHS` and reports the best. `bound` is analytic (`BoundPolicy.evaluate`).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Callable
+
+from trident_rs.errors import ConfigError
+
+STATIC_BEST_WIDTHS = (1, 2, 4, 8)
+
+# name -> (module, class)
+_FACTORIES: dict[str, tuple[str, str]] = {
+    "static-pipeline": ("trident_rs.policy.baselines", "StaticPipelinePolicy"),
+    "static-best": ("trident_rs.policy.baselines", "StaticPipelinePolicy"),
+    "dynamic-pipeline": ("trident_rs.policy.baselines", "DynamicPipelinePolicy"),
+    "static-stage": ("trident_rs.policy.baselines", "StaticStagePolicy"),
+    "paper": ("trident_rs.policy.paper", "PaperPolicy"),
+    "trident": ("trident_rs.policy.trident", "TridentPolicy"),
+    "bound": ("trident_rs.policy.baselines", "BoundPolicy"),
+}
+ANALYTIC = frozenset({"bound"})  # evaluated, not simulated
+SWEPT = frozenset({"static-best"})  # run at every width, best reported
+
+
+def policy_names() -> list[str]:
+    return list(_FACTORIES)
+
+
+def factory(name: str) -> Callable | None:
+    """The policy class for `name`, or None (with a warning on stderr) if its module is missing."""
+    if name not in _FACTORIES:
+        raise ConfigError(f"unknown policy {name!r}; known: {', '.join(_FACTORIES)}")
+    module, cls = _FACTORIES[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        print(f"warning: policy {name!r} is not available ({e}); skipped", file=sys.stderr)
+        return None
+
+
+def available_policies() -> list[str]:
+    """Names whose factory imports."""
+    return [n for n in _FACTORIES if factory(n) is not None]
+
+
+def make_policy(name: str, cluster, cost, **options):
+    """Build policy `name`; raises ConfigError if it is unknown or not installed."""
+    cls = factory(name)
+    if cls is None:
+        raise ConfigError(f"policy {name!r} is not available")
+    return cls(cluster, cost, **options)

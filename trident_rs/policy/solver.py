@@ -1,0 +1,330 @@
+"""Placement solver: how many replica groups of each (model, stage, width), and where.
+
+Two steps, so that 1,024 GPUs solve in well under a second:
+
+1. **Counts (CP-SAT).** Nodes are identical, so the model decides replica counts in aggregate.
+   Variables: `n[d]`, replicas of deployment d = (model, stage, width); `x[c, w]`, the rate of
+   class c served on time with diffuse at width w (only widths where encode + diffuse + decode
+   fit the class's SLO, and that fit in memory). Capacity: a deployment's busy time per second,
+   `sum_c x[c, w] * t(c, w)`, is at most `utilization * n[d]` (the cap leaves room for
+   queueing). Packing: widths divide each other (1, 2, 4, 8), so groups fit on nodes iff for
+   every width w, the GPUs in groups at least w wide are at most `nodes * floor(G / w) * w`.
+   Presence: every class has an encode, a diffuse and a decode group it fits on.
+   Objective: on-time rate (predicted goodput, i.e. attainment × demand), tie-broken toward
+   fewer GPUs changed from the current plan. A greedy fallback covers a timed-out solve.
+2. **Packing (greedy).** GPUs left over go to the deployment with the highest predicted
+   utilisation; then groups are placed widest first, best-fit, on aligned GPU blocks. Groups of
+   the current plan that are still wanted keep their node and GPUs, hence their id
+   (`{model}:{stage}-w{width}@n{node}g{first_gpu}`).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ortools.sat.python import cp_model
+
+from trident_rs.errors import ConfigError
+from trident_rs.policy.types import Cluster, PlacementPlan, ReplicaGroup, Stage
+from trident_rs.policy.workload import Forecast, RequestClass
+
+if TYPE_CHECKING:
+    from trident_rs.policy.cost_model import CostModel
+
+RATE_UNIT = 1e-3  # x variables count milli-requests per second
+TIME_UNIT = 1e-3  # stage times in milliseconds (rounded up)
+
+
+@dataclass(frozen=True, order=True)
+class Deployment:
+    """A kind of replica group: `width` GPUs running `stage` of `model`."""
+
+    model: str
+    stage: Stage
+    width: int
+
+
+@dataclass(frozen=True)
+class ClassCosts:
+    """What the solver knows about one request class."""
+
+    cls: RequestClass
+    encode: Deployment
+    decode: Deployment
+    t_encode: float
+    t_decode: float
+    t_diffuse: dict[int, float]  # usable width -> diffuse time (all steps)
+
+    def on_time_widths(self) -> list[int]:
+        fixed = self.t_encode + self.t_decode
+        return [w for w, t in sorted(self.t_diffuse.items()) if fixed + t <= self.cls.slo_s]
+
+    def efficient_width(self) -> int:
+        """The usable width with the least GPU-seconds per request (where late work goes)."""
+        return min(self.t_diffuse, key=lambda w: (w * self.t_diffuse[w], w))
+
+
+def group_id(model: str, stage: str, width: int, node: int, first_gpu: int) -> str:
+    return f"{model}:{stage}-w{width}@n{node}g{first_gpu}"
+
+
+def deployment_of(group: ReplicaGroup) -> Deployment:
+    return Deployment(group.model, group.stages[0], group.width)
+
+
+class PlacementSolver:
+    """Chooses a stage-level `PlacementPlan` for a forecast. Deterministic for equal inputs."""
+
+    def __init__(self, cluster: Cluster, cost: "CostModel", *, time_limit_s: float = 0.5,
+                 utilization: float = 0.85, num_workers: int = 1, seed: int = 0):
+        if cluster.nodes < 1 or cluster.gpus_per_node < 1:
+            raise ConfigError(f"cluster needs at least one node and one GPU per node, got {cluster}")
+        if not 0 < utilization <= 1:
+            raise ConfigError(f"utilization must be in (0, 1], got {utilization}")
+        if time_limit_s <= 0:
+            raise ConfigError(f"time_limit_s must be > 0, got {time_limit_s}")
+        self.cluster, self.cost = cluster, cost
+        self.time_limit_s, self.utilization = time_limit_s, utilization
+        self.num_workers, self.seed = num_workers, seed
+
+    # ---- request classes -> costs -------------------------------------------------------
+    def class_costs(self, forecast: Forecast) -> list[ClassCosts]:
+        """Stage times and usable widths per class; ConfigError if a class cannot run at all."""
+        G, mem = self.cluster.gpus_per_node, self.cluster.gpu_memory_gb
+        out = []
+        for c in sorted(forecast.rates):
+            m, shape, steps = c.model, c.shape, c.steps
+            fixed: dict[str, tuple[Deployment, float]] = {}
+            for stage in ("encode", "decode"):
+                need = self.cost.min_width(m, stage, shape, mem)
+                widths = [w for w in self.cost.widths(m, stage) if need <= w <= G]
+                if not widths:
+                    raise ConfigError(f"{m} {shape.key}: {stage} needs {need} GPUs, nodes have {G}")
+                w = min(widths)
+                fixed[stage] = (Deployment(m, stage, w), self.cost.stage_time(m, stage, shape, w, 1, steps))
+            need = self.cost.min_width(m, "diffuse", shape, mem)
+            t_diffuse = {w: self.cost.stage_time(m, "diffuse", shape, w, 1, steps)
+                         for w in self.cost.widths(m, "diffuse") if need <= w <= G}
+            if not t_diffuse:
+                raise ConfigError(f"{m} {shape.key}: diffuse needs {need} GPUs, nodes have {G}")
+            out.append(ClassCosts(c, fixed["encode"][0], fixed["decode"][0], fixed["encode"][1],
+                                  fixed["decode"][1], t_diffuse))
+        return out
+
+    # ---- step 1: counts -------------------------------------------------------------------
+    def solve(self, forecast: Forecast, current: PlacementPlan | None = None) -> PlacementPlan:
+        """The plan for `forecast`, staying close to `current` where that costs no goodput."""
+        if not forecast.rates:
+            raise ConfigError("cannot plan for an empty forecast")
+        start = time.perf_counter()
+        classes = self.class_costs(forecast)
+        deployments = sorted({cc.encode for cc in classes} | {cc.decode for cc in classes}
+                             | {Deployment(cc.cls.model, "diffuse", w) for cc in classes for w in cc.t_diffuse})
+        cur = _counts(current) if current is not None else {}
+        counts, served, stats = self._solve_counts(forecast, classes, deployments, cur)
+        if counts is None:
+            counts, served = self._greedy_counts(forecast, classes), {}
+            stats["fallback"] = True
+        counts = self._fill(forecast, classes, counts, served, cur)
+        groups, dropped = pack(self.cluster, counts, current)
+        goodput = sum(served.values())
+        stats.update(dropped_groups=dropped, goodput_rps=goodput, demand_rps=forecast.total_rate,
+                     changes_gpus=sum(d.width * abs(counts.get(d, 0) - cur.get(d, 0)) for d in set(counts) | set(cur)),
+                     wall_s=time.perf_counter() - start)
+        predicted = goodput / forecast.total_rate if forecast.total_rate > 0 and not stats["fallback"] else None
+        return PlacementPlan(tuple(groups), predicted, stats)
+
+    def _packing_limits(self, widths: list[int]) -> dict[int, int]:
+        """GPUs that groups of width >= w may use in total, per width w."""
+        G = self.cluster.gpus_per_node
+        return {w: self.cluster.nodes * (G // w) * w for w in widths}
+
+    def _solve_counts(self, forecast, classes, deployments, cur):
+        model = cp_model.CpModel()
+        total = self.cluster.total_gpus
+        n = {d: model.new_int_var(0, total // d.width, f"n_{d.model}_{d.stage}_{d.width}") for d in deployments}
+        widths = sorted({d.width for d in deployments})
+        for w, limit in self._packing_limits(widths).items():
+            model.add(sum(d.width * n[d] for d in deployments if d.width >= w) <= limit)
+        cap = round(self.utilization / RATE_UNIT / TIME_UNIT)  # busy-time units one replica offers
+        x: dict[tuple[int, int], cp_model.IntVar] = {}
+        enc_load: dict[Deployment, list] = {}
+        dif_load: dict[Deployment, list] = {}
+        for i, cc in enumerate(classes):
+            demand = round(forecast.rates[cc.cls] / RATE_UNIT)
+            ws = cc.on_time_widths() if demand > 0 else []
+            for w in ws:
+                x[i, w] = model.new_int_var(0, demand, f"x_{i}_{w}")
+                t = math.ceil(cc.t_diffuse[w] / TIME_UNIT)
+                dif_load.setdefault(Deployment(cc.cls.model, "diffuse", w), []).append(t * x[i, w])
+            if ws:
+                y = sum(x[i, w] for w in ws)
+                model.add(y <= demand)
+                for dep, t in ((cc.encode, cc.t_encode), (cc.decode, cc.t_decode)):
+                    enc_load.setdefault(dep, []).append(math.ceil(t / TIME_UNIT) * y)
+            # presence: somewhere to run every stage
+            model.add(n[cc.encode] >= 1)
+            model.add(n[cc.decode] >= 1)
+            model.add(sum(n[Deployment(cc.cls.model, "diffuse", w)] for w in cc.t_diffuse) >= 1)
+        for dep, terms in list(enc_load.items()) + list(dif_load.items()):
+            model.add(sum(terms) <= cap * n[dep])
+        # objective: goodput first; each GPU changed costs less than one unit of goodput
+        changes = []
+        for d in deployments:
+            delta = model.new_int_var(0, total, f"chg_{d.model}_{d.stage}_{d.width}")
+            model.add_abs_equality(delta, n[d] - cur.get(d, 0))
+            changes.append(d.width * delta)
+        weight = 2 * total + 1
+        model.maximize(weight * sum(x.values()) - sum(changes))
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = self.time_limit_s
+        solver.parameters.num_workers = self.num_workers
+        solver.parameters.random_seed = self.seed
+        status = solver.solve(model)
+        stats = {"status": solver.status_name(status), "solver_wall_s": solver.wall_time,
+                 "objective": None, "fallback": False, "variables": len(n) + len(x)}
+        if status == cp_model.INFEASIBLE:
+            raise ConfigError(f"no placement fits {len(classes)} request classes on {self.cluster.nodes}x"
+                              f"{self.cluster.gpus_per_node} GPUs (each needs an encode, diffuse and decode group)")
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return None, {}, stats
+        stats["objective"] = solver.objective_value
+        counts = {d: solver.value(v) for d, v in n.items() if solver.value(v) > 0}
+        served: dict[RequestClass, float] = {}
+        for (i, _w), v in x.items():
+            served[classes[i].cls] = served.get(classes[i].cls, 0.0) + solver.value(v) * RATE_UNIT
+        return counts, served, stats
+
+    def _greedy_counts(self, forecast, classes) -> dict[Deployment, int]:
+        """Fallback: one group of each needed deployment (the fill step spreads the rest)."""
+        counts: dict[Deployment, int] = {}
+        for cc in classes:
+            ws = cc.on_time_widths() or [max(cc.t_diffuse)]
+            for d in (cc.encode, cc.decode, Deployment(cc.cls.model, "diffuse", ws[0])):
+                counts[d] = 1
+        if not self._fits(counts):
+            raise ConfigError(f"no placement fits {len(classes)} request classes on {self.cluster.total_gpus} GPUs")
+        return counts
+
+    # ---- step 2: spread the GPUs left over ---------------------------------------------
+    def _loads(self, forecast, classes, served) -> dict[Deployment, float]:
+        """Predicted busy GPU-groups per deployment for the full demand: on-time work where the
+        solver put it, the rest on each class's most efficient width."""
+        load: dict[Deployment, float] = {}
+        for cc in classes:
+            rate = forecast.rates[cc.cls]
+            on_time = served.get(cc.cls, 0.0)
+            ws = cc.on_time_widths()
+            w_on = ws[0] if ws else cc.efficient_width()
+            w_late = cc.efficient_width()
+            for dep, t in ((cc.encode, cc.t_encode), (cc.decode, cc.t_decode)):
+                load[dep] = load.get(dep, 0.0) + rate * t
+            m = cc.cls.model
+            load[Deployment(m, "diffuse", w_on)] = load.get(Deployment(m, "diffuse", w_on), 0.0) + on_time * cc.t_diffuse[w_on]
+            late = max(rate - on_time, 0.0)
+            load[Deployment(m, "diffuse", w_late)] = load.get(Deployment(m, "diffuse", w_late), 0.0) + late * cc.t_diffuse[w_late]
+        return load
+
+    def _fits(self, counts: dict[Deployment, int]) -> bool:
+        widths = sorted({d.width for d in counts} | {1})
+        return all(sum(d.width * k for d, k in counts.items() if d.width >= w) <= limit
+                   for w, limit in self._packing_limits(widths).items())
+
+    def _fill(self, forecast, classes, counts, served, cur) -> dict[Deployment, int]:
+        """Give leftover GPUs to the deployment with the highest load per replica."""
+        counts = dict(counts)
+        load = self._loads(forecast, classes, served)
+        candidates = sorted(d for d in load if load[d] > 0) or sorted(counts)
+        used = sum(d.width * k for d, k in counts.items())
+        while used < self.cluster.total_gpus:
+            best, best_score = None, -1.0
+            for d in candidates:
+                counts[d] = counts.get(d, 0) + 1
+                ok = self._fits(counts)
+                counts[d] -= 1
+                if ok:
+                    # utilisation per GPU; prefer what the current plan already runs
+                    score = load.get(d, 0.0) / max(counts.get(d, 0), 0.5) / d.width
+                    score *= 1.05 if cur.get(d, 0) > counts.get(d, 0) else 1.0
+                    if score > best_score:
+                        best, best_score = d, score
+            if best is None:
+                break
+            counts[best] = counts.get(best, 0) + 1
+            used += best.width
+        return {d: k for d, k in counts.items() if k > 0}
+
+
+# ---- packing --------------------------------------------------------------------------
+def _counts(plan: PlacementPlan) -> dict[Deployment, int]:
+    out: dict[Deployment, int] = {}
+    for g in plan.groups:
+        if len(g.stages) == 1:
+            d = deployment_of(g)
+            out[d] = out.get(d, 0) + 1
+    return out
+
+
+def pack(cluster: Cluster, counts: dict[Deployment, int],
+         current: PlacementPlan | None = None) -> tuple[list[ReplicaGroup], int]:
+    """Groups for `counts` on nodes, keeping `current`'s groups where still wanted.
+
+    Returns the groups and how many did not fit (0 unless widths do not divide the node).
+    """
+    if current is not None:
+        groups, dropped = _pack(cluster, counts, current)
+        if dropped == 0:
+            return groups, 0
+    return _pack(cluster, counts, None)
+
+
+def _pack(cluster: Cluster, counts, current) -> tuple[list[ReplicaGroup], int]:
+    G = cluster.gpus_per_node
+    free = [[True] * G for _ in range(cluster.nodes)]
+    n_free = [G] * cluster.nodes
+    need = dict(counts)
+    groups: list[ReplicaGroup] = []
+    if current is not None:
+        for g in sorted(current.groups, key=lambda g: g.id):
+            if len(g.stages) != 1 or need.get(deployment_of(g), 0) <= 0:
+                continue
+            if g.node >= cluster.nodes or any(i >= G or not free[g.node][i] for i in g.gpus):
+                continue
+            need[deployment_of(g)] -= 1
+            groups.append(g)
+            for i in g.gpus:
+                free[g.node][i] = False
+            n_free[g.node] -= g.width
+    # buckets of nodes by free GPU count, for best fit
+    buckets: list[set[int]] = [set() for _ in range(G + 1)]
+    for node in range(cluster.nodes):
+        buckets[n_free[node]].add(node)
+    dropped = 0
+    for d in sorted(need, key=lambda d: (-d.width, d)):
+        for _ in range(need[d]):
+            node = next((min(buckets[k]) for k in range(d.width, G + 1) if buckets[k]), None)
+            if node is None:
+                dropped += 1
+                continue
+            gpus = _take(free[node], d.width)
+            buckets[n_free[node]].discard(node)
+            n_free[node] -= d.width
+            buckets[n_free[node]].add(node)
+            groups.append(ReplicaGroup(group_id(d.model, d.stage, d.width, node, gpus[0]), d.model,
+                                       (d.stage,), d.width, node, gpus))
+    return groups, dropped
+
+
+def _take(free: list[bool], width: int) -> tuple[int, ...]:
+    """An aligned free block of `width` GPUs if there is one, else the lowest free GPUs."""
+    for start in range(0, len(free) - width + 1, width):
+        if all(free[start:start + width]):
+            block = tuple(range(start, start + width))
+            break
+    else:
+        block = tuple([i for i, f in enumerate(free) if f][:width])
+    for i in block:
+        free[i] = False
+    return block

@@ -1,0 +1,128 @@
+"""`TridentPolicy`: our stage-level policy = placement solver + dispatcher + controller.
+
+Each request runs encode -> diffuse -> decode as three launches on separate replica groups
+(encode and decode on narrow groups, diffuse on groups of several widths), so decode never
+holds the GPUs of a wide diffuse group. The plan comes from `PlacementSolver` (from a forecast
+given in the options, or learned from the first arrivals); the `Controller` re-plans when the
+mix or rate shifts, and new plans are returned through `SchedulerOutput.new_plan`.
+
+Options (all keyword): forecast (Forecast), workload (a published trace name or CSV path, read
+for its class mix), slo_scale (for `workload`), solver_time_limit_s, utilization, replan
+(bool), controller (ControllerConfig or dict), tick_s, and the `Dispatcher` options
+(mode, late_width, late_delay_s, max_batch, batch_max_pixels).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from trident_rs.errors import ConfigError
+from trident_rs.policy.controller import Controller, ControllerConfig, Transition
+from trident_rs.policy.dispatcher import Dispatcher
+from trident_rs.policy.interface import Policy
+from trident_rs.policy.solver import PlacementSolver
+from trident_rs.policy.types import Cluster, ClusterState, Launch, PlacementPlan, Request, SchedulerOutput, STAGES
+from trident_rs.policy.workload import Forecast, find_trace, forecast_from_trace, read_trace
+
+if TYPE_CHECKING:
+    from trident_rs.policy.cost_model import CostModel
+
+_DISPATCH_OPTIONS = ("mode", "late_width", "late_delay_s", "max_batch", "batch_max_pixels", "exact_max_tasks")
+
+
+class TridentPolicy(Policy):
+    name = "trident"
+
+    def __init__(self, cluster: Cluster, cost: "CostModel", **options: Any):
+        known = {"forecast", "workload", "slo_scale", "solver_time_limit_s", "utilization", "replan",
+                 "controller", "tick_s", "seed", *_DISPATCH_OPTIONS}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown trident option(s) {unknown}; known: {sorted(known)}")
+        self.cluster, self.cost = cluster, cost
+        self.solver = PlacementSolver(cluster, cost, time_limit_s=options.get("solver_time_limit_s", 0.5),
+                                      utilization=options.get("utilization", 0.85), seed=options.get("seed", 0))
+        ctl = options.get("controller")
+        config = ctl if isinstance(ctl, ControllerConfig) else ControllerConfig(**(ctl or {}))
+        self.controller = Controller(self.solver, config)
+        self.dispatcher = Dispatcher(cost, gpu_memory_gb=cluster.gpu_memory_gb,
+                                     **{k: options[k] for k in _DISPATCH_OPTIONS if k in options})
+        self.replan_enabled = bool(options.get("replan", True))
+        self.tick_s = float(options.get("tick_s", 1.0))
+        self.forecast: Forecast | None = options.get("forecast")
+        if self.forecast is None and options.get("workload"):
+            path, model = find_trace(options["workload"])
+            self.forecast = forecast_from_trace(read_trace(path), model, cost, options.get("slo_scale", 4.0))
+        self.plan = PlacementPlan(())
+        self.transition: Transition | None = None
+        self._served: set[tuple] = set()  # (model, shape, steps) the current target plan can run
+        self._unserved_seen = False
+
+    # ---- Policy interface ------------------------------------------------------------------
+    def initial_plan(self, now: float) -> PlacementPlan | None:
+        if self.forecast is not None and self.forecast.rates:
+            self.plan = self.solver.solve(self.forecast)
+            self.controller.planned(self.forecast, self.plan, now)
+            self._served = set()
+        return self.plan
+
+    def add_request(self, request: Request, now: float) -> None:
+        for stage in STAGES:
+            need = self.cost.min_width(request.model, stage, request.shape, self.cluster.gpu_memory_gb)
+            if need > self.cluster.gpus_per_node:
+                raise ConfigError(f"request {request.id}: {stage} of {request.shape.key} needs {need} GPUs; "
+                                  f"nodes have {self.cluster.gpus_per_node}")
+        self.dispatcher.add(request)
+        self.controller.observe_arrival(request, now)
+        key = (request.model, request.shape, request.steps)
+        if key not in self._served and not self._can_serve(request):
+            self._unserved_seen = True
+        else:
+            self._served.add(key)
+
+    def on_launch_done(self, launch: Launch, now: float) -> None:
+        requests = {rid: self.dispatcher.requests[rid] for rid in launch.request_ids}
+        for rid in self.dispatcher.on_done(launch):
+            self.controller.observe_finish(requests[rid], now)
+
+    def schedule(self, state: ClusterState) -> SchedulerOutput:
+        now = state.now
+        reason = ""
+        if self.transition is None:
+            if self._unserved_seen:
+                self.transition = self.controller.replan(now, self.plan, "a request class has no group")
+                self._unserved_seen, self._served = False, set()
+            elif self.replan_enabled:
+                self.transition = self.controller.check(now, self.plan)
+            if self.transition is not None:
+                reason = self.transition.reason
+        new_plan = None
+        draining: set[str] = set()
+        if self.transition is not None:
+            plan, done = self.transition.step(self.plan, self.dispatcher.busy_groups(), state.free_gpus)
+            draining = set(self.transition.draining)
+            reason = reason or self.transition.reason
+            if [g.id for g in plan.groups] != [g.id for g in self.plan.groups]:
+                self.plan = new_plan = plan
+            if done:
+                self.transition = None
+        groups = [g for g in self.plan.groups if g.id not in draining]
+        launches = self.dispatcher.dispatch(now, groups, state.free_gpus)
+        return SchedulerOutput(tuple(launches), new_plan, reason if new_plan is not None else "")
+
+    def next_wakeup(self, now: float) -> float | None:
+        if self.dispatcher.pending() or self.transition is not None:
+            return now + self.tick_s
+        return None
+
+    def pending(self) -> int:
+        return self.dispatcher.pending()
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _can_serve(self, request: Request) -> bool:
+        """Whether the plan being moved to has a group for every stage of `request`."""
+        plan = self.transition.target if self.transition is not None else self.plan
+        for stage in STAGES:
+            need = self.dispatcher.min_width(request.model, stage, request.shape)
+            if not any(g.model == request.model and g.stages == (stage,) and g.width >= need for g in plan.groups):
+                return False
+        return True

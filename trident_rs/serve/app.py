@@ -1,0 +1,31 @@
+"""The application builder: `import_path: trident_rs.serve.app:build_app` with typed `args`.
+
+    serve run deployments/tiny-cpu.yaml
+    serve run trident_rs.serve.app:build_app models='["tiny-sd3"]'   # args as key=value
+    serve.run(build_app({"executor": "emulated", ...}))
+
+The graph: Ingress -> Controller, Ingress -> one StageDeployment per (stage, width); every
+stage replica also holds the Controller handle to report finished stages.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from trident_rs.serve.config import AppConfig
+from trident_rs.serve.controller import ControllerDeployment
+from trident_rs.serve.ingress import IngressDeployment
+from trident_rs.serve.stage_deployment import StageDeployment, stage_options
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
+    """Validate `args` against `AppConfig` (ConfigError on mistakes) and bind the deployments."""
+    cfg = AppConfig.parse(args)
+    raw = cfg.model_dump(mode="json")
+    controller = ControllerDeployment.bind(raw)
+    stages = {
+        d.name: StageDeployment.options(**stage_options(cfg, d)).bind(raw, d.stage, d.width, controller)
+        for d in cfg.deployments
+    }
+    return IngressDeployment.bind(raw, controller, stages)

@@ -1,0 +1,140 @@
+"""`make demo`: a local Ray with fake GPUs + `serve run deployments/tiny-cpu.yaml`, one request.
+
+    python -m trident_rs.serve.demo [--config deployments/tiny-cpu.yaml] [--once] [--gpus 2]
+
+Starts its own Ray head (`ray start --head --block --num-gpus=N`, on a free port, so it never
+joins someone else's cluster), runs `serve run` on a copy of the config whose HTTP port is free,
+waits for /healthz, prints a ready `curl`, sends one request itself and saves `out/demo.png`.
+Ctrl-C (or `--once`, after the first image) stops serve and the Ray head it started.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from trident_rs.client import TridentClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(preferred: int | None = None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, deadline: float) -> None:
+    """Wait until the Ray head accepts connections (then a moment more for its raylet)."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(2.0)
+                return
+        time.sleep(0.2)
+    raise RuntimeError("the Ray head did not start; see out/demo-serve.log")
+
+
+def _stop(proc: subprocess.Popen | None, grace_s: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "deployments" / "tiny-cpu.yaml"))
+    ap.add_argument("--gpus", type=int, default=2, help="fake GPUs the local Ray head advertises")
+    ap.add_argument("--once", action="store_true", help="stop after the first image")
+    ap.add_argument("--out", default=str(ROOT / "out"))
+    ap.add_argument("--timeout-s", type=float, default=180.0)
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    app_args = config["applications"][0].get("args", {})
+    for model in app_args.get("models", []):  # build tiny models once, before three replicas race
+        if model.startswith("tiny-") and app_args.get("executor", "diffusers") == "diffusers":
+            from trident_rs.models.tiny import ensure_tiny_model
+
+            ensure_tiny_model(model)
+    port = free_port(config.get("http_options", {}).get("port", 8000))
+    config.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
+    run_config = out / "demo-config.yaml"
+    run_config.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    gcs_port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "PYTHONPATH": str(ROOT)}
+    ray_head = serve_proc = None
+    log = open(out / "demo-serve.log", "w")
+    try:
+        ray_head = subprocess.Popen(
+            [_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-gpus={args.gpus}",
+             "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        _wait_for_port(gcs_port, ray_head, deadline=t0 + args.timeout_s)
+        serve_proc = subprocess.Popen([_bin("serve"), "run", str(run_config)], stdout=log,
+                                      stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        client = TridentClient(url, timeout_s=120)
+        while True:
+            if serve_proc.poll() is not None or ray_head.poll() is not None:
+                print(f"serve exited early; see {log.name}", file=sys.stderr)
+                return 1
+            if time.monotonic() - t0 > args.timeout_s:
+                print(f"not healthy after {args.timeout_s:.0f} s; see {log.name}", file=sys.stderr)
+                return 1
+            try:
+                client.health()
+                break
+            except Exception:
+                time.sleep(0.5)
+        model = app_args.get("models", ["tiny-sd3"])[0]
+        print(f"ready after {time.monotonic() - t0:.1f} s at {url}. Try:\n"
+              f"  curl -s {url}/v1/images/generations -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"{model}\", \"prompt\": \"a lighthouse at dusk\", \"size\": \"64x64\", \"seed\": 1}}'"
+              f" | python3 -c 'import sys,json,base64; sys.stdout.buffer.write(base64.b64decode("
+              f"json.load(sys.stdin)[\"data\"][0][\"b64_json\"]))' > out.png")
+        png = client.image("a lighthouse at dusk", model=model, seed=1)
+        (out / "demo.png").write_bytes(png)
+        print(f"first image after {time.monotonic() - t0:.1f} s -> {out / 'demo.png'} ({len(png)} bytes)")
+        if args.once:
+            return 0
+        print("serving; Ctrl-C to stop")
+        serve_proc.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop(serve_proc)
+        _stop(ray_head)
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The HTTP ingress (FastAPI on Serve): OpenAI-compatible images/videos, native generate, models.
+
+For each generation it validates (`GenerationParams.resolved()`: typed errors -> 4xx JSON),
+tells the controller of the arrival, then for each stage asks the controller for a grant and
+calls that stage's deployment with the *previous stage's unawaited DeploymentResponse*: Serve
+resolves it on the next replica, so embeddings and latents go stage to stage through the
+object store and only the decoded frames come back here. The end is reported to the controller.
+(No `from __future__ import annotations`: FastAPI must see the body models, not strings.)
+"""
+import asyncio
+import base64
+import io
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from trident_rs.errors import InvalidRequestError, TridentError
+from trident_rs.executors.base import StagePayload
+from trident_rs.models.spec import get_spec
+from trident_rs.policy.types import STAGES
+from trident_rs.request import GenerationParams
+from trident_rs.serve.config import AppConfig
+
+api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    """OpenAI-style error body (the official client reads error.message)."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status)
+
+
+@api.exception_handler(TridentError)
+async def _trident_error(_: Request, e: TridentError) -> JSONResponse:
+    resp = _error(e.http_status, str(e), type(e).__name__, getattr(e, "field", None))
+    if getattr(e, "retry_after_s", None):
+        resp.headers["Retry-After"] = str(max(1, round(e.retry_after_s)))  # type: ignore[attr-defined]
+    return resp
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ())]
+    loc = loc[1:] if len(loc) > 1 and loc[0] in ("body", "query") else loc
+    field = ".".join(loc) or "body"
+    return _error(422, f"{field}: {first.get('msg', 'invalid request')}", "InvalidRequestError", field)
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI `images.generate` body, plus trident's extra knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description="'WxH', e.g. '1024x1024'")
+    response_format: Literal["b64_json"] = "b64_json"
+    quality: str | None = None  # accepted for compatibility, ignored
+    style: str | None = None
+    user: str | None = None
+    steps: int | None = None
+    seed: int = Field(0, ge=0, lt=2**63)
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+    slo_ms: float | None = Field(None, gt=0)
+
+
+class VideosRequest(BaseModel):
+    """Video generation body (OpenAI videos-style `model`, `prompt`, `size`) plus every knob."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    prompt: str
+    size: str | None = None
+    num_frames: int | None = None
+    steps: int | None = None
+    seed: int = Field(0, ge=0, lt=2**63)
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+    slo_ms: float | None = Field(None, gt=0)
+    wait: bool = Field(False, description="answer with the MP4 instead of a job id to poll")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """'WxH' -> (height, width); None -> model defaults."""
+    if size is None:
+        return None, None
+    try:
+        w, h = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise InvalidRequestError("size", f"{size!r} is not of the form 'WIDTHxHEIGHT'") from None
+    return h, w
+
+
+def png_bytes(frame: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mp4_bytes(frames: np.ndarray, fps: int = 8) -> bytes:
+    import imageio.v3 as iio
+
+    return iio.imwrite("<bytes>", frames, extension=".mp4", fps=fps, codec="libx264")
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config: dict, controller: DeploymentHandle, stages: dict[str, DeploymentHandle]):
+        self.cfg = AppConfig.parse(config)
+        self.controller = controller
+        self.stages = stages
+        self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    # -- the pipeline -----------------------------------------------------------------------------
+    def _params(self, **fields: Any) -> GenerationParams:
+        if fields.get("model") not in self.cfg.models:
+            get_spec(fields.get("model"))  # unknown everywhere -> 404 with the known names
+            raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
+        return GenerationParams(**fields).resolved()
+
+    async def generate(self, params: GenerationParams) -> StagePayload:
+        """Run the three stages of one request; returns the decode payload (frames)."""
+        rid = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        await self.controller.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms)
+        ok = False
+        try:
+            resp: Any = StagePayload(params, {}, {"request_id": rid})
+            for stage in STAGES:
+                grant = await self.controller.acquire.remote(rid, stage)
+                resp = self.stages[grant["deployment"]].run.remote(resp, grant)
+            result: StagePayload = await resp
+            result.meta["latency_s"] = time.perf_counter() - t0
+            ok = True
+            return result
+        finally:
+            await asyncio.shield(self.controller.finish.remote(rid, ok))
+
+    # -- OpenAI-compatible endpoints ------------------------------------------------------------------
+    @api.post("/v1/images/generations")
+    async def images(self, body: ImagesRequest) -> dict:
+        if body.n > self.cfg.limits.max_n:
+            raise InvalidRequestError("n", f"{body.n} exceeds the maximum {self.cfg.limits.max_n}")
+        h, w = parse_size(body.size)
+        base = self._params(model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
+                            height=h, width=w, steps=body.steps, guidance_scale=body.guidance_scale,
+                            seed=body.seed, slo_ms=body.slo_ms)
+        if get_spec(base.model).is_video:
+            raise InvalidRequestError("model", f"{base.model} makes videos; use POST /v1/videos")
+        results = await asyncio.gather(*(self.generate(base.model_copy(update={"seed": base.seed + i}))
+                                         for i in range(body.n)))
+        data = [{"b64_json": base64.b64encode(png_bytes(r.tensors["frames"][0])).decode(),
+                 "revised_prompt": body.prompt} for r in results]
+        return {"created": int(time.time()), "data": data}
+
+    @api.post("/v1/videos")
+    async def videos(self, body: VideosRequest) -> dict:
+        h, w = parse_size(body.size)
+        params = self._params(model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
+                              height=h, width=w, num_frames=body.num_frames, steps=body.steps,
+                              guidance_scale=body.guidance_scale, seed=body.seed, slo_ms=body.slo_ms)
+        if not get_spec(params.model).is_video:
+            raise InvalidRequestError("model", f"{params.model} makes images; use POST /v1/images/generations")
+        job_id = f"video_{uuid.uuid4().hex}"
+        job: dict[str, Any] = {"id": job_id, "object": "video", "model": params.model, "status": "queued",
+                               "created_at": int(time.time())}
+        if body.wait:
+            job.update(await self._video_result(params))
+            return job
+        self.jobs[job_id] = job
+        while len(self.jobs) > self.cfg.limits.max_video_jobs:
+            self.jobs.popitem(last=False)
+        job["_task"] = asyncio.get_running_loop().create_task(self._video_job(job, params))
+        return {k: v for k, v in job.items() if not k.startswith("_")}
+
+    async def _video_result(self, params: GenerationParams) -> dict:
+        result = await self.generate(params)
+        mp4 = await asyncio.to_thread(mp4_bytes, result.tensors["frames"])
+        return {"status": "completed", "b64_json": base64.b64encode(mp4).decode(),
+                "num_frames": int(result.tensors["frames"].shape[0])}
+
+    async def _video_job(self, job: dict, params: GenerationParams) -> None:
+        job["status"] = "in_progress"
+        try:
+            job.update(await self._video_result(params))
+        except Exception as e:  # the job records the failure; the poller sees it
+            job.update(status="failed", error={"message": str(e), "type": type(e).__name__})
+
+    @api.get("/v1/videos/{job_id}")
+    async def video_job(self, job_id: str) -> Any:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return _error(404, f"no video job {job_id!r}", "NotFoundError", "job_id")
+        return {k: v for k, v in job.items() if not k.startswith("_")}
+
+    # -- native API ------------------------------------------------------------------------------------
+    @api.post("/v1/generate")
+    async def native(self, body: GenerationParams) -> dict:
+        params = self._params(**body.model_dump())
+        result = await self.generate(params)
+        frames = result.tensors["frames"]
+        if get_spec(params.model).is_video:
+            fmt, data = "mp4", await asyncio.to_thread(mp4_bytes, frames)
+        else:
+            fmt, data = "png", png_bytes(frames[0])
+        timings = {k: v for k, v in result.meta.items() if isinstance(v, (int, float, str)) and k != "request_id"}
+        return {"id": result.meta.get("request_id"), "model": params.model, "format": fmt,
+                "b64": base64.b64encode(data).decode(), "params": params.model_dump(), "timings": timings}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        data = []
+        for name in self.cfg.models:
+            spec = get_spec(name)
+            data.append({"id": name, "object": "model", "owned_by": "trident_rs", "kind": spec.kind,
+                         "default_size": list(spec.default_size), "default_steps": spec.default_steps})
+        return {"object": "list", "data": data}
+
+    @api.get("/v1/status")
+    async def status(self) -> dict:
+        return await self.controller.status.remote()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "models": self.cfg.models}
+
+
+IngressDeployment = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=1000,
+                                     ray_actor_options={"num_cpus": 0})

@@ -1,0 +1,104 @@
+"""The stage replica: one class, bound once per (stage, width) as `encode-w1`, `diffuse-w4`, ...
+
+A replica builds one executor per served model in `__init__`, then runs payloads (numpy in,
+numpy out). Concurrent calls are gathered by `@serve.batch` and split into same-shape groups,
+each run as one executor batch in a worker thread so the replica's event loop stays free.
+A width-k replica reserves k GPUs (`placement_group_bundles=[{"GPU": 1}] * k`, STRICT_PACK);
+with emulated executors that is only the reservation (multi-rank execution comes later).
+When a payload is done the replica tells the controller, which frees the grant.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
+from trident_rs.policy.types import Stage
+from trident_rs.serve.config import AppConfig, StageDeploymentConfig
+from trident_rs.serve.scaling import autoscaling_config
+
+
+def _executor_options(cfg: AppConfig, model: str, width: int) -> dict[str, Any]:
+    opts = dict(cfg.executor_options)
+    if cfg.executor == "emulated":
+        opts.update(width=width, time_scale=cfg.time_scale)
+    elif model in cfg.model_paths:
+        opts["source"] = cfg.model_paths[model]
+    return opts
+
+
+class StageReplica:
+    """Runs `stage` of every configured model at `width`."""
+
+    def __init__(self, config: dict, stage: Stage, width: int, controller: DeploymentHandle | None = None):
+        self.config = AppConfig.parse(config)
+        self.stage = stage
+        self.width = width
+        self.controller = controller
+        self.executors: dict[str, StageExecutor] = {
+            m: build_executor(self.config.executor, m, stage, **_executor_options(self.config, m, width))
+            for m in self.config.models
+        }
+        dep = self.config.deployment(f"{stage}-w{width}")
+        self._run_batch.set_max_batch_size(dep.max_batch)
+        self._run_batch.set_batch_wait_timeout_s(dep.batch_wait_s)
+
+    async def run(self, payload: StagePayload, grant: dict | None = None) -> StagePayload:
+        """Run this stage on one payload; `grant` is the controller's dispatch decision."""
+        try:
+            return await self._run_batch(payload)
+        finally:
+            if grant is not None and self.controller is not None:
+                await self.controller.stage_done.remote(grant)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    async def _run_batch(self, payloads: list[StagePayload]) -> list[StagePayload | Exception]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(payloads):
+            groups[(p.params.model, p.params.shape, p.params.steps)].append(i)
+        out: list[Any] = [None] * len(payloads)
+        for (model, _, _), idx in groups.items():
+            batch = [payloads[i] for i in idx]
+            t0 = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self.executors[model].run, batch)
+            except Exception as e:  # one bad group must not fail the others in the batch
+                results = [e] * len(batch)
+            took = time.perf_counter() - t0
+            for i, r in zip(idx, results):
+                if isinstance(r, StagePayload):
+                    r.meta[f"{self.stage}_wall_s"] = took
+                    r.meta[f"{self.stage}_deployment"] = f"{self.stage}-w{self.width}"
+                    r.meta[f"{self.stage}_batch"] = len(batch)
+                out[i] = r
+        return out
+
+    def check_health(self) -> None:
+        if not self.executors:
+            raise RuntimeError("no executors")
+
+
+def stage_options(cfg: AppConfig, dep: StageDeploymentConfig) -> dict[str, Any]:
+    """Serve deployment options of one (stage, width): name, GPUs, replica scaling."""
+    opts: dict[str, Any] = {
+        "name": dep.name,
+        "max_ongoing_requests": max(8, 4 * dep.max_batch),
+        "autoscaling_config": autoscaling_config(dep.replicas, cfg.max_replicas(dep)),
+        "graceful_shutdown_timeout_s": 60,
+    }
+    actor: dict[str, Any] = {"num_cpus": cfg.replica_cpus}
+    if cfg.reserve_gpus:
+        actor["num_gpus"] = 1
+        if dep.width > 1:
+            opts["placement_group_bundles"] = [{"GPU": 1, "CPU": cfg.replica_cpus}] + [{"GPU": 1}] * (dep.width - 1)
+            opts["placement_group_strategy"] = "STRICT_PACK"
+    opts["ray_actor_options"] = actor
+    return opts
+
+
+StageDeployment = serve.deployment(StageReplica)

@@ -1,0 +1,400 @@
+"""Discrete-event simulation, in virtual time, of a GPU cluster driven by any `Policy`.
+
+The loop is a heap of timed events (launch done, replica group ready, policy wakeup) merged
+with the sorted arrival list. After the events of one instant are applied the policy's
+`schedule()` is called once; every `Launch` it returns is validated against the live cluster
+state (free GPUs, stage order, group readiness) and turned into a completion event.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from trident_rs.errors import TridentError
+from trident_rs.models.spec import REGISTRY as MODEL_SPECS
+from trident_rs.policy.interface import Policy
+from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
+
+_DONE, _READY, _WAKE = 0, 1, 2
+_GPU = tuple[int, int]  # (node, gpu index)
+
+
+class PolicyViolation(TridentError, RuntimeError):
+    """A policy returned a decision that breaks the Policy contract."""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Physical knobs of the simulated cluster."""
+
+    noise: float = 0.0  # sigma of a mean-1 lognormal factor on every launch's compute time
+    seed: int = 0
+    intra_node_gbps: float = 20.0  # GB/s between GPUs of one node (PCIe)
+    inter_node_gbps: float = 10.0  # GB/s between nodes
+    start_cost_s: float = 20.0  # seconds until a replica group added by a new plan is ready
+    until: float | None = None  # stop at this virtual time (unfinished requests stay unfinished)
+    max_idle_wakeups: int = 10_000  # empty periodic wakeups with nothing else to do -> stall
+
+
+@dataclass
+class SimResult:
+    """Everything the metrics need, per request and per run."""
+
+    policy: str
+    cluster: Cluster
+    requests: list[Request]
+    finish: dict[str, float]  # request id -> time its decode finished
+    busy_gpu_seconds: float
+    end_time: float
+    launches: int
+    plan_changes: int
+    schedule_calls: int
+    decision_time_s: float  # wall time spent inside policy.schedule()
+    wall_time_s: float
+    in_flight_at_end: int
+    replan_reasons: list[str] = field(default_factory=list)
+
+
+def latent_bytes(model: str, height: int, width: int, frames: int) -> float:
+    """bf16 latent of one request: latent pixels × 16 channels × 2 bytes."""
+    spec = MODEL_SPECS.get(model)
+    scale, tc = (spec.vae_scale, spec.temporal_compression) if spec else (8, 4)
+    lat_frames = 1 if frames <= 1 else (frames - 1) // tc + 1
+    return (height // scale) * (width // scale) * lat_frames * 16 * 2.0
+
+
+TEXT_EMBEDDING_BYTES = 512 * 4096 * 2.0  # T5-XXL prompt embeddings, bf16
+
+
+class Simulator:
+    """Run `policy` over `requests` on `cluster`; `cost` provides stage times (see CostModel)."""
+
+    def __init__(self, cluster: Cluster, policy: Policy, cost, requests: list[Request],
+                 config: SimConfig | None = None) -> None:
+        self.cluster, self.policy, self.cost = cluster, policy, cost
+        self.config = config or SimConfig()
+        self.requests = sorted(requests, key=lambda r: r.arrival)
+        self.by_id = {r.id: r for r in self.requests}
+        if len(self.by_id) != len(self.requests):
+            raise ValueError("request ids must be unique")
+        self.rng = random.Random(self.config.seed)
+        n, g = cluster.nodes, cluster.gpus_per_node
+        self.free: list[set[int]] = [set(range(g)) for _ in range(n)]
+        self.free_view: dict[int, frozenset[int]] = {i: frozenset(range(g)) for i in range(n)}
+        self.dirty: set[int] = set()
+        # per request: index of the next stage to launch, in-flight flag, where its last stage ran
+        self.next_stage: dict[str, int] = {}
+        self.in_flight: set[str] = set()
+        self.where: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.finish: dict[str, float] = {}
+        # plan state
+        self.groups: dict[str, ReplicaGroup] = {}
+        self.owner: dict[_GPU, str] = {}  # GPU -> ready group of the current plan
+        self.ready: set[str] = set()
+        self.idle: set[str] = set()
+        self.starting: dict[str, set[_GPU]] = {}  # group -> GPUs still busy (draining)
+        self.starting_group: dict[str, ReplicaGroup] = {}
+        self.claim: dict[_GPU, str] = {}  # busy GPU -> starting group that takes it when freed
+        self.held: dict[_GPU, str] = {}  # GPU acquired by a starting group
+        self.events: list[tuple[float, int, int, object]] = []
+        self.seq = 0
+        self.wakeup_at: float | None = None
+        self.stage_cache: dict[tuple, float] = {}
+        self.busy_gpu_seconds = 0.0
+        self.launches = self.plan_changes = self.schedule_calls = 0
+        self.decision_time = 0.0
+        self.replan_reasons: list[str] = []
+        self.now = 0.0
+
+    # ---- event plumbing -------------------------------------------------------------------
+    def _push(self, t: float, kind: int, payload: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, payload))
+
+    def _fail(self, message: str) -> None:
+        raise PolicyViolation(f"policy {self.policy.name!r} at t={self.now:.3f}s: {message}")
+
+    # ---- GPU bookkeeping ------------------------------------------------------------------
+    def _take(self, node: int, gpus: tuple[int, ...]) -> None:
+        free = self.free[node]
+        for gpu in gpus:
+            free.discard(gpu)
+            gid = self.owner.get((node, gpu))
+            if gid is not None:
+                self.idle.discard(gid)
+        self.dirty.add(node)
+
+    def _release(self, node: int, gpus: tuple[int, ...]) -> None:
+        touched: set[str] = set()
+        for gpu in gpus:
+            key = (node, gpu)
+            gid = self.claim.pop(key, None)
+            if gid is not None:  # a starting group was waiting for this GPU
+                self.held[key] = gid
+                waiting = self.starting[gid]
+                waiting.discard(key)
+                if not waiting:
+                    self._push(self.now + self.config.start_cost_s, _READY, gid)
+                continue
+            self.free[node].add(gpu)
+            owner = self.owner.get(key)
+            if owner is not None:
+                touched.add(owner)
+        for gid in touched:
+            g = self.groups[gid]
+            if gid in self.ready and all(x in self.free[g.node] for x in g.gpus):
+                self.idle.add(gid)
+        self.dirty.add(node)
+
+    def _state(self) -> ClusterState:
+        if self.dirty:
+            self.free_view = dict(self.free_view)
+            for node in self.dirty:
+                self.free_view[node] = frozenset(self.free[node])
+            self.dirty.clear()
+        return ClusterState(now=self.now, free_gpus=self.free_view, ready_groups=frozenset(self.idle))
+
+    # ---- plans ----------------------------------------------------------------------------
+    def _apply_plan(self, plan: PlacementPlan, initial: bool) -> None:
+        try:
+            plan.check(self.cluster)
+        except ValueError as e:
+            self._fail(f"invalid plan: {e}")
+        new = {g.id: g for g in plan.groups}
+        for gid, g in list(self.groups.items()) + list(self.starting_group.items()):
+            if new.get(gid) != g:
+                self._remove_group(gid)
+        for gid, g in new.items():
+            if gid in self.groups or gid in self.starting:
+                continue
+            self._add_group(g, initial)
+
+    def _remove_group(self, gid: str) -> None:
+        g = self.groups.pop(gid, None)
+        if g is not None:  # ready group: its GPUs drain (in-flight work finishes), then are free
+            for gpu in g.gpus:
+                self.owner.pop((g.node, gpu), None)
+            self.ready.discard(gid)
+            self.idle.discard(gid)
+            return
+        self.starting.pop(gid, None)  # starting group: give back what it held or claimed
+        self.starting_group.pop(gid, None)
+        for table in (self.claim, self.held):
+            for key in [k for k, v in table.items() if v == gid]:
+                del table[key]
+                if table is self.held:
+                    self.free[key[0]].add(key[1])
+                    self.dirty.add(key[0])
+
+    def _add_group(self, g: ReplicaGroup, initial: bool) -> None:
+        if initial:
+            self._make_ready(g)
+            return
+        waiting: set[_GPU] = set()
+        for gpu in g.gpus:
+            key = (g.node, gpu)
+            if key in self.held or key in self.claim:
+                self._fail(f"plan group {g.id} uses GPU {key} of another starting group")
+            if gpu in self.free[g.node]:
+                self.free[g.node].discard(gpu)
+                self.held[key] = g.id
+            else:
+                self.claim[key] = g.id
+                waiting.add(key)
+            self.owner.pop(key, None)
+        self.dirty.add(g.node)
+        self.starting[g.id] = waiting
+        self.starting_group[g.id] = g
+        if not waiting:
+            self._push(self.now + self.config.start_cost_s, _READY, g.id)
+
+    def _make_ready(self, g: ReplicaGroup) -> None:
+        self.groups[g.id] = g
+        self.ready.add(g.id)
+        for gpu in g.gpus:
+            self.owner[(g.node, gpu)] = g.id
+        if all(x in self.free[g.node] for x in g.gpus):
+            self.idle.add(g.id)
+
+    def _group_ready(self, gid: str) -> None:
+        if gid not in self.starting or self.starting[gid]:
+            return  # removed meanwhile, or stale
+        del self.starting[gid]
+        g = self.starting_group.pop(gid)
+        for gpu in g.gpus:
+            self.held.pop((g.node, gpu), None)
+            self.free[g.node].add(gpu)
+        self.dirty.add(g.node)
+        self._make_ready(g)
+
+    # ---- launches -------------------------------------------------------------------------
+    def _stage_time(self, model: str, stage: str, shape, width: int, batch: int, steps: int) -> float:
+        key = (model, stage, shape, width, batch, steps)
+        t = self.stage_cache.get(key)
+        if t is None:
+            spec = MODEL_SPECS.get(model)
+            w = width
+            if spec is not None:  # a stage runs at the widest degree it supports within the launch
+                w = max([x for x in spec.widths.get(stage, (1,)) if x <= width] or [1])
+            t = float(self.cost.stage_time(model, stage, shape, width=w, batch=batch,
+                                           steps=steps if stage == "diffuse" else 1))
+            self.stage_cache[key] = t
+        return t
+
+    def _transfer_time(self, req: Request, launch: Launch) -> float:
+        prev = self.where.get(req.id)
+        if prev is None:
+            return 0.0
+        node, gpus = prev
+        if node == launch.node and not set(gpus).isdisjoint(launch.gpus):
+            return 0.0
+        prev_stage = STAGES[self.next_stage[req.id] - 1]
+        s = req.shape
+        size = TEXT_EMBEDDING_BYTES if prev_stage == "encode" else latent_bytes(req.model, s.height, s.width, s.frames)
+        gbps = self.config.intra_node_gbps if node == launch.node else self.config.inter_node_gbps
+        return size / (gbps * 1e9)
+
+    def _launch(self, launch: Launch) -> None:
+        if not launch.request_ids:
+            self._fail("launch with no requests")
+        node, gpus = launch.node, launch.gpus
+        if not 0 <= node < self.cluster.nodes or len(gpus) != launch.width or len(set(gpus)) != len(gpus):
+            self._fail(f"launch on node {node} GPUs {gpus} does not match width {launch.width}")
+        free = self.free[node]
+        for gpu in gpus:
+            if gpu not in free:
+                self._fail(f"launch uses GPU {node}:{gpu}, which is not free")
+        if launch.group_id:
+            g = self.groups.get(launch.group_id)
+            if g is None or launch.group_id not in self.idle:
+                self._fail(f"launch on group {launch.group_id!r}, which is not a ready, idle group")
+            if g.node != node or tuple(sorted(g.gpus)) != tuple(sorted(gpus)) or g.model != launch.model \
+                    or not set(launch.stages) <= set(g.stages):
+                self._fail(f"launch does not match group {g.id} ({g.deployment} on node {g.node})")
+        first = None
+        for rid in launch.request_ids:
+            req = self.by_id.get(rid)
+            if req is None or rid not in self.next_stage:
+                self._fail(f"launch names request {rid!r}, which has not arrived")
+            if rid in self.in_flight:
+                self._fail(f"request {rid} is already running")
+            i = self.next_stage[rid]
+            if tuple(launch.stages) != STAGES[i:i + len(launch.stages)] or not launch.stages:
+                self._fail(f"request {rid} next needs {STAGES[i:]}, launch runs {launch.stages}")
+            if req.model != launch.model:
+                self._fail(f"request {rid} is {req.model}, launch is {launch.model}")
+            if first is None:
+                first = req
+            elif req.shape != first.shape:
+                self._fail(f"batch mixes shapes {first.shape.key} and {req.shape.key}")
+        batch = len(launch.request_ids)
+        steps = max(self.by_id[r].steps for r in launch.request_ids)
+        compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps)
+                      for s in launch.stages)
+        if self.config.noise > 0:
+            sigma = self.config.noise
+            compute *= self.rng.lognormvariate(-sigma * sigma / 2, sigma)
+        transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
+        duration = compute + transfer
+        for rid in launch.request_ids:
+            self.in_flight.add(rid)
+        self._take(node, gpus)
+        self.busy_gpu_seconds += duration * launch.width
+        self.launches += 1
+        self._push(self.now + duration, _DONE, launch)
+
+    def _launch_done(self, launch: Launch) -> None:
+        n = len(launch.stages)
+        for rid in launch.request_ids:
+            self.in_flight.discard(rid)
+            i = self.next_stage[rid] + n
+            self.next_stage[rid] = i
+            self.where[rid] = (launch.node, launch.gpus)
+            if i == len(STAGES):
+                self.finish[rid] = self.now
+                del self.where[rid]
+        self._release(launch.node, launch.gpus)
+        self.policy.on_launch_done(launch, self.now)
+
+    # ---- main loop ------------------------------------------------------------------------
+    def _schedule(self) -> bool:
+        state = self._state()
+        t0 = time.perf_counter()
+        out = self.policy.schedule(state)
+        self.decision_time += time.perf_counter() - t0
+        self.schedule_calls += 1
+        for launch in out.launches:
+            self._launch(launch)
+        if out.new_plan is not None:
+            self.plan_changes += 1
+            self.replan_reasons.append(out.replan_reason)
+            self._apply_plan(out.new_plan, initial=False)
+        wake = self.policy.next_wakeup(self.now)
+        if wake is not None and wake > self.now and (self.wakeup_at is None or wake < self.wakeup_at):
+            self.wakeup_at = wake
+            self._push(wake, _WAKE, wake)
+        return bool(out.launches) or out.new_plan is not None
+
+    def run(self, progress=None) -> SimResult:
+        """Simulate to the end (or `config.until`); `progress(n_arrived)` is called as requests arrive."""
+        wall0 = time.perf_counter()
+        plan = self.policy.initial_plan(0.0)
+        if plan is not None:
+            self._apply_plan(plan, initial=True)
+        arrivals, i, n = self.requests, 0, len(self.requests)
+        until = math.inf if self.config.until is None else self.config.until
+        idle_wakeups = 0
+        while True:
+            t_event = self.events[0][0] if self.events else math.inf
+            t_arrival = arrivals[i].arrival if i < n else math.inf
+            t = min(t_event, t_arrival)
+            if t == math.inf or t > until:
+                break
+            self.now = t
+            only_wakeup = True
+            while i < n and arrivals[i].arrival == t:
+                req = arrivals[i]
+                self.next_stage[req.id] = 0
+                self.policy.add_request(req, t)
+                i += 1
+                only_wakeup = False
+                if progress is not None:
+                    progress(i)
+            while self.events and self.events[0][0] == t:
+                _, _, kind, payload = heapq.heappop(self.events)
+                if kind == _DONE:
+                    self._launch_done(payload)
+                    only_wakeup = False
+                elif kind == _READY:
+                    self._group_ready(payload)
+                    only_wakeup = False
+                elif payload == self.wakeup_at:
+                    self.wakeup_at = None
+            acted = self._schedule()
+            if only_wakeup and not acted and not self.in_flight and i == n and not self.starting:
+                idle_wakeups += 1
+                if idle_wakeups >= self.config.max_idle_wakeups:
+                    break
+            else:
+                idle_wakeups = 0
+        arrived = len(self.next_stage)
+        unfinished = arrived - len(self.finish)
+        if self.config.until is None and unfinished and not self.in_flight:
+            self._fail(f"{unfinished} requests never completed and nothing is running (dropped or starved)")
+        assert len(self.finish) + unfinished == arrived
+        return SimResult(
+            policy=self.policy.name, cluster=self.cluster, requests=self.requests[:arrived],
+            finish=self.finish, busy_gpu_seconds=self.busy_gpu_seconds, end_time=self.now,
+            launches=self.launches, plan_changes=self.plan_changes, schedule_calls=self.schedule_calls,
+            decision_time_s=self.decision_time, wall_time_s=time.perf_counter() - wall0,
+            in_flight_at_end=unfinished, replan_reasons=self.replan_reasons,
+        )
+
+
+def simulate(cluster: Cluster, policy: Policy, cost, requests: list[Request],
+             config: SimConfig | None = None, progress=None) -> SimResult:
+    """Convenience wrapper: build a `Simulator` and run it."""
+    return Simulator(cluster, policy, cost, requests, config).run(progress)
