@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,27 +48,28 @@ def leave_one_out() -> dict:
     return out
 
 
-def tiny_check(sizes=(64, 128), held_out=96, steps=2, repeats=3) -> dict:
+def tiny_check(sizes=(128, 256, 512), held_out=384, steps=2, repeats=5) -> dict:
+    """Profile `sizes` and `held_out` in one round-robin run; predict `held_out` from `sizes` only."""
     from trident_rs.profiler import ProfileSpec, profile_model
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tiny.json"
-        t0 = time.perf_counter()
-        profile = profile_model(ProfileSpec("tiny-sd3", [Shape(s, s) for s in sizes], steps=steps,
-                                            warmup=1, repeats=repeats))
-        profile_s = time.perf_counter() - t0
-        path.write_text(profile.model_dump_json())
-        cm = CostModel.from_files(path)
-        shape = Shape(held_out, held_out)
-        measured = profile_model(ProfileSpec("tiny-sd3", [shape], steps=steps, warmup=1, repeats=repeats))
+    shapes = [Shape(s, s) for s in sizes]
+    target = Shape(held_out, held_out)
+    t0 = time.perf_counter()
+    profile = profile_model(ProfileSpec("tiny-sd3", shapes + [target], steps=steps, warmup=1, repeats=repeats))
+    profile_s = time.perf_counter() - t0
+    fitted = [p for p in profile.points if p.shape != target]
+    cm = CostModel([Profile(hardware=profile.hardware, points=fitted)])
     rows = []
-    for p in measured.points:
-        pred = cm.predict("tiny-sd3", p.stage, shape, p.width_gpus)
-        rows.append({"stage": p.stage, "shape": shape.key, "predicted_s": pred.latency_s, "measured_s": p.latency_s,
+    for p in profile.points:
+        if p.shape != target:
+            continue
+        pred = cm.predict("tiny-sd3", p.stage, target, p.width_gpus)
+        rows.append({"stage": p.stage, "shape": target.key, "predicted_s": pred.latency_s, "measured_s": p.latency_s,
                      "rel_error": abs(pred.latency_s - p.latency_s) / p.latency_s,
                      "predicted_mem_gb": pred.memory_gb, "measured_mem_gb": p.memory_gb})
-    return {"profiled_sizes": list(sizes), "steps": steps, "repeats": repeats, "profile_seconds": profile_s,
-            "profile": [p.model_dump() for p in profile.points], "held_out": rows, "hardware": profile.hardware.name}
+    return {"profiled_sizes": list(sizes), "held_out": held_out, "steps": steps, "repeats": repeats,
+            "profile_seconds": profile_s, "profile": [p.model_dump() for p in fitted], "predictions": rows,
+            "hardware": profile.hardware.name}
 
 
 def main() -> int:
@@ -89,9 +89,12 @@ def main() -> int:
                   f"{100*i['median']:9.1f} {100*i['max']:7.1f} | {100*q['median']:24.1f} {100*q['max']:7.1f}")
     if args.tiny:
         result["tiny_sd3"] = tiny = tiny_check()
-        print(f"\ntiny-sd3 on {tiny['hardware']}: profiled {tiny['profiled_sizes']} px, held out 96 px")
+        print(f"\ntiny-sd3 on {tiny['hardware']}: profiled {tiny['profiled_sizes']} px "
+              f"({tiny['steps']} steps, median of {tiny['repeats']}), held out {tiny['held_out']} px")
+        for p in tiny["profile"]:
+            print(f"  profiled {p['stage']:8} {p['height']:>4} px {p['latency_s']:.4f} s  {p['memory_gb']:.4f} GB")
         print(f"{'stage':8} {'predicted s':>11} {'measured s':>10} {'error %':>8}")
-        for r in tiny["held_out"]:
+        for r in tiny["predictions"]:
             print(f"{r['stage']:8} {r['predicted_s']:11.4f} {r['measured_s']:10.4f} {100*r['rel_error']:8.1f}")
     name = "cost_model_fit.json" if not args.no_loo else "cost_model_tiny.json"
     (RESULTS / name).write_text(json.dumps(result, indent=1))

@@ -157,7 +157,7 @@ def run_loop(policy, cluster: Cluster, cost: FakeCost, requests: list[Request],
                 check(plan)
             # a new plan never puts a group on GPUs busy with a launch
             for g in plan.groups:
-                assert g.id in busy_groups or set(g.gpus) <= free[g.node] or _same_as_busy(g, launches, busy_groups), g
+                assert g.id in busy_groups or set(g.gpus) <= free[g.node], g
         for launch in out.launches:
             assert set(launch.gpus) <= free[launch.node], f"launch on busy GPUs: {launch}"
             assert len(launch.gpus) == launch.width
@@ -185,6 +185,3 @@ def run_loop(policy, cluster: Cluster, cost: FakeCost, requests: list[Request],
             wake = None if events else now + 1e-3
     return LoopResult(finished, launches, plans)
 
-
-def _same_as_busy(group, launches, busy_groups) -> bool:
-    return group.id in busy_groups

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     requests = load_workload(args.workload, model=args.model, rate_scale=args.rate_scale,
                              duration=args.duration, steps=args.steps, slo_scale=args.slo_scale,
                              seed=args.seed, cost=cost)
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     console.print(f"{args.workload}: {describe(requests)} on {args.gpus} GPUs ({cluster.nodes} × {args.gpus_per_node})")
     config = SimConfig(noise=args.noise, seed=args.seed, start_cost_s=args.start_cost)
     results = {}

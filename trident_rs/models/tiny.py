@@ -24,7 +24,7 @@ from filelock import FileLock
 from trident_rs.errors import UnknownModelError
 
 # Bump when a tiny config changes: cached builds with another version are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 _MARKER = "trident_tiny.json"
 SEED = 0
 
@@ -168,9 +168,10 @@ def _build_cogvideox():
     t5_tok = build_t5_tokenizer(226)
     torch.manual_seed(SEED)
     # Like CogVideoX1.5: rotary positions and temporal patch 2 (latent frames padded to even).
+    # Rotary tables are sliced from sample_height/width (latent px): 32 × 8 = the spec max 256 px.
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
-        time_embed_dim=64, text_embed_dim=T5_DIM, num_layers=2, sample_width=8, sample_height=8,
+        time_embed_dim=64, text_embed_dim=T5_DIM, num_layers=2, sample_width=32, sample_height=32,
         sample_frames=9, patch_size=2, patch_size_t=2, temporal_compression_ratio=4,
         max_text_seq_length=226, use_rotary_positional_embeddings=True,
         use_learned_positional_embeddings=False,
@@ -200,7 +201,11 @@ def build_tiny_pipeline(name: str):
     if name not in TINY_BUILDERS:
         raise UnknownModelError(name, list(TINY_BUILDERS))
     with torch.random.fork_rng():
-        return TINY_BUILDERS[name]()
+        pipe = TINY_BUILDERS[name]()
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # freshly constructed modules are in training mode (T5 dropout)
+    return pipe
 
 
 def _is_built(path: Path) -> bool:

@@ -118,8 +118,9 @@ class _PlannedFCFS(Policy):
         if not self.waiting or not state.ready_groups:
             return SchedulerOutput()
         launches = []
-        for gid in sorted(state.ready_groups):
-            q = self.queues[self.group_kind[gid]]
+        kinds, queues = self.group_kind, self.queues
+        for gid in sorted(g for g in state.ready_groups if queues[kinds[g]]):
+            q = queues[kinds[gid]]
             if not q:
                 continue
             req = q.popleft()
@@ -204,7 +205,7 @@ class DynamicPipelinePolicy(Policy):
 
     name = "dynamic-pipeline"
 
-    def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, scan_limit: int = 256, **_: object) -> None:
+    def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, scan_limit: int = 48, **_: object) -> None:
         self.cluster, self.cost = cluster, cost
         self.threshold, self.scan_limit = threshold, scan_limit
         self.queue: list[tuple[float, int, Request]] = []

@@ -205,11 +205,23 @@ class Dispatcher:
         delay = self.late_delay_s if self.late_delay_s is not None else max(task.request.slo_s, 1.0)
         task.key = task.request.deadline + delay
 
+    def _class_info(self, memo: dict, model: str, stage: Stage, r: Request, all_widths) -> tuple:
+        """(min width, time of the later stages, {width: time}, fastest time) for r's class."""
+        k = (r.shape, r.steps)
+        info = memo.get(k)
+        if info is None:
+            need = self.min_width(model, stage, r.shape)
+            times = {w: self.time(model, stage, r.shape, w, r.steps) for w in all_widths[(model, stage)] if w >= need}
+            info = memo[k] = (need, self.remaining_after(r, stage, all_widths), times,
+                              min(times.values(), default=float("inf")))
+        return info
+
     def _dispatch_fast(self, now, qk, free, busy_end, all_widths) -> list[Launch]:
         queue = self.queues[qk]
         model, stage = qk
         launches: list[Launch] = []
         taken: set[int] = set()  # seq of tasks launched this call
+        memo: dict = {}
         i = 0
         while i < len(queue) and any(free.values()):
             task = queue[i][1]
@@ -217,34 +229,29 @@ class Dispatcher:
                 i += 1
                 continue
             r = task.request
-            need = self.min_width(model, stage, r.shape)
-            rest = self.remaining_after(r, stage, all_widths)
-            if not task.late:
-                fastest = min((self.time(model, stage, r.shape, w, r.steps) for w in all_widths[qk] if w >= need),
-                              default=float("inf"))
-                if now + fastest + rest > r.deadline:
-                    # demote and re-insert further back; revisit it there
-                    queue.pop(i)
-                    self._mark_late(task)
-                    bisect.insort(queue, (task.sort_key(), task))
-                    continue
+            need, rest, times, fastest = self._class_info(memo, model, stage, r, all_widths)
+            if not task.late and now + fastest + rest > r.deadline:
+                # demote and re-insert further back; revisit it there
+                queue.pop(i)
+                self._mark_late(task)
+                bisect.insort(queue, (task.sort_key(), task))
+                continue
             usable = sorted(w for w, gs in free.items() if gs and w >= need)
             if not usable:
                 i += 1
                 continue
             width = None
             if not task.late:
-                width = next((w for w in usable
-                              if now + self.time(model, stage, r.shape, w, r.steps) + rest <= r.deadline), None)
-                if width is None and any(end + self.time(model, stage, r.shape, w, r.steps) + rest <= r.deadline
-                                         for w, end in busy_end.items() if w >= need):
+                width = next((w for w in usable if now + times[w] + rest <= r.deadline), None)
+                if width is None and any(end + times[w] + rest <= r.deadline
+                                         for w, end in busy_end.items() if w in times):
                     i += 1  # a busy group will make it: wait
                     continue
             if width is None:
                 if self.late_width == "fastest":
-                    width = min(usable, key=lambda w: (self.time(model, stage, r.shape, w, r.steps), w))
+                    width = min(usable, key=lambda w: (times[w], w))
                 else:
-                    width = min(usable, key=lambda w: (w * self.time(model, stage, r.shape, w, r.steps), w))
+                    width = min(usable, key=lambda w: (w * times[w], w))
             batch = self._companions(now, queue, i, task, width, rest, taken)
             group = free[width].pop()
             taken.update(t.seq for t in batch)

@@ -53,7 +53,8 @@ class PaperPolicy(Policy):
         self.in_diffuse: set[str] = set()  # started, decode not yet launched
         self.next_tick = 0.0
         self._widths: dict[tuple, list[int]] = {}
-        self.solve_stats: list[float] = []
+        self.solve_stats: list[float] = []  # CP-SAT wall time per solve
+        self._nothing_fit: tuple | None = None
 
     # ---- Policy interface ------------------------------------------------------------------
     def initial_plan(self, now: float) -> PlacementPlan | None:
@@ -79,8 +80,10 @@ class PaperPolicy(Policy):
         free = {n: sorted(g) for n, g in state.free_gpus.items()}
         launches = self._dispatch_decodes(free)
         if state.now + 1e-9 >= self.next_tick:
-            self.next_tick = math.floor(state.now / self.tick_s + 1e-9) * self.tick_s + self.tick_s
-            launches += self._dispatch_diffuse(state.now, free)
+            on_tick = abs(state.now / self.tick_s - round(state.now / self.tick_s)) < 1e-6
+            self.next_tick = math.floor(state.now / self.tick_s + 1e-6) * self.tick_s + self.tick_s
+            if on_tick:
+                launches += self._dispatch_diffuse(state.now, free)
         return SchedulerOutput(tuple(launches))
 
     def next_wakeup(self, now: float) -> float | None:
@@ -127,6 +130,11 @@ class PaperPolicy(Policy):
         nodes = [n for n in sorted(free) if free[n]]
         if not self.queue or not nodes:
             return []
+        # every start has reward >= 100 > the idle it fills, so if nothing fit these free GPUs
+        # and this queue last tick, nothing fits now either: skip the solve
+        signature = (tuple((n, len(free[n])) for n in nodes), len(self.queue), self.queue[0].id, self.queue[-1].id)
+        if signature == self._nothing_fit:
+            return []
         self.queue.sort(key=lambda r: (r.deadline, r.arrival, r.id))
         candidates = self.queue[: self.max_candidates]
         m = cp_model.CpModel()
@@ -171,5 +179,6 @@ class PaperPolicy(Policy):
                 launches.append(Launch((r.id,), r.model, ("encode", "diffuse"), k, n, gpus))
                 started.add(r.id)
         self.in_diffuse.update(started)
+        self._nothing_fit = signature if not started else None
         self.queue = [r for r in self.queue if r.id not in started]
         return launches

@@ -47,7 +47,10 @@ class TridentPolicy(Policy):
         self.dispatcher = Dispatcher(cost, gpu_memory_gb=cluster.gpu_memory_gb,
                                      **{k: options[k] for k in _DISPATCH_OPTIONS if k in options})
         self.replan_enabled = bool(options.get("replan", True))
-        self.tick_s = float(options.get("tick_s", 1.0))
+        # events drive dispatch; ticks only run the controller's checks and plan transitions
+        self.tick_s = float(options.get("tick_s", config.check_interval_s))
+        if self.tick_s <= 0:
+            raise ConfigError(f"tick_s must be > 0, got {self.tick_s}")
         self.forecast: Forecast | None = options.get("forecast")
         if self.forecast is None and options.get("workload"):
             path, model = find_trace(options["workload"])
@@ -105,7 +108,8 @@ class TridentPolicy(Policy):
                 self.plan = new_plan = plan
             if done:
                 self.transition = None
-        groups = [g for g in self.plan.groups if g.id not in draining]
+        # only groups the runtime reports started and idle (new groups take a while to start)
+        groups = [g for g in self.plan.groups if g.id not in draining and g.id in state.ready_groups]
         launches = self.dispatcher.dispatch(now, groups, state.free_gpus)
         return SchedulerOutput(tuple(launches), new_plan, reason if new_plan is not None else "")
 

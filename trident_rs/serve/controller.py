@@ -42,16 +42,22 @@ def load_cost_model() -> Any:
 
 
 def make_policy(cfg: AppConfig, cost: Any) -> Policy:
-    """The configured policy; 'trident' falls back to the greedy one until it is installed."""
+    """The configured policy (`trident_rs.policy.registry` names, or 'greedy').
+
+    Falls back to the greedy stage policy, with a warning, when the named policy or the cost
+    model is not installed, so the runtime always serves.
+    """
     cluster = cfg.cluster.to_cluster()
     initial = {d.name: d.replicas for d in cfg.deployments}
-    if cfg.policy.name == "trident" and cost is not None:
-        try:
-            from trident_rs.policy.trident import TridentPolicy
-        except ImportError:
-            logger.warning("TridentPolicy not available; using the greedy stage policy")
-        else:
-            return TridentPolicy(cluster, cost, **cfg.policy.options)
+    if cfg.policy.name != "greedy":
+        from trident_rs.policy.registry import factory
+
+        cls = factory(cfg.policy.name)  # ConfigError for names it does not know
+        if cls is not None and cost is not None:
+            return cls(cluster, cost, **cfg.policy.options)
+        logger.warning("policy %r or the cost model is unavailable; using the greedy stage policy",
+                       cfg.policy.name)
+        return GreedyStagePolicy(cluster, cost, initial)
     return GreedyStagePolicy(cluster, cost, initial, **cfg.policy.options)
 
 
@@ -85,8 +91,8 @@ class Controller:
         enabled = {d.name for d in self.cfg.deployments}
         counts = {name: 0 for name in enabled}
         for name, n in plan.count().items():
-            if name in enabled:
-                counts[name] = n
+            if name in enabled:  # Serve bounds it by max_replicas anyway; publish what will run
+                counts[name] = min(n, self.cfg.max_replicas(self.cfg.deployment(name)))
             else:
                 logger.warning("plan asks for %s which this app does not deploy; ignored", name)
         self.plan, self.counts = plan, counts

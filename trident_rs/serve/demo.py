@@ -42,15 +42,13 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, deadline: float) -> None:
-    """Wait until the Ray head accepts connections (then a moment more for its raylet)."""
+def _wait_for_head(log_path: Path, proc: subprocess.Popen, deadline: float) -> None:
+    """Wait until `ray start --block` says the runtime started."""
     while time.monotonic() < deadline and proc.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                time.sleep(2.0)
-                return
+        if "Ray runtime started" in log_path.read_text(errors="replace"):
+            return
         time.sleep(0.2)
-    raise RuntimeError("the Ray head did not start; see out/demo-serve.log")
+    raise RuntimeError(f"the Ray head did not start; see {log_path}")
 
 
 def _stop(proc: subprocess.Popen | None, grace_s: float = 20.0) -> None:
@@ -89,15 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     run_config.write_text(yaml.safe_dump(config, sort_keys=False))
 
     gcs_port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "PYTHONPATH": str(ROOT)}
+    # A loopback-only local cluster: Ray 2.60's `ray start` would otherwise turn on token auth.
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "PYTHONPATH": str(ROOT),
+           "RAY_AUTH_MODE": "disabled"}
     ray_head = serve_proc = None
-    log = open(out / "demo-serve.log", "w")
+    log = open(out / "demo-serve.log", "w", buffering=1)
     try:
         ray_head = subprocess.Popen(
             [_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--num-gpus={args.gpus}",
              "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        _wait_for_port(gcs_port, ray_head, deadline=t0 + args.timeout_s)
+        _wait_for_head(Path(log.name), ray_head, deadline=t0 + args.timeout_s)
         serve_proc = subprocess.Popen([_bin("serve"), "run", str(run_config)], stdout=log,
                                       stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"

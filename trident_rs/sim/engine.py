@@ -190,7 +190,9 @@ class Simulator:
                     self.dirty.add(key[0])
 
     def _add_group(self, g: ReplicaGroup, initial: bool) -> None:
-        if initial:
+        """Initial groups (or any, with no start cost) are ready at once if their GPUs are free."""
+        if initial and all(x in self.free[g.node] for x in g.gpus) and not any(
+                (g.node, x) in self.claim or (g.node, x) in self.held for x in g.gpus):
             self._make_ready(g)
             return
         waiting: set[_GPU] = set()
@@ -326,12 +328,12 @@ class Simulator:
         out = self.policy.schedule(state)
         self.decision_time += time.perf_counter() - t0
         self.schedule_calls += 1
-        for launch in out.launches:
-            self._launch(launch)
-        if out.new_plan is not None:
+        if out.new_plan is not None:  # the plan takes effect first; its new groups start now
             self.plan_changes += 1
             self.replan_reasons.append(out.replan_reason)
-            self._apply_plan(out.new_plan, initial=False)
+            self._apply_plan(out.new_plan, initial=self.config.start_cost_s <= 0)
+        for launch in out.launches:
+            self._launch(launch)
         wake = self.policy.next_wakeup(self.now)
         if wake is not None and wake > self.now and (self.wakeup_at is None or wake < self.wakeup_at):
             self.wakeup_at = wake

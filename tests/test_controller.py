@@ -1,0 +1,113 @@
+"""Controller: shift detection with hysteresis; transitions that never over-commit a node."""
+import random
+
+from hypothesis import given, settings, strategies as st
+
+from policy_fakes import FakeCost, make_requests, run_loop, slo_of
+from trident_rs.policy.controller import Controller, ControllerConfig, Transition, mix_distance
+from trident_rs.policy.solver import PlacementSolver
+from trident_rs.policy.trident import TridentPolicy
+from trident_rs.policy.types import Cluster, Request, Shape
+from trident_rs.policy.workload import Forecast, RequestClass
+
+COST = FakeCost()
+CLASSES = [RequestClass(m, s, 10, slo_of(COST, m, s, 10)) for m in ("img", "vid") for s in COST.shapes(m)]
+mixes = st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.floats(0.01, 1.0), min_size=1)
+
+
+def norm(m):
+    total = sum(m.values())
+    return {k: v / total for k, v in m.items()}
+
+
+@given(mixes, mixes)
+def test_mix_distance_is_a_bounded_symmetric_distance(a, b):
+    a, b = norm(a), norm(b)
+    assert 0.0 <= mix_distance(a, b) <= 1.0 + 1e-9
+    assert abs(mix_distance(a, b) - mix_distance(b, a)) < 1e-12
+    assert mix_distance(a, a) < 1e-12
+
+
+def arrivals(ctl, shapes, rate, t0, t1, seed=0):
+    rng = random.Random(seed)
+    t, i = t0, 0
+    while t < t1:
+        s = rng.choice(shapes)
+        ctl.observe_arrival(Request(f"{t0}-{i}", "img", s, 10, t, t + 100), t)
+        t += 1 / rate
+        i += 1
+    return t1
+
+
+def test_shift_needs_persistence_and_respects_cooldown():
+    cluster = Cluster(2, 8)
+    ctl = Controller(PlacementSolver(cluster, COST), ControllerConfig(window_s=30, check_interval_s=5,
+                                                                       persist_checks=2, cooldown_s=0))
+    small, big = [Shape(256, 256)], [Shape(2048, 2048)]
+    now = arrivals(ctl, small, 2.0, 0, 30)
+    first = ctl.check(now, None)
+    assert first is not None and first.reason == "first window"
+    # same mix and rate: no re-plan
+    for k in range(1, 4):
+        now = arrivals(ctl, small, 2.0, now, now + 5, seed=k)
+        assert ctl.check(now, first.target) is None
+    # the mix flips: the first check only counts a strike, the second re-plans
+    now = arrivals(ctl, big, 2.0, now, now + 30, seed=9)
+    assert ctl.check(now, first.target) is None
+    now = arrivals(ctl, big, 2.0, now, now + 5, seed=10)
+    second = ctl.check(now, first.target)
+    assert second is not None and "mix shift" in second.reason
+    # cooldown holds further changes back
+    ctl.config = ControllerConfig(window_s=30, check_interval_s=5, persist_checks=1, cooldown_s=1000)
+    now = arrivals(ctl, small, 6.0, now, now + 30, seed=11)
+    assert ctl.check(now, second.target) is None
+
+
+plans = st.tuples(st.integers(1, 4), st.lists(st.sampled_from(CLASSES), min_size=1, max_size=4, unique=True),
+                  st.lists(st.sampled_from(CLASSES), min_size=1, max_size=4, unique=True), st.integers(0, 10**6))
+
+
+@settings(max_examples=20, deadline=None)
+@given(plans)
+def test_transitions_never_over_commit_a_node(case):
+    nodes, before, after, seed = case
+    cluster = Cluster(nodes + 1, 8)
+    solver = PlacementSolver(cluster, COST, time_limit_s=0.2)
+    try:
+        current = solver.solve(Forecast({c: 1.0 for c in before}))
+        target = solver.solve(Forecast({c: 1.0 for c in after}), current)
+    except Exception:
+        return  # a forecast that fits no plan on this cluster (tested in test_solver)
+    rng = random.Random(seed)
+    busy = {g.id for g in current.groups if rng.random() < 0.5}
+    transition = Transition(target, "test")
+    for _ in range(50):
+        held = {(g.node, i) for g in current.groups for i in g.gpus if g.id in busy}
+        free = {n: frozenset(i for i in range(8) if (n, i) not in held) for n in range(cluster.nodes)}
+        plan, done = transition.step(current, frozenset(busy), free)
+        plan.check(cluster)  # never two groups on one GPU, never over a node
+        for g in current.groups:
+            if g.id in busy:  # a running group keeps its GPUs until it drains
+                assert g in plan.groups
+        current = plan
+        if done:
+            break
+        busy = {b for b in busy if rng.random() < 0.6}  # some launches finish
+    else:
+        raise AssertionError("transition never completed")
+    assert {g.id for g in current.groups} == {g.id for g in target.groups}
+
+
+def test_trident_replans_when_the_mix_shifts_and_serves_everyone():
+    cluster = Cluster(2, 8)
+    first = make_requests(COST, "img", 80, 1.0, 10, seed=1)
+    first = [r for r in first if r.shape == Shape(256, 256)]
+    t0 = first[-1].arrival
+    late = [Request(f"b{i}", "img", Shape(2048, 2048), 10, t0 + 2 * i, t0 + 2 * i + slo_of(COST, "img", Shape(2048, 2048), 10))
+            for i in range(40)]
+    policy = TridentPolicy(cluster, COST, controller={"window_s": 30, "check_interval_s": 5, "min_arrivals": 10,
+                                                      "cooldown_s": 10})
+    res = run_loop(policy, cluster, COST, first + late, check=lambda p: p.check(cluster))
+    assert set(res.finished) == {r.id for r in first + late}
+    assert res.plans >= 1 and policy.controller.replans >= 2
+    assert Shape(2048, 2048) in {c.shape for c in policy.controller.planned_for.rates}  # re-planned for the new mix

@@ -1,0 +1,70 @@
+"""PaperPolicy: the published rule — ticks, pruned widths, encode+diffuse then decode, no drops."""
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from policy_fakes import FakeCost, make_requests, run_loop
+from trident_rs.errors import ConfigError
+from trident_rs.policy.paper import PaperPolicy
+from trident_rs.policy.types import Cluster, ClusterState, Request, Shape
+
+COST = FakeCost()
+workloads = st.tuples(st.sampled_from(["img", "vid"]), st.floats(0.05, 2.0), st.integers(0, 10**6),
+                      st.integers(1, 3), st.sampled_from([1.0, 4.0]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(workloads)
+def test_every_request_is_served_on_free_gpus_with_pruned_widths(w):
+    model, rate, seed, nodes, scale = w
+    cluster = Cluster(nodes, 8)
+    rate = rate if model == "img" else rate / 20
+    reqs = make_requests(COST, model, 30, rate, 10, seed, scale)
+    policy = PaperPolicy(cluster, COST)
+    assert policy.initial_plan(0.0) is None
+    res = run_loop(policy, cluster, COST, reqs)  # asserts free GPUs and stage order
+    assert set(res.finished) == {r.id for r in reqs}
+    by_id = {r.id: r for r in reqs}
+    for t, launch in res.launches:
+        r = by_id[launch.request_ids[0]]
+        if launch.stages == ("encode", "diffuse"):
+            need = COST.min_width(model, "diffuse", r.shape)
+            assert launch.width == need or COST.efficiency(model, r.shape, launch.width) >= 0.8
+            assert abs(t / 0.5 - round(t / 0.5)) < 1e-6  # starts only on 0.5 s ticks
+        else:
+            assert launch.stages == ("decode",)
+
+
+def test_on_time_start_beats_idle_gpus_and_late_ones_prefer_more_lateness():
+    policy = PaperPolicy(Cluster(1, 8), COST)
+    big = Shape(2048, 2048)
+    t8 = COST.stage_time("img", "diffuse", big, 8, 1, 10)
+    policy.add_request(Request("fresh", "img", big, 10, 0.0, 1e4), 0.0)
+    out = policy.schedule(ClusterState(0.0, {0: frozenset(range(8))}))
+    # the widest width with efficiency >= 0.8 leaves the fewest GPUs idle
+    widest = max(w for w in (1, 2, 4, 8) if COST.efficiency("img", big, w) >= 0.8)
+    assert [(l.request_ids, l.width) for l in out.launches] == [(("fresh",), widest)]
+    # two late requests and room for one: the later-to-deadline one loses
+    policy = PaperPolicy(Cluster(1, 1), COST)
+    policy.add_request(Request("very-late", "img", big, 10, -100.0, -50.0), 0.0)
+    policy.add_request(Request("bit-late", "img", big, 10, -100.0, t8), 0.0)
+    out = policy.schedule(ClusterState(0.0, {0: frozenset({0})}))
+    assert [l.request_ids for l in out.launches] == [("very-late",)]
+
+
+def test_deterministic_for_a_seed():
+    cluster = Cluster(2, 8)
+    reqs = make_requests(COST, "img", 40, 1.0, 10, seed=5)
+    a = run_loop(PaperPolicy(cluster, COST), cluster, COST, reqs).launches
+    b = run_loop(PaperPolicy(cluster, COST), cluster, COST, reqs).launches
+    assert a == b
+
+
+def test_bad_options_raise():
+    with pytest.raises(ConfigError):
+        PaperPolicy(Cluster(1, 8), COST, tick_s=0)
+    with pytest.raises(ConfigError):
+        PaperPolicy(Cluster(1, 8), COST, bogus=True)
+    with pytest.raises(ConfigError):  # 720x1280x65 needs 2 GPUs; nodes have 1
+        PaperPolicy(Cluster(4, 1), COST).add_request(Request("x", "vid", Shape(720, 1280, 65), 10, 0, 100), 0.0)

@@ -1,0 +1,186 @@
+"""End to end through Ray Serve: one local Ray (16 fake GPUs) for the module, two apps on it.
+
+- `/tiny`: deployments/tiny-cpu.yaml (real tiny SD3 executors on CPU);
+- `/emu`: emulated executors on fake GPUs, with a policy that re-plans as the mix shifts.
+"""
+import base64
+import concurrent.futures as cf
+import io
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from trident_rs.serve.app import build_app  # noqa: E402
+
+EMU_ARGS = {
+    "models": ["sd3", "cogvideox"],
+    "executor": "emulated",
+    "time_scale": 0.01,
+    "cluster": {"nodes": 2, "gpus_per_node": 8},
+    "deployments": [
+        {"stage": "encode", "width": 1, "replicas": 1, "max_replicas": 2},
+        {"stage": "diffuse", "width": 1, "replicas": 1, "max_replicas": 3},
+        {"stage": "diffuse", "width": 4, "replicas": 1, "max_replicas": 2},
+        {"stage": "decode", "width": 1, "replicas": 1, "max_replicas": 2},
+    ],
+    "policy": {"name": "greedy", "tick_s": 0.25, "options": {"replan_s": 1.0, "window_s": 3.0}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    port = _free_port()
+    ray.init(address="local", num_gpus=16, num_cpus=2, include_dashboard=False)  # never join another cluster
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        tiny = yaml.safe_load(open("deployments/tiny-cpu.yaml"))["applications"][0]["args"]
+        serve.run(build_app(tiny), name="tiny", route_prefix="/tiny", blocking=False)
+        serve.run(build_app(EMU_ARGS), name="emu", route_prefix="/emu")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while time.time() < deadline:  # the tiny app loads diffusers in three replicas
+            st = serve.status().applications
+            if all(st[a].status == "RUNNING" for a in ("tiny", "emu")):
+                break
+            time.sleep(1)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def test_http_image_equals_the_in_process_pipeline(base_url):
+    from trident_rs.pipeline_runner import generate
+    from trident_rs.request import GenerationParams
+
+    r = httpx.post(f"{base_url}/tiny/v1/images/generations", timeout=120,
+                   json={"model": "tiny-sd3", "prompt": "a red fox", "size": "64x64", "seed": 7, "steps": 3})
+    assert r.status_code == 200, r.text
+    img = _png(r.json()["data"][0]["b64_json"])
+    ref = generate(GenerationParams(model="tiny-sd3", prompt="a red fox", height=64, width=64, seed=7,
+                                    steps=3).resolved())
+    ref = np.asarray(ref).reshape(-1, 64, 64, 3)[0]
+    assert img.shape == (64, 64, 3)
+    assert np.array_equal(img, ref)
+    assert img.std() > 0  # a real picture, not a constant
+
+
+def test_eight_concurrent_requests_all_succeed(base_url):
+    def one(seed):
+        r = httpx.post(f"{base_url}/tiny/v1/generate", timeout=180,
+                       json={"model": "tiny-sd3", "prompt": f"prompt {seed}", "height": 64, "width": 64,
+                             "seed": seed, "steps": 2})
+        return r.status_code, r.json()
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    assert [s for s, _ in results] == [200] * 8
+    images = [_png(body["b64"]) for _, body in results]
+    assert len({img.tobytes() for img in images}) == 8  # different seeds, different pictures
+
+
+def test_openai_client_gets_an_image(base_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base_url}/tiny/v1", api_key="unused", timeout=120)
+    out = client.images.generate(model="tiny-sd3", prompt="a boat", size="64x64", n=2,
+                                 response_format="b64_json", extra_body={"seed": 3, "steps": 2})
+    assert len(out.data) == 2
+    assert all(_png(d.b64_json).shape == (64, 64, 3) for d in out.data)
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        client.images.generate(model="no-such-model", prompt="x")
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/tiny/v1/images/generations", {"model": "nope", "prompt": "x"}, 404, "unknown model"),
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "size": "60x64"}, 422, "width"),
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "size": "big"}, 422, "size"),
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "steps": 0}, 422, "steps"),
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "n": "many"}, 422, "n"),
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "n": 99}, 422, "n"),
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "response_format": "url"}, 422,
+     "response_format"),
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3"}, 422, "prompt"),
+    ("/tiny/v1/generate", {"model": "tiny-sd3", "prompt": "x", "bogus": 1}, 422, "bogus"),
+    ("/tiny/v1/generate", {"model": "tiny-sd3", "prompt": "x", "seed": -1}, 422, "seed"),
+    ("/tiny/v1/generate", {"model": "sd3", "prompt": "x"}, 422, "not served"),
+    ("/tiny/v1/videos", {"model": "tiny-sd3", "prompt": "x"}, 422, "makes images"),
+    ("/emu/v1/videos", {"model": "cogvideox", "prompt": "x", "num_frames": 10}, 422, "num_frames"),
+])
+def test_bad_input_gets_a_4xx_with_a_message(base_url, path, body, status, needle):
+    r = httpx.post(base_url + path, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_malformed_json_and_unknown_job_are_4xx(base_url):
+    r = httpx.post(f"{base_url}/tiny/v1/images/generations", content=b"{not json", timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["message"]
+    r = httpx.get(f"{base_url}/tiny/v1/videos/video_nope", timeout=30)
+    assert r.status_code == 404 and "no video job" in r.json()["error"]["message"]
+    assert httpx.get(f"{base_url}/tiny/healthz").json()["status"] == "ok"
+
+
+def test_video_job_is_polled_to_an_mp4(base_url):
+    from trident_rs.client import TridentClient
+
+    with TridentClient(f"{base_url}/emu", timeout_s=60) as client:
+        assert set(client.models()) == {"sd3", "cogvideox"}
+        mp4 = client.video("waves", model="cogvideox", size="256x256", num_frames=17, steps=4, poll_s=0.2)
+    assert mp4[4:8] == b"ftyp"
+
+
+def _running(app: str) -> dict[str, int]:
+    deps = serve.status().applications[app].deployments
+    return {name: d.replica_states.get("RUNNING", 0) for name, d in deps.items() if "-w" in name}
+
+
+def test_mix_shift_reshapes_replicas_and_loses_no_request(base_url):
+    emu = f"{base_url}/emu"
+    before = _running("emu")
+
+    def send(size, steps, seed):
+        r = httpx.post(f"{emu}/v1/images/generations", timeout=120,
+                       json={"model": "sd3", "prompt": "x", "size": size, "steps": steps, "seed": seed})
+        return r.status_code
+
+    statuses = []
+    with cf.ThreadPoolExecutor(4) as pool:
+        statuses += list(pool.map(lambda i: send("256x256", 4, i), range(8)))  # small, cheap mix
+        t_shift = time.time()
+        futures = [pool.submit(send, "2048x2048", 28, i) for i in range(24)]  # shift: large images
+        changed_at = None
+        while changed_at is None and time.time() - t_shift < 90:
+            replans = httpx.get(f"{emu}/v1/status", timeout=30).json()["replans"]
+            later = [r for r in replans if r["wall"] >= t_shift and r["counts"] != replans[0]["counts"]]
+            if later:
+                changed_at, target = later[-1]["wall"], later[-1]["counts"]
+            time.sleep(0.2)
+        statuses += [f.result() for f in futures]
+    assert changed_at is not None, "the controller never re-planned after the shift"
+    deadline = time.time() + 90
+    while _running("emu") == before and time.time() < deadline:
+        time.sleep(0.5)
+    after = _running("emu")
+    assert after != before, f"serve status still shows {before}"
+    assert statuses == [200] * len(statuses), statuses  # nothing lost while replicas moved
