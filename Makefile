@@ -11,7 +11,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[dev,ui]'
+	# the gpu extra (xfuser, DistVAE) installs on CPU too and keeps the pinned CPU torch: CI runs the xfuser tests
+	$(BIN)/pip install -q -e '.[dev,ui,gpu]'
 	touch $@
 
 install: $(BIN)/.installed

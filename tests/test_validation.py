@@ -130,3 +130,12 @@ def test_executor_rejects_unknown_stage_and_model():
 def test_cli_generate_bad_args_exit_2(argv, message, capsys):
     assert main(["generate", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_height_limit_can_differ_from_width_limit():
+    """CogVideoX1.5's rotary tables cap height at 768 but width at 1360: a tall request is
+    rejected up front instead of crashing inside diffusers."""
+    spec = get_spec("cogvideox")
+    spec.validate(height=768, width=1360, frames=81)
+    with pytest.raises(InvalidRequestError, match="height: 1360 exceeds the maximum 768"):
+        spec.validate(height=1360, width=768, frames=81)

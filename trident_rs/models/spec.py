@@ -35,6 +35,7 @@ class ModelSpec:
     )
     profile_model: str = ""  # key in the cost model's profiles ("" = same as family)
     max_prompt_chars: int = 2000
+    max_height: int | None = None  # where height and width have different limits (else max_size)
 
     @property
     def is_video(self) -> bool:
@@ -65,13 +66,13 @@ class ModelSpec:
             raise InvalidRequestError("prompt", f"must be a string, got {type(prompt).__name__}")
         if len(prompt) > self.max_prompt_chars:
             raise InvalidRequestError("prompt", f"longer than {self.max_prompt_chars} characters")
-        for name, value in (("height", height), ("width", width)):
+        for name, value, limit in (("height", height, self.max_height or self.max_size), ("width", width, self.max_size)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidRequestError(name, "must be an integer")
             if value <= 0 or value % self.size_multiple:
                 raise InvalidRequestError(name, f"{value} is not a positive multiple of {self.size_multiple}")
-            if value > self.max_size:
-                raise InvalidRequestError(name, f"{value} exceeds the maximum {self.max_size}")
+            if value > limit:
+                raise InvalidRequestError(name, f"{value} exceeds the maximum {limit}")
         if not isinstance(frames, int) or isinstance(frames, bool):
             raise InvalidRequestError("num_frames", "must be an integer")
         if not self.is_video and frames != 1:
@@ -104,7 +105,7 @@ _REAL = [
               (1024, 1024), 4096, 28, 200, 3.5, widths=_IMAGE_WIDTHS),
     ModelSpec("cogvideox", "cogvideox", "THUDM/CogVideoX1.5-5B", "video", 16, 8, 2,
               (768, 1360), 1360, 50, 200, 6.0, default_frames=81, max_frames=161,
-              frame_rule=(16, 1), temporal_compression=4, widths=_VIDEO_WIDTHS),
+              frame_rule=(16, 1), temporal_compression=4, widths=_VIDEO_WIDTHS, max_height=768),
     ModelSpec("hunyuanvideo", "hunyuanvideo", "hunyuanvideo-community/HunyuanVideo", "video", 16, 8, 2,
               (720, 1280), 1280, 50, 200, 6.0, default_frames=129, max_frames=129,
               frame_rule=(4, 1), temporal_compression=4, widths=_VIDEO_WIDTHS),

@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Iterable
 from dataclasses import dataclass, field
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import PlacementPlan, ReplicaGroup, Request
-from trident_rs.policy.workload import Forecast
+from trident_rs.policy.workload import Forecast, RequestClass
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ def mix_distance(a: dict, b: dict) -> float:
 class ArrivalWindow:
     """Arrivals and finishes of the last `window_s` seconds."""
 
-    def __init__(self, window_s: float):
+    def __init__(self, window_s: float, min_span_s: float = 0.0):
         self.window_s = window_s
+        self.min_span_s = min(min_span_s, window_s)  # floor on the span rates are measured over
         self.arrivals: deque[tuple[float, Request]] = deque()
         self.finishes: deque[tuple[float, bool]] = deque()  # (time, on time)
         self.first_arrival: float | None = None
@@ -72,7 +74,7 @@ class ArrivalWindow:
         """Seconds the window covers (shorter at the start of a run)."""
         if self.first_arrival is None:
             return 0.0
-        return max(min(self.window_s, now - self.first_arrival), 1e-9)
+        return max(min(self.window_s, now - self.first_arrival), self.min_span_s, 1e-9)
 
     def forecast(self, now: float) -> Forecast:
         self.trim(now)
@@ -80,6 +82,21 @@ class ArrivalWindow:
 
     def attainment(self) -> float | None:
         return sum(ok for _, ok in self.finishes) / len(self.finishes) if self.finishes else None
+
+
+def with_backlog(forecast: Forecast, pending: Iterable[Request], horizon_s: float) -> Forecast:
+    """`forecast` plus every class of the unfinished requests (`pending`) it lacks, at their
+    count spread over `horizon_s` seconds (classes match by model, shape and steps)."""
+    known = {c.key for c in forecast.rates}
+    extra: dict[tuple, RequestClass] = {}
+    rates = dict(forecast.rates)
+    for r in pending:
+        key = (r.model, r.shape, r.steps)
+        if key in known:
+            continue
+        c = extra.setdefault(key, RequestClass.of(r))
+        rates[c] = rates.get(c, 0.0) + 1.0 / max(horizon_s, 1e-3)
+    return Forecast(rates)
 
 
 @dataclass
@@ -125,7 +142,8 @@ class Controller:
     def __init__(self, solver: PlacementSolver, config: ControllerConfig | None = None):
         self.solver = solver
         self.config = config or ControllerConfig()
-        self.window = ArrivalWindow(self.config.window_s)
+        # rates over at least one check interval: the first arrival alone is not 1,000 req/s
+        self.window = ArrivalWindow(self.config.window_s, self.config.check_interval_s)
         self.planned_for: Forecast | None = None  # the forecast behind the current plan
         self.predicted_attainment: float | None = None
         self.last_replan: float = float("-inf")
@@ -166,7 +184,7 @@ class Controller:
             return f"attainment dip ({att:.2f} < predicted {self.predicted_attainment:.2f})"
         return ""
 
-    def check(self, now: float, current: PlacementPlan | None) -> Transition | None:
+    def check(self, now: float, current: PlacementPlan | None, pending: Iterable[Request] = ()) -> Transition | None:
         """A transition to a new plan if the workload shifted (with hysteresis), else None."""
         cfg = self.config
         if now - self.last_check < cfg.check_interval_s:
@@ -180,10 +198,16 @@ class Controller:
         first = reason == "first window"
         if not first and (self.strikes < cfg.persist_checks or now - self.last_replan < cfg.cooldown_s):
             return None
-        return self.replan(now, current, reason)
+        return self.replan(now, current, reason, pending)
 
-    def replan(self, now: float, current: PlacementPlan | None, reason: str) -> Transition:
-        forecast = self.window.forecast(now)
+    def replan(self, now: float, current: PlacementPlan | None, reason: str,
+               pending: Iterable[Request] = ()) -> Transition | None:
+        """Re-solve for the window's forecast plus the backlog: every class with a request still
+        unfinished (`pending`) is in the forecast, so the new plan keeps a group for it (else
+        its queued stages would wait forever for a group the plan dropped)."""
+        forecast = with_backlog(self.window.forecast(now), pending, self.config.window_s)
+        if not forecast.rates:  # no recent arrival and no backlog: nothing to plan for
+            return None
         plan = self.solver.solve(forecast, current)
         self.planned(forecast, plan, now)
         self.replans += 1

@@ -12,9 +12,11 @@ Rules (the fast path):
   its arrival + its SLO, so a late task overtakes all new arrivals after a bounded wait.
 - **Width.** An on-time task takes the *smallest* free width whose predicted finish (this
   stage plus the remaining stages) meets its deadline. If no free width does but a busy group
-  would when it frees up, the task waits for it. Otherwise (and for late tasks) it takes the
-  free width with the least GPU-seconds (`late_width="efficient"`, leaves wide groups to
-  requests that can still be saved) or the fastest (`"fastest"`).
+  would when it frees up, the task waits for it. Otherwise (and for late tasks) it takes, by
+  `late_width`: `"best"` (default) the width with the earliest predicted finish among those
+  with parallel efficiency >= 0.8 (waiting if a busy one finishes earlier), so a late request
+  neither wastes GPUs nor holds one GPU for hours; `"efficient"` the free width with the least
+  GPU-seconds; `"fastest"` the fastest free width.
 - **Batching.** Same-shape, same-steps small requests (<= `batch_max_pixels`) share a launch,
   up to the batch size with the best throughput, as long as every batched on-time task still
   meets its deadline.
@@ -63,13 +65,13 @@ class Dispatcher:
     """Decides which stage-tasks start now on which free replica group. Never touches a device."""
 
     def __init__(self, cost: "CostModel", *, gpu_memory_gb: float = 48.0, mode: Literal["fast", "exact"] = "fast",
-                 late_width: Literal["efficient", "fastest"] = "efficient", late_delay_s: float | None = None,
+                 late_width: Literal["best", "efficient", "fastest"] = "best", late_delay_s: float | None = None,
                  max_batch: int = 8, batch_max_pixels: int = 512 * 512, exact_max_tasks: int = 16,
                  exact_time_limit_s: float = 0.05):
         if mode not in ("fast", "exact"):
             raise ConfigError(f"dispatcher mode must be 'fast' or 'exact', got {mode!r}")
-        if late_width not in ("efficient", "fastest"):
-            raise ConfigError(f"late_width must be 'efficient' or 'fastest', got {late_width!r}")
+        if late_width not in ("best", "efficient", "fastest"):
+            raise ConfigError(f"late_width must be 'best', 'efficient' or 'fastest', got {late_width!r}")
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.cost, self.gpu_memory_gb, self.mode, self.late_width = cost, gpu_memory_gb, mode, late_width
@@ -247,6 +249,11 @@ class Dispatcher:
                                          for w, end in busy_end.items() if w in times):
                     i += 1  # a busy group will make it: wait
                     continue
+            if width is None and self.late_width == "best":
+                width = self._late_best(now, usable, times, busy_end)
+                if width is None:
+                    i += 1  # an efficient width frees up soon enough to finish earlier: wait
+                    continue
             if width is None:
                 if self.late_width == "fastest":
                     width = min(usable, key=lambda w: (times[w], w))
@@ -260,6 +267,21 @@ class Dispatcher:
         if taken:
             self.queues[qk] = [e for e in queue if e[1].seq not in taken]
         return launches
+
+    def _late_best(self, now, usable, times, busy_end, threshold: float = 0.8) -> int | None:
+        """For a task that cannot make its deadline on a free width: the width with the earliest
+        predicted finish among the efficient ones (efficiency >= `threshold` relative to the
+        narrowest), counting busy widths from when they free up; None if that is a busy one.
+        Falls back to the free width with the least GPU-seconds."""
+        w0 = min(times)
+        eff = {w for w, t in times.items() if times[w0] * w0 / (t * w) >= threshold}
+        finish = {w: now + times[w] for w in usable if w in eff}
+        if not finish:
+            return min(usable, key=lambda w: (w * times[w], w))
+        best = min(finish.values())
+        if any(end + times[w] < best for w, end in busy_end.items() if w in eff):
+            return None
+        return min(finish, key=lambda w: (finish[w], w))
 
     def _companions(self, now, queue, i, task, width, rest, taken) -> list[StageTask]:
         """`task` plus same-shape tasks after it that can share its launch."""

@@ -56,14 +56,21 @@ class ClassCosts:
     t_encode: float
     t_decode: float
     t_diffuse: dict[int, float]  # usable width -> diffuse time (all steps)
+    slack: float = 1.0  # plan on-time service within this share of the SLO (room for queueing)
 
     def on_time_widths(self) -> list[int]:
+        """Widths whose service time fits `slack` × SLO (or, if none does, the whole SLO)."""
         fixed = self.t_encode + self.t_decode
-        return [w for w, t in sorted(self.t_diffuse.items()) if fixed + t <= self.cls.slo_s]
+        ok = [w for w, t in sorted(self.t_diffuse.items()) if fixed + t <= self.slack * self.cls.slo_s]
+        return ok or [w for w, t in sorted(self.t_diffuse.items()) if fixed + t <= self.cls.slo_s]
 
-    def efficient_width(self) -> int:
-        """The usable width with the least GPU-seconds per request (where late work goes)."""
-        return min(self.t_diffuse, key=lambda w: (w * self.t_diffuse[w], w))
+    def efficient_width(self, threshold: float = 0.8) -> int:
+        """Where late work goes: the widest usable width whose parallel efficiency (relative to
+        the narrowest usable width) is >= `threshold` — nearly as cheap in GPU-seconds as the
+        narrowest, and much faster, so late requests do not hold GPUs for hours."""
+        w0 = min(self.t_diffuse)
+        ok = [w for w, t in self.t_diffuse.items() if (self.t_diffuse[w0] * w0) / (t * w) >= threshold]
+        return max(ok) if ok else w0
 
 
 def group_id(model: str, stage: str, width: int, node: int, first_gpu: int) -> str:
@@ -78,7 +85,7 @@ class PlacementSolver:
     """Chooses a stage-level `PlacementPlan` for a forecast. Deterministic for equal inputs."""
 
     def __init__(self, cluster: Cluster, cost: "CostModel", *, time_limit_s: float = 0.5,
-                 utilization: float = 0.85, num_workers: int = 1, seed: int = 0):
+                 utilization: float = 0.85, num_workers: int = 1, seed: int = 0, slo_slack: float = 0.6):
         if cluster.nodes < 1 or cluster.gpus_per_node < 1:
             raise ConfigError(f"cluster needs at least one node and one GPU per node, got {cluster}")
         if not 0 < utilization <= 1:
@@ -86,7 +93,9 @@ class PlacementSolver:
         if time_limit_s <= 0:
             raise ConfigError(f"time_limit_s must be > 0, got {time_limit_s}")
         self.cluster, self.cost = cluster, cost
-        self.time_limit_s, self.utilization = time_limit_s, utilization
+        if not 0 < slo_slack <= 1:
+            raise ConfigError(f"slo_slack must be in (0, 1], got {slo_slack}")
+        self.time_limit_s, self.utilization, self.slo_slack = time_limit_s, utilization, slo_slack
         self.num_workers, self.seed = num_workers, seed
 
     # ---- request classes -> costs -------------------------------------------------------
@@ -110,7 +119,7 @@ class PlacementSolver:
             if not t_diffuse:
                 raise ConfigError(f"{m} {shape.key}: diffuse needs {need} GPUs, nodes have {G}")
             out.append(ClassCosts(c, fixed["encode"][0], fixed["decode"][0], fixed["encode"][1],
-                                  fixed["decode"][1], t_diffuse))
+                                  fixed["decode"][1], t_diffuse, self.slo_slack))
         return out
 
     # ---- step 1: counts -------------------------------------------------------------------
@@ -217,8 +226,10 @@ class PlacementSolver:
             rate = forecast.rates[cc.cls]
             on_time = served.get(cc.cls, 0.0)
             ws = cc.on_time_widths()
-            w_on = ws[0] if ws else cc.efficient_width()
             w_late = cc.efficient_width()
+            # spare GPUs go where on-time work runs fastest at little cost: the widest efficient
+            # on-time width (queueing eats into the SLO, so the narrowest on-time width is fragile)
+            w_on = max((w for w in ws if w <= w_late), default=ws[0] if ws else w_late)
             for dep, t in ((cc.encode, cc.t_encode), (cc.decode, cc.t_decode)):
                 load[dep] = load.get(dep, 0.0) + rate * t
             m = cc.cls.model

@@ -7,7 +7,7 @@ given in the options, or learned from the first arrivals); the `Controller` re-p
 mix or rate shifts, and new plans are returned through `SchedulerOutput.new_plan`.
 
 Options (all keyword): forecast (Forecast), workload (a published trace name or CSV path, read
-for its class mix), slo_scale (for `workload`), solver_time_limit_s, utilization, replan
+for its class mix), slo_scale (for `workload`), solver_time_limit_s, utilization, slo_slack, replan
 (bool), controller (ControllerConfig or dict), tick_s, and the `Dispatcher` options
 (mode, late_width, late_delay_s, max_batch, batch_max_pixels).
 """
@@ -34,13 +34,14 @@ class TridentPolicy(Policy):
 
     def __init__(self, cluster: Cluster, cost: "CostModel", **options: Any):
         known = {"forecast", "workload", "slo_scale", "solver_time_limit_s", "utilization", "replan",
-                 "controller", "tick_s", "seed", *_DISPATCH_OPTIONS}
+                 "controller", "tick_s", "seed", "slo_slack", *_DISPATCH_OPTIONS}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"unknown trident option(s) {unknown}; known: {sorted(known)}")
         self.cluster, self.cost = cluster, cost
         self.solver = PlacementSolver(cluster, cost, time_limit_s=options.get("solver_time_limit_s", 0.5),
-                                      utilization=options.get("utilization", 0.85), seed=options.get("seed", 0))
+                                      utilization=options.get("utilization", 0.85), seed=options.get("seed", 0),
+                                      slo_slack=options.get("slo_slack", 0.6))
         ctl = options.get("controller")
         config = ctl if isinstance(ctl, ControllerConfig) else ControllerConfig(**(ctl or {}))
         self.controller = Controller(self.solver, config)
@@ -91,25 +92,36 @@ class TridentPolicy(Policy):
         now = state.now
         reason = ""
         if self.transition is None:
+            pending = self.dispatcher.requests.values()
+            if not self._unserved_seen and self.dispatcher.queued() and not self.dispatcher.running:
+                # nothing runs but work waits: make sure each queued class still has its groups
+                self._unserved_seen = not all(self._can_serve(t.request) for q in self.dispatcher.queues.values()
+                                              for _, t in q[:64])
             if self._unserved_seen:
-                self.transition = self.controller.replan(now, self.plan, "a request class has no group")
+                self.transition = self.controller.replan(now, self.plan, "a request class has no group", pending)
                 self._unserved_seen, self._served = False, set()
             elif self.replan_enabled:
-                self.transition = self.controller.check(now, self.plan)
+                self.transition = self.controller.check(now, self.plan, pending)
             if self.transition is not None:
                 reason = self.transition.reason
         new_plan = None
         draining: set[str] = set()
+        before = {g.id: g for g in self.plan.groups}  # what the runtime runs before this call
         if self.transition is not None:
             plan, done = self.transition.step(self.plan, self.dispatcher.busy_groups(), state.free_gpus)
             draining = set(self.transition.draining)
             reason = reason or self.transition.reason
-            if [g.id for g in plan.groups] != [g.id for g in self.plan.groups]:
+            if list(plan.groups) != list(self.plan.groups):
                 self.plan = new_plan = plan
             if done:
                 self.transition = None
-        # only groups the runtime reports started and idle (new groups take a while to start)
-        groups = [g for g in self.plan.groups if g.id not in draining and g.id in state.ready_groups]
+        # The runtime applies `new_plan` before our launches, and its new groups start then (ready
+        # after the start cost). So launch only on groups the runtime reported started and idle
+        # *and* that this call leaves unchanged: a new group may reuse the id of a removed idle
+        # one (same model, stage, width, node and first GPU; other GPUs), and that id is in
+        # `ready_groups` although the new group is only starting.
+        groups = [g for g in self.plan.groups
+                  if g.id not in draining and g.id in state.ready_groups and before.get(g.id) == g]
         launches = self.dispatcher.dispatch(now, groups, state.free_gpus)
         return SchedulerOutput(tuple(launches), new_plan, reason if new_plan is not None else "")
 

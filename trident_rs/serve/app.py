@@ -16,12 +16,14 @@ from ray.serve import Application
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.controller import ControllerDeployment
 from trident_rs.serve.ingress import IngressDeployment
-from trident_rs.serve.stage_deployment import StageDeployment, stage_options
+from trident_rs.serve.stage_deployment import StageDeployment, check_startup, stage_options
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
-    """Validate `args` against `AppConfig` (ConfigError on mistakes) and bind the deployments."""
+    """Validate `args` against `AppConfig` (ConfigError on mistakes, including real width > 1
+    deployments without xfuser or without a node of that many GPUs) and bind the deployments."""
     cfg = AppConfig.parse(args)
+    check_startup(cfg)  # width > 1 with real executors: xfuser and enough GPUs, or ConfigError now
     raw = cfg.model_dump(mode="json")
     controller = ControllerDeployment.bind(raw)
     stages = {

@@ -68,7 +68,12 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[str] = Field(default_factory=lambda: ["tiny-sd3"], min_length=1)
-    executor: Literal["diffusers", "emulated"] = "diffusers"
+    executor: Literal["diffusers", "xfuser", "emulated"] = Field(
+        "diffusers",
+        description="'diffusers': real executors, width-1 replicas on diffusers and width > 1 on xfuser "
+        "(one request on k ranks); 'xfuser': every replica through the xfuser module (adds memory-aware "
+        "tiled decode at width 1); 'emulated': sleep for the cost model's time",
+    )
     executor_options: dict[str, Any] = Field(default_factory=dict, description="passed to make_executor")
     model_paths: dict[str, str] = Field(
         default_factory=dict, description="model name -> local directory or hub id overriding the spec's source"
@@ -78,11 +83,16 @@ class AppConfig(BaseModel):
         default_factory=lambda: [StageDeploymentConfig(stage=s) for s in ("encode", "diffuse", "decode")]
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    reserve_gpus: bool = Field(True, description="stage replicas reserve `width` (fake or real) GPUs")
+    reserve_gpus: bool = Field(
+        True, description="stage replicas reserve `width` (fake or real) GPUs; real width > 1 replicas "
+        "always do (their ranks run on them)")
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     slo_scale: float = Field(4.0, gt=0, description="deadline = slo_scale × predicted latency at width 1")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     replica_cpus: float = Field(0.0, ge=0, description="num_cpus per stage replica (0 lets many share 2 cores)")
+    gpu_wait_s: float = Field(
+        30.0, ge=0, description="app build waits this long for a Ray node with the GPUs the widest real "
+        "width > 1 deployment needs (nodes still joining) before failing with ConfigError")
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
@@ -123,12 +133,55 @@ class AppConfig(BaseModel):
     def widths(self, stage: Stage) -> list[int]:
         return sorted(d.width for d in self.deployments if d.stage == stage)
 
+    def executor_kind(self, d: StageDeploymentConfig) -> str:
+        """The executor kind one (stage, width) runs: real width > 1 is always xfuser (k ranks)."""
+        if self.executor == "emulated":
+            return "emulated"
+        return "xfuser" if d.width > 1 else self.executor
+
+    def multi_rank(self, d: StageDeploymentConfig) -> bool:
+        """Whether replicas of `d` run one request on `d.width` rank actors (real, width > 1)."""
+        return d.width > 1 and self.executor_kind(d) == "xfuser"
+
+    def reserves_gpus(self, d: StageDeploymentConfig) -> bool:
+        return self.reserve_gpus or self.multi_rank(d)
+
     def max_replicas(self, d: StageDeploymentConfig) -> int:
         if d.max_replicas is not None:
             return d.max_replicas
-        if not self.reserve_gpus:
+        if not self.reserves_gpus(d):
             return max(1, d.replicas)
         return max(1, self.cluster.nodes * (self.cluster.gpus_per_node // d.width))
 
     def source(self, model: str) -> str:
         return self.model_paths.get(model, get_spec(model).source)
+
+    def check_multi_rank(self, xfuser_installed: bool, gpus_per_node: list[float] | None) -> None:
+        """Raise `ConfigError` at start-up unless every real width > 1 deployment can run: xfuser
+        (the `gpu` extra) installed, and a node with `width` GPUs (real or Ray's fake ones) for its
+        STRICT_PACK placement group. `gpus_per_node`: the Ray cluster's nodes (None: not checked)."""
+        multi = [d for d in self.deployments if self.multi_rank(d)]
+        if not multi:
+            return
+        names = ", ".join(d.name for d in multi)
+        if not xfuser_installed:
+            raise ConfigError(
+                f"{names} run(s) one request on several GPUs with xfuser (xDiT), which is not installed: "
+                "pip install 'trident_rs[gpu]' (or pip install xfuser), or drop the width > 1 deployments")
+        from trident_rs.executors.sequence_parallel import XFUSER_PIPELINES
+
+        for d in multi:
+            unsupported = [m for m in self.models if d.stage == "diffuse" and get_spec(m).family not in XFUSER_PIPELINES]
+            if unsupported:
+                raise ConfigError(
+                    f"{d.name}: no sequence-parallel (xfuser) pipeline for {unsupported} (families with one: "
+                    f"{sorted(XFUSER_PIPELINES)}); serve them at width 1 or with the emulated executor")
+        if gpus_per_node is None:
+            return
+        most = max(gpus_per_node, default=0)
+        short = [d.name for d in multi if d.width > most]
+        if short:
+            raise ConfigError(
+                f"{', '.join(short)} need(s) {max(d.width for d in multi)} GPUs on one node, but the "
+                f"largest Ray node has {most:g} (GPUs per node: {[float(g) for g in gpus_per_node]}); "
+                "on a CPU machine start Ray with fake GPUs: ray start --head --num-gpus=N")

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from ray import serve
@@ -25,6 +25,7 @@ from trident_rs.policy.interface import Policy
 from trident_rs.policy.types import STAGES, ClusterState, Launch, PlacementPlan, Request, Shape
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.greedy_policy import GreedyStagePolicy
+from trident_rs.serve.metrics import ServeMetrics
 from trident_rs.serve.scaling import publish_counts
 
 logger = logging.getLogger("ray.serve")
@@ -80,6 +81,12 @@ class Controller:
         self.active: dict[str, float] = {}
         self.stats = {"submitted": 0, "completed": 0, "failed": 0, "on_time": 0}
         self.latencies: deque[float] = deque(maxlen=1000)
+        self.metrics = ServeMetrics()
+        self.arrivals: dict[str, tuple[float, str]] = {}  # rid -> (monotonic arrival, model)
+        self.launch_t: dict[int, float] = {}  # launch id -> monotonic start
+        self.outcomes: deque[tuple[float, bool]] = deque(maxlen=200)  # (wall, on time) of finished
+        self.stage_lat: dict[str, deque[float]] = {}  # deployment -> recent stage latencies
+        self.progress: OrderedDict[str, dict] = OrderedDict()  # rid -> stage and state, bounded
         self._ticker: asyncio.Task | None = None
         self._publish(self.plan, "initial plan")
 
@@ -95,6 +102,8 @@ class Controller:
                 counts[name] = min(n, self.cfg.max_replicas(self.cfg.deployment(name)))
             else:
                 logger.warning("plan asks for %s which this app does not deploy; ignored", name)
+        if self.replans:
+            self.metrics.replans.inc()
         self.plan, self.counts = plan, counts
         publish_counts(self.app_name, counts)
         self.replans.append({"t": round(self.now(), 3), "wall": time.time(), "reason": reason, "counts": counts})
@@ -129,8 +138,10 @@ class Controller:
 
     def _schedule(self) -> None:
         for _ in range(100):
+            t = time.perf_counter()
             out = self.policy.schedule(self._state())
             if out.new_plan is not None:
+                self.metrics.solver.observe(time.perf_counter() - t)
                 self._publish(out.new_plan, out.replan_reason or "policy re-plan")
             if not out.launches:
                 return
@@ -140,10 +151,14 @@ class Controller:
     def _start(self, launch: Launch) -> None:
         launch_id = next(self._ids)
         self.inflight[launch_id] = (launch, set(launch.request_ids))
+        self.launch_t[launch_id] = time.monotonic()
         for rid in launch.request_ids:
             grant = {"request_id": rid, "stage": launch.stages[0], "launch_id": launch_id,
                      "deployment": self._deployment_for(launch), "width": launch.width,
                      "batch": len(launch.request_ids)}
+            if rid in self.progress:
+                self.progress[rid].update(stage=grant["stage"], state="running", deployment=grant["deployment"],
+                                          node=launch.node, gpus=list(launch.gpus))
             key = (rid, launch.stages[0])
             if rid in self.finished:  # the request already failed: nobody will run it
                 self._done(launch_id, rid)
@@ -162,6 +177,7 @@ class Controller:
         remaining.discard(rid)
         if not remaining:
             del self.inflight[launch_id]
+            self.launch_t.pop(launch_id, None)
             self.policy.on_launch_done(launch, self.now())
 
     # -- the API the ingress and the replicas call ----------------------------------------------
@@ -174,6 +190,12 @@ class Controller:
         now = self.now()
         self.policy.add_request(Request(request_id, model, shape, steps, now, now + slo_s), now)
         self.active[request_id] = now + slo_s
+        self.arrivals[request_id] = (time.monotonic(), model)
+        self.progress[request_id] = {"id": request_id, "model": model, "shape": shape_key, "steps": steps,
+                                     "state": "queued", "stage": None, "slo_s": round(slo_s, 3),
+                                     "created": time.time(), "stages_done": []}
+        while len(self.progress) > 1000:
+            self.progress.popitem(last=False)
         self.stats["submitted"] += 1
         self._schedule()
         return {"slo_s": slo_s}
@@ -199,6 +221,15 @@ class Controller:
         return await fut
 
     async def stage_done(self, grant: dict) -> None:
+        started = self.launch_t.get(grant["launch_id"])
+        if started is not None:
+            took = time.monotonic() - started
+            self.metrics.stage_latency.labels(grant["stage"], str(grant["width"]), grant["deployment"]).observe(took)
+            self.stage_lat.setdefault(grant["deployment"], deque(maxlen=200)).append(took)
+        prog = self.progress.get(grant["request_id"])
+        if prog is not None:
+            prog["stages_done"].append(grant["stage"])
+            prog["state"] = "between stages"
         self._done(grant["launch_id"], grant["request_id"])
         self._schedule()
 
@@ -207,13 +238,25 @@ class Controller:
         if not ok:  # its later stages may still be launched by the policy: release them at once
             self.finished.add(request_id)
         deadline = self.active.pop(request_id, None)
+        arrived, model = self.arrivals.pop(request_id, (None, ""))
         now = self.now()
+        on_time = ok and deadline is not None and now <= deadline
         if ok:
             self.stats["completed"] += 1
-            if deadline is not None and now <= deadline:
+            if on_time:
                 self.stats["on_time"] += 1
+            if arrived is not None:
+                self.latencies.append(time.monotonic() - arrived)
+                self.metrics.request_latency.labels(model).observe(time.monotonic() - arrived)
         else:
             self.stats["failed"] += 1
+        if deadline is not None:  # counted once, for requests this controller admitted
+            self.metrics.requests.labels("on_time" if on_time else "late" if ok else "failed").inc()
+            self.outcomes.append((time.time(), on_time))
+        prog = self.progress.get(request_id)
+        if prog is not None:
+            prog.update(state="completed" if ok else "failed", stage=None, on_time=on_time,
+                        latency_s=round(time.monotonic() - arrived, 4) if arrived is not None else None)
         for stage in STAGES:
             self.granted.pop((request_id, stage), None)
         for launch_id, (launch, remaining) in list(self.inflight.items()):
@@ -221,19 +264,89 @@ class Controller:
                 self._done(launch_id, request_id)
         self._schedule()
 
+    async def reject(self, reason: str = "") -> None:
+        """The ingress refused a request before admission (bad input, unknown model...)."""
+        self.stats["rejected"] = self.stats.get("rejected", 0) + 1
+        self.metrics.requests.labels("rejected").inc()
+
+    async def request_status(self, request_id: str) -> dict | None:
+        """Progress of one request: queued, running (which stage, where), completed or failed."""
+        prog = self.progress.get(request_id)
+        return None if prog is None else dict(prog, stages_done=list(prog["stages_done"]))
+
+    def _queues(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(granted but not done per deployment, waiting for a launch per stage)."""
+        per_dep = {d.name: 0 for d in self.cfg.deployments}
+        for lid, (launch, remaining) in self.inflight.items():
+            name = self._deployment_for(launch)
+            per_dep[name] = per_dep.get(name, 0) + len(remaining)
+        waiting = {s: 0 for s in STAGES}
+        for (_, stage) in self.waiters:
+            waiting[stage] = waiting.get(stage, 0) + 1
+        return per_dep, waiting
+
+    def _attainment(self, window_s: float = 60.0) -> float | None:
+        cut = time.time() - window_s
+        recent = [ok for t, ok in self.outcomes if t >= cut]
+        return sum(recent) / len(recent) if recent else None
+
+    def _update_gauges(self) -> tuple[dict[str, int], dict[str, int], float | None]:
+        per_dep, waiting = self._queues()
+        for name, n in per_dep.items():
+            self.metrics.queue.labels(name).set(n)
+        for stage, n in waiting.items():
+            self.metrics.waiting.labels(stage).set(n)
+        self.metrics.inflight.set(len(self.active))
+        att = self._attainment()
+        if att is not None:
+            self.metrics.attainment.set(att)
+        return per_dep, waiting, att
+
+    async def metrics_text(self) -> str:
+        """Prometheus text exposition of the runtime metrics (served by the ingress)."""
+        self._update_gauges()
+        return self.metrics.text()
+
     async def status(self) -> dict:
-        """Plan, queue and counters (the status API of a later issue builds on this)."""
+        """The whole picture: plan per node, queues, in-flight requests, attainment, latency, re-plans."""
+        per_dep, waiting, att = self._update_gauges()
+        nodes = [{"node": n, "gpus": self.cluster.gpus_per_node,
+                  "groups": [{"id": g.id, "deployment": g.deployment, "stages": list(g.stages), "width": g.width,
+                              "model": g.model, "gpus": list(g.gpus)}
+                             for g in self.plan.groups if g.node == n]}
+                 for n in range(self.cluster.nodes)]
         return {
             "policy": getattr(self.policy, "name", type(self.policy).__name__),
+            "time_s": round(self.now(), 3),
+            "cluster": {"nodes": self.cluster.nodes, "gpus_per_node": self.cluster.gpus_per_node},
             "counts": dict(self.counts),
-            "plan": [{"id": g.id, "deployment": g.deployment, "node": g.node, "gpus": list(g.gpus)}
-                     for g in self.plan.groups],
+            "plan": [{"id": g.id, "deployment": g.deployment, "stage": "+".join(g.stages), "width": g.width,
+                      "node": g.node, "gpus": list(g.gpus)} for g in self.plan.groups],
+            "nodes": nodes,
+            "queues": per_dep,
+            "waiting": waiting,
             "pending": self.policy.pending(),
             "inflight_launches": len(self.inflight),
             "active_requests": len(self.active),
+            "inflight": [dict(self.progress[r], stages_done=list(self.progress[r]["stages_done"]))
+                         for r in self.active if r in self.progress][:50],
             "stats": dict(self.stats),
+            "attainment": {"recent_60s": att, "finished": len(self.outcomes),
+                           "overall": (self.stats["on_time"] / self.stats["completed"]
+                                       if self.stats["completed"] else None)},
+            "latency_s": _percentiles(self.latencies),
+            "stage_latency_s": {d: _percentiles(v) for d, v in self.stage_lat.items()},
             "replans": list(self.replans),
         }
+
+
+def _percentiles(values: Any) -> dict:
+    vals = sorted(values)
+    if not vals:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None}
+    pick = lambda q: round(vals[min(len(vals) - 1, int(q * len(vals)))], 4)  # noqa: E731
+    return {"n": len(vals), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
+            "mean": round(sum(vals) / len(vals), 4)}
 
 
 ControllerDeployment = serve.deployment(

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -129,14 +129,32 @@ class Ingress:
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _params(self, **fields: Any) -> GenerationParams:
-        if fields.get("model") not in self.cfg.models:
-            get_spec(fields.get("model"))  # unknown everywhere -> 404 with the known names
-            raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
-        return GenerationParams(**fields).resolved()
+        try:
+            if fields.get("model") not in self.cfg.models:
+                get_spec(fields.get("model"))  # unknown everywhere -> 404 with the known names
+                raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
+            return GenerationParams(**fields).resolved()
+        except TridentError as e:
+            self._reject(e)
+            raise
 
-    async def generate(self, params: GenerationParams) -> StagePayload:
-        """Run the three stages of one request; returns the decode payload (frames)."""
-        rid = uuid.uuid4().hex
+    def _size(self, size: str | None) -> tuple[int | None, int | None]:
+        try:
+            return parse_size(size)
+        except TridentError as e:
+            self._reject(e)
+            raise
+
+    def _reject(self, e: Exception) -> None:
+        """Count a request refused before admission (fire and forget: the 4xx must not wait)."""
+        self.controller.reject.remote(type(e).__name__)
+
+    async def generate(self, params: GenerationParams, rid: str | None = None) -> StagePayload:
+        """Run the three stages of one request; returns the decode payload (frames).
+
+        `rid` (default: a fresh id) is what `GET /v1/requests/{rid}` reports progress under.
+        """
+        rid = rid or uuid.uuid4().hex
         t0 = time.perf_counter()
         await self.controller.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms)
         ok = False
@@ -154,16 +172,22 @@ class Ingress:
 
     # -- OpenAI-compatible endpoints ------------------------------------------------------------------
     @api.post("/v1/images/generations")
-    async def images(self, body: ImagesRequest) -> dict:
+    async def images(self, body: ImagesRequest, request: Request) -> dict:
         if body.n > self.cfg.limits.max_n:
-            raise InvalidRequestError("n", f"{body.n} exceeds the maximum {self.cfg.limits.max_n}")
-        h, w = parse_size(body.size)
+            e = InvalidRequestError("n", f"{body.n} exceeds the maximum {self.cfg.limits.max_n}")
+            self._reject(e)
+            raise e
+        h, w = self._size(body.size)
         base = self._params(model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
                             height=h, width=w, steps=body.steps, guidance_scale=body.guidance_scale,
                             seed=body.seed, slo_ms=body.slo_ms)
         if get_spec(base.model).is_video:
-            raise InvalidRequestError("model", f"{base.model} makes videos; use POST /v1/videos")
-        results = await asyncio.gather(*(self.generate(base.model_copy(update={"seed": base.seed + i}))
+            e = InvalidRequestError("model", f"{base.model} makes videos; use POST /v1/videos")
+            self._reject(e)
+            raise e
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        results = await asyncio.gather(*(self.generate(base.model_copy(update={"seed": base.seed + i}),
+                                                        rid if body.n == 1 else f"{rid}-{i}")
                                          for i in range(body.n)))
         data = [{"b64_json": base64.b64encode(png_bytes(r.tensors["frames"][0])).decode(),
                  "revised_prompt": body.prompt} for r in results]
@@ -171,17 +195,19 @@ class Ingress:
 
     @api.post("/v1/videos")
     async def videos(self, body: VideosRequest) -> dict:
-        h, w = parse_size(body.size)
+        h, w = self._size(body.size)
         params = self._params(model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
                               height=h, width=w, num_frames=body.num_frames, steps=body.steps,
                               guidance_scale=body.guidance_scale, seed=body.seed, slo_ms=body.slo_ms)
         if not get_spec(params.model).is_video:
-            raise InvalidRequestError("model", f"{params.model} makes images; use POST /v1/images/generations")
+            e = InvalidRequestError("model", f"{params.model} makes images; use POST /v1/images/generations")
+            self._reject(e)
+            raise e
         job_id = f"video_{uuid.uuid4().hex}"
         job: dict[str, Any] = {"id": job_id, "object": "video", "model": params.model, "status": "queued",
                                "created_at": int(time.time())}
         if body.wait:
-            job.update(await self._video_result(params))
+            job.update(await self._video_result(params, job_id))
             return job
         self.jobs[job_id] = job
         while len(self.jobs) > self.cfg.limits.max_video_jobs:
@@ -189,8 +215,8 @@ class Ingress:
         job["_task"] = asyncio.get_running_loop().create_task(self._video_job(job, params))
         return {k: v for k, v in job.items() if not k.startswith("_")}
 
-    async def _video_result(self, params: GenerationParams) -> dict:
-        result = await self.generate(params)
+    async def _video_result(self, params: GenerationParams, rid: str | None = None) -> dict:
+        result = await self.generate(params, rid)
         mp4 = await asyncio.to_thread(mp4_bytes, result.tensors["frames"])
         return {"status": "completed", "b64_json": base64.b64encode(mp4).decode(),
                 "num_frames": int(result.tensors["frames"].shape[0])}
@@ -198,7 +224,7 @@ class Ingress:
     async def _video_job(self, job: dict, params: GenerationParams) -> None:
         job["status"] = "in_progress"
         try:
-            job.update(await self._video_result(params))
+            job.update(await self._video_result(params, job["id"]))
         except Exception as e:  # the job records the failure; the poller sees it
             job.update(status="failed", error={"message": str(e), "type": type(e).__name__})
 
@@ -211,9 +237,9 @@ class Ingress:
 
     # -- native API ------------------------------------------------------------------------------------
     @api.post("/v1/generate")
-    async def native(self, body: GenerationParams) -> dict:
+    async def native(self, body: GenerationParams, request: Request) -> dict:
         params = self._params(**body.model_dump())
-        result = await self.generate(params)
+        result = await self.generate(params, request.headers.get("x-request-id"))
         frames = result.tensors["frames"]
         if get_spec(params.model).is_video:
             fmt, data = "mp4", await asyncio.to_thread(mp4_bytes, frames)
@@ -235,6 +261,21 @@ class Ingress:
     @api.get("/v1/status")
     async def status(self) -> dict:
         return await self.controller.status.remote()
+
+    @api.get("/v1/requests/{request_id}")
+    async def request_progress(self, request_id: str) -> Any:
+        """Which stage a request is in (send your own id in `X-Request-Id`; video jobs use the job id)."""
+        prog = await self.controller.request_status.remote(request_id)
+        if prog is None:
+            return _error(404, f"no request {request_id!r} (recent ones are kept)", "NotFoundError", "request_id")
+        return prog
+
+    @api.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        """Prometheus text format (see trident_rs.serve.metrics)."""
+        from trident_rs.serve.metrics import CONTENT_TYPE
+
+        return PlainTextResponse(await self.controller.metrics_text.remote(), media_type=CONTENT_TYPE)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -3,8 +3,10 @@
 A replica builds one executor per served model in `__init__`, then runs payloads (numpy in,
 numpy out). Concurrent calls are gathered by `@serve.batch` and split into same-shape groups,
 each run as one executor batch in a worker thread so the replica's event loop stays free.
-A width-k replica reserves k GPUs (`placement_group_bundles=[{"GPU": 1}] * k`, STRICT_PACK);
-with emulated executors that is only the reservation (multi-rank execution comes later).
+A width-k replica reserves k GPUs (`placement_group_bundles=[{"GPU": 1}] * k`, STRICT_PACK).
+With real executors it runs each request on them with xfuser: the replica itself holds no GPU
+(`num_gpus: 0`, it sits in bundle 0) and its executor starts k rank actors, rank r in bundle r.
+With emulated executors the bundles are only the reservation.
 When a payload is done the replica tells the controller, which frees the grant.
 """
 from __future__ import annotations
@@ -17,19 +19,48 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
 from trident_rs.policy.types import Stage
 from trident_rs.serve.config import AppConfig, StageDeploymentConfig
 from trident_rs.serve.scaling import autoscaling_config
 
 
-def _executor_options(cfg: AppConfig, model: str, width: int) -> dict[str, Any]:
+def _executor_options(cfg: AppConfig, model: str, dep: StageDeploymentConfig) -> dict[str, Any]:
     opts = dict(cfg.executor_options)
-    if cfg.executor == "emulated":
-        opts.update(width=width, time_scale=cfg.time_scale)
-    elif model in cfg.model_paths:
+    kind = cfg.executor_kind(dep)
+    if kind == "emulated":
+        return {**opts, "width": dep.width, "time_scale": cfg.time_scale}
+    if model in cfg.model_paths:
         opts["source"] = cfg.model_paths[model]
+    if kind == "xfuser":
+        opts["width"] = dep.width
+        if cfg.multi_rank(dep):
+            opts.pop("device", None)  # each rank uses its own GPU (or the CPU)
+            # the replica's k bundles hold one GPU each; n models' rank groups share them
+            opts["gpus_per_rank"] = 1.0 / len(cfg.models)
     return opts
+
+
+def check_startup(cfg: AppConfig) -> None:
+    """Fail the app build with `ConfigError` when a real width > 1 deployment cannot run here:
+    xfuser missing, or (when Ray is up) no node with enough GPUs. Never at request time."""
+    import ray
+
+    from trident_rs.executors.xfuser_cpu import xfuser_installed
+
+    cfg.check_multi_rank(xfuser_installed(), None)
+    if not ray.is_initialized() or not any(cfg.multi_rank(d) for d in cfg.deployments):
+        return
+    deadline = time.monotonic() + cfg.gpu_wait_s
+    while True:  # GPU nodes may still be joining (KubeRay, autoscaler): wait a little before failing
+        gpus = [n.get("Resources", {}).get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        try:
+            return cfg.check_multi_rank(True, gpus)
+        except ConfigError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(2.0)
 
 
 class StageReplica:
@@ -40,11 +71,12 @@ class StageReplica:
         self.stage = stage
         self.width = width
         self.controller = controller
+        dep = self.config.deployment(f"{stage}-w{width}")
+        kind = self.config.executor_kind(dep)
         self.executors: dict[str, StageExecutor] = {
-            m: build_executor(self.config.executor, m, stage, **_executor_options(self.config, m, width))
+            m: build_executor(kind, m, stage, **_executor_options(self.config, m, dep))
             for m in self.config.models
         }
-        dep = self.config.deployment(f"{stage}-w{width}")
         self._run_batch.set_max_batch_size(dep.max_batch)
         self._run_batch.set_batch_wait_timeout_s(dep.batch_wait_s)
 
@@ -81,6 +113,10 @@ class StageReplica:
     def check_health(self) -> None:
         if not self.executors:
             raise RuntimeError("no executors")
+        for executor in self.executors.values():  # a rank group broken mid-request: Serve restarts us
+            check = getattr(executor, "check_health", None)
+            if check is not None:
+                check()
 
 
 def stage_options(cfg: AppConfig, dep: StageDeploymentConfig) -> dict[str, Any]:
@@ -92,8 +128,9 @@ def stage_options(cfg: AppConfig, dep: StageDeploymentConfig) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": 60,
     }
     actor: dict[str, Any] = {"num_cpus": cfg.replica_cpus}
-    if cfg.reserve_gpus:
-        actor["num_gpus"] = 1
+    if cfg.reserves_gpus(dep):
+        # a multi-rank replica holds no GPU itself: its k rank actors take the k bundles
+        actor["num_gpus"] = 0 if cfg.multi_rank(dep) else 1
         if dep.width > 1:
             opts["placement_group_bundles"] = [{"GPU": 1, "CPU": cfg.replica_cpus}] + [{"GPU": 1}] * (dep.width - 1)
             opts["placement_group_strategy"] = "STRICT_PACK"
