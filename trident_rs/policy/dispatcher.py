@@ -67,7 +67,7 @@ class Dispatcher:
     def __init__(self, cost: "CostModel", *, gpu_memory_gb: float = 48.0, mode: Literal["fast", "exact"] = "fast",
                  late_width: Literal["best", "efficient", "fastest"] = "best", late_delay_s: float | None = None,
                  max_batch: int = 8, batch_max_pixels: int = 512 * 512, exact_max_tasks: int = 16,
-                 exact_time_limit_s: float = 0.05):
+                 exact_time_limit_s: float = 0.05, max_width: int = 8):
         if mode not in ("fast", "exact"):
             raise ConfigError(f"dispatcher mode must be 'fast' or 'exact', got {mode!r}")
         if late_width not in ("best", "efficient", "fastest"):
@@ -77,6 +77,8 @@ class Dispatcher:
         self.cost, self.gpu_memory_gb, self.mode, self.late_width = cost, gpu_memory_gb, mode, late_width
         self.late_delay_s, self.max_batch, self.batch_max_pixels = late_delay_s, max_batch, batch_max_pixels
         self.exact_max_tasks, self.exact_time_limit_s = exact_max_tasks, exact_time_limit_s
+        self.max_width = max_width
+        self._ideal: dict[tuple, tuple[int, float]] = {}
         self.queues: dict[QueueKey, list[tuple[tuple[float, int], StageTask]]] = {}
         self.running: dict[str, RunningLaunch] = {}  # group id -> what runs there
         self.unlaunched: set[str] = set()  # requests whose decode has not started
@@ -150,6 +152,24 @@ class Dispatcher:
                     size *= 2
             self._best_batch[k] = b
         return b
+
+    def ideal_diffuse(self, request: Request) -> tuple[int, float]:
+        """(width, diffuse time) a request's diffuse should get, whatever the plan has: the
+        narrowest width that meets its SLO, else the widest with efficiency >= 0.8."""
+        k = (request.model, request.shape, request.steps, round(request.slo_s, 3))
+        out = self._ideal.get(k)
+        if out is None:
+            m, shape, steps = request.model, request.shape, request.steps
+            need = self.min_width(m, "diffuse", shape)
+            ws = [w for w in self.cost.widths(m, "diffuse") if need <= w <= self.max_width] or [need]
+            times = {w: self.time(m, "diffuse", shape, w, steps) for w in ws}
+            fixed = sum(self.time(m, s, shape, self.min_width(m, s, shape), steps) for s in ("encode", "decode"))
+            on_time = [w for w in sorted(ws) if fixed + times[w] <= request.slo_s]
+            w0 = min(ws)
+            eff = [w for w in ws if times[w0] * w0 / (times[w] * w) >= 0.8]
+            w = on_time[0] if on_time else max(eff, default=w0)
+            out = self._ideal[k] = (w, times[w])
+        return out
 
     def remaining_after(self, request: Request, stage: Stage, widths: dict[QueueKey, list[int]]) -> float:
         """Fastest possible time of the stages after `stage`, on widths the plan has."""
@@ -251,6 +271,12 @@ class Dispatcher:
                     continue
             if width is None and self.late_width == "best":
                 width = self._late_best(now, usable, times, busy_end)
+                if width is not None and stage == "diffuse" and now < r.deadline:
+                    # only a much slower width is free (the fitting ones are busy, or a re-plan
+                    # is on its way): rather than hold a narrow group for far longer, wait for
+                    # a fitting one — until the deadline, so the wait is bounded
+                    if times[width] > 1.5 * self.ideal_diffuse(r)[1]:
+                        width = None
                 if width is None:
                     i += 1  # an efficient width frees up soon enough to finish earlier: wait
                     continue

@@ -132,7 +132,14 @@ class PlacementSolver:
         deployments = sorted({cc.encode for cc in classes} | {cc.decode for cc in classes}
                              | {Deployment(cc.cls.model, "diffuse", w) for cc in classes for w in cc.t_diffuse})
         cur = _counts(current) if current is not None else {}
-        counts, served, stats = self._solve_counts(forecast, classes, deployments, cur)
+        share = self._fair_share(forecast, classes)
+        counts, served, stats = self._solve_counts(forecast, classes, deployments, cur, share)
+        if stats["status"] == "INFEASIBLE" and share > 0:  # integer packing beat the fluid estimate
+            counts, served, stats = self._solve_counts(forecast, classes, deployments, cur, 0.0)
+        if stats["status"] == "INFEASIBLE":
+            raise ConfigError(f"no placement fits {len(classes)} request classes on {self.cluster.nodes}x"
+                              f"{self.cluster.gpus_per_node} GPUs (each needs an encode, diffuse and decode group)")
+        stats["fair_share"] = share
         if counts is None:
             counts, served = self._greedy_counts(forecast, classes), {}
             stats["fallback"] = True
@@ -150,7 +157,21 @@ class PlacementSolver:
         G = self.cluster.gpus_per_node
         return {w: self.cluster.nodes * (G // w) * w for w in widths}
 
-    def _solve_counts(self, forecast, classes, deployments, cur):
+    def _fair_share(self, forecast, classes) -> float:
+        """Share of every class's demand the plan must serve (on time, or late at its efficient
+        width): what the cluster could serve of all of it, with a margin. Late work is never
+        dropped, so a plan without room for it would be run over anyway; and a class whose
+        capacity went to cheaper ones would be served at the narrowest width, for hours."""
+        need = 0.0
+        for cc in classes:
+            w = cc.efficient_width()
+            need += forecast.rates[cc.cls] * (cc.t_encode * cc.encode.width + cc.t_decode * cc.decode.width
+                                              + cc.t_diffuse[w] * w)
+        if need <= 0:
+            return 0.0
+        return min(1.0, 0.8 * self.utilization * self.cluster.total_gpus / need)
+
+    def _solve_counts(self, forecast, classes, deployments, cur, share: float = 0.0):
         model = cp_model.CpModel()
         total = self.cluster.total_gpus
         n = {d: model.new_int_var(0, total // d.width, f"n_{d.model}_{d.stage}_{d.width}") for d in deployments}
@@ -168,9 +189,20 @@ class PlacementSolver:
                 x[i, w] = model.new_int_var(0, demand, f"x_{i}_{w}")
                 t = math.ceil(cc.t_diffuse[w] / TIME_UNIT)
                 dif_load.setdefault(Deployment(cc.cls.model, "diffuse", w), []).append(t * x[i, w])
-            if ws:
-                y = sum(x[i, w] for w in ws)
+            floor = int(share * demand)
+            if floor > 0:  # late service at the efficient width, up to the fair share
+                w = cc.efficient_width()
+                z = model.new_int_var(0, floor, f"z_{i}")
+                dif_load.setdefault(Deployment(cc.cls.model, "diffuse", w), []).append(
+                    math.ceil(cc.t_diffuse[w] / TIME_UNIT) * z)
+                ws_z = [z]
+            else:
+                ws_z = []
+            if ws or ws_z:
+                y = sum(x[i, w] for w in ws) + sum(ws_z)
                 model.add(y <= demand)
+                if floor > 0:
+                    model.add(y >= floor)
                 for dep, t in ((cc.encode, cc.t_encode), (cc.decode, cc.t_decode)):
                     enc_load.setdefault(dep, []).append(math.ceil(t / TIME_UNIT) * y)
             # presence: somewhere to run every stage
@@ -194,9 +226,6 @@ class PlacementSolver:
         status = solver.solve(model)
         stats = {"status": solver.status_name(status), "solver_wall_s": solver.wall_time,
                  "objective": None, "fallback": False, "variables": len(n) + len(x)}
-        if status == cp_model.INFEASIBLE:
-            raise ConfigError(f"no placement fits {len(classes)} request classes on {self.cluster.nodes}x"
-                              f"{self.cluster.gpus_per_node} GPUs (each needs an encode, diffuse and decode group)")
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return None, {}, stats
         stats["objective"] = solver.objective_value

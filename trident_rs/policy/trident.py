@@ -45,7 +45,7 @@ class TridentPolicy(Policy):
         ctl = options.get("controller")
         config = ctl if isinstance(ctl, ControllerConfig) else ControllerConfig(**(ctl or {}))
         self.controller = Controller(self.solver, config)
-        self.dispatcher = Dispatcher(cost, gpu_memory_gb=cluster.gpu_memory_gb,
+        self.dispatcher = Dispatcher(cost, gpu_memory_gb=cluster.gpu_memory_gb, max_width=cluster.gpus_per_node,
                                      **{k: options[k] for k in _DISPATCH_OPTIONS if k in options})
         self.replan_enabled = bool(options.get("replan", True))
         # events drive dispatch; ticks only run the controller's checks and plan transitions
@@ -135,10 +135,13 @@ class TridentPolicy(Policy):
 
     # ---- helpers ---------------------------------------------------------------------------
     def _can_serve(self, request: Request) -> bool:
-        """Whether the plan being moved to has a group for every stage of `request`."""
+        """Whether the plan being moved to has a group for every stage of `request`, its diffuse
+        at least as wide as the request's ideal width (on time, else efficient)."""
         plan = self.transition.target if self.transition is not None else self.plan
         for stage in STAGES:
             need = self.dispatcher.min_width(request.model, stage, request.shape)
+            if stage == "diffuse":
+                need = max(need, self.dispatcher.ideal_diffuse(request)[0])
             if not any(g.model == request.model and g.stages == (stage,) and g.width >= need for g in plan.groups):
                 return False
         return True

@@ -60,6 +60,18 @@ class LimitsConfig(BaseModel):
     max_n: int = Field(4, ge=1, description="images per /v1/images/generations call")
     max_video_jobs: int = Field(64, ge=1, description="finished video jobs kept for polling")
     request_timeout_s: float = Field(600.0, gt=0)
+    # -- issue 8: enforced by trident_rs.serve.limits / admission / auth ----------------------------
+    max_body_bytes: int = Field(1 << 20, ge=256, description="larger request bodies get 413")
+    max_prompt_chars: int | None = Field(None, ge=1, description="None: each model's own limit")
+    max_steps: int | None = Field(None, ge=1, description="None: each model's own limit")
+    max_frames: int | None = Field(None, ge=1, description="None: each model's own limit")
+    max_size: int | None = Field(None, ge=8, description="largest height or width; None: the model's")
+    max_queue_per_model: int = Field(64, ge=1, description="accepted-not-finished requests per model; more get 429")
+    admission: Literal["best_effort", "reject"] = Field(
+        "best_effort", description="'reject': 429 a request whose SLO the current load cannot meet")
+    admission_servers: int | None = Field(
+        None, ge=1, description="parallel servers the SLO prediction assumes (None: configured diffuse replicas)")
+    api_keys: list[str] = Field(default_factory=list, description="bearer tokens (plus env TRIDENT_API_KEYS); empty: open")
 
 
 class AppConfig(BaseModel):

@@ -4,7 +4,8 @@
 
 Starts its own Ray head (`ray start --head --block --num-gpus=N`, on a free port, so it never
 joins someone else's cluster), runs `serve run` on a copy of the config whose HTTP port is free,
-waits for /healthz, prints a ready `curl`, sends one request itself and saves `out/demo.png`.
+waits for /healthz, prints a ready `curl`, sends one request itself and saves `out/demo.png`,
+then starts the Gradio UI (`ui/app.py`, a client of the HTTP API) and prints its URL.
 Ctrl-C (or `--once`, after the first image) stops serve and the Ray head it started.
 """
 from __future__ import annotations
@@ -62,6 +63,18 @@ def _stop(proc: subprocess.Popen | None, grace_s: float = 20.0) -> None:
         proc.wait()
 
 
+def _wait_for_ui(url: str, proc: subprocess.Popen, deadline: float) -> None:
+    import httpx
+
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "deployments" / "tiny-cpu.yaml"))
@@ -69,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--once", action="store_true", help="stop after the first image")
     ap.add_argument("--out", default=str(ROOT / "out"))
     ap.add_argument("--timeout-s", type=float, default=180.0)
+    ap.add_argument("--ui-port", type=int, default=7860, help="port of the Gradio UI (ui/app.py)")
+    ap.add_argument("--no-ui", action="store_true", help="do not start the Gradio UI")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     out = Path(args.out)
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # A loopback-only local cluster: Ray 2.60's `ray start` would otherwise turn on token auth.
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "PYTHONPATH": str(ROOT),
            "RAY_AUTH_MODE": "disabled"}
-    ray_head = serve_proc = None
+    ray_head = serve_proc = ui_proc = None
     log = open(out / "demo-serve.log", "w", buffering=1)
     try:
         ray_head = subprocess.Popen(
@@ -123,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
         png = client.image("a lighthouse at dusk", model=model, seed=1)
         (out / "demo.png").write_bytes(png)
         print(f"first image after {time.monotonic() - t0:.1f} s -> {out / 'demo.png'} ({len(png)} bytes)")
+        ui_url = None
+        if not args.no_ui and (ROOT / "ui" / "app.py").exists():  # after the first image: not to slow it
+            ui_port = free_port(args.ui_port)
+            ui_url = f"http://127.0.0.1:{ui_port}"
+            ui_log = open(out / "demo-ui.log", "w", buffering=1)
+            ui_proc = subprocess.Popen([sys.executable, str(ROOT / "ui" / "app.py"), "--api", url,
+                                        "--port", str(ui_port)], stdout=ui_log, stderr=subprocess.STDOUT,
+                                       env={**env, "GRADIO_ANALYTICS_ENABLED": "False"}, cwd=ROOT, start_new_session=True)
+        if ui_url is not None:
+            _wait_for_ui(ui_url, ui_proc, time.monotonic() + 60)
+            print(f"UI: {ui_url}  (log: {out / 'demo-ui.log'})" if ui_proc.poll() is None
+                  else f"the UI did not start; see {out / 'demo-ui.log'}", flush=True)
         if args.once:
             return 0
         print("serving; Ctrl-C to stop")
@@ -131,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        _stop(ui_proc, grace_s=5.0)
         _stop(serve_proc)
         _stop(ray_head)
         log.close()

@@ -28,9 +28,12 @@ from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.types import STAGES
 from trident_rs.request import GenerationParams
+from trident_rs.serve.admission import Admission
 from trident_rs.serve.config import AppConfig
+from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 
 api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
+api.add_middleware(GuardMiddleware)  # API key, body size, JSON syntax (trident_rs.serve.limits)
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -126,6 +129,8 @@ class Ingress:
         self.controller = controller
         self.stages = stages
         self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.admission = Admission.from_config(self.cfg)  # bounded queue per model -> 429
+        configure_guard(self.cfg)
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _params(self, **fields: Any) -> GenerationParams:
@@ -133,7 +138,7 @@ class Ingress:
             if fields.get("model") not in self.cfg.models:
                 get_spec(fields.get("model"))  # unknown everywhere -> 404 with the known names
                 raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
-            return GenerationParams(**fields).resolved()
+            return check_limits(self.cfg.limits, GenerationParams(**fields).resolved())
         except TridentError as e:
             self._reject(e)
             raise
@@ -156,9 +161,10 @@ class Ingress:
         """
         rid = rid or uuid.uuid4().hex
         t0 = time.perf_counter()
-        await self.controller.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms)
+        self.admission.admit(rid, params)  # OverloadedError -> 429 + Retry-After; no-op if already held
         ok = False
         try:
+            await self.controller.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms)
             resp: Any = StagePayload(params, {}, {"request_id": rid})
             for stage in STAGES:
                 grant = await self.controller.acquire.remote(rid, stage)
@@ -168,6 +174,7 @@ class Ingress:
             ok = True
             return result
         finally:
+            self.admission.release(rid)
             await asyncio.shield(self.controller.finish.remote(rid, ok))
 
     # -- OpenAI-compatible endpoints ------------------------------------------------------------------
@@ -186,9 +193,14 @@ class Ingress:
             self._reject(e)
             raise e
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        results = await asyncio.gather(*(self.generate(base.model_copy(update={"seed": base.seed + i}),
-                                                        rid if body.n == 1 else f"{rid}-{i}")
-                                         for i in range(body.n)))
+        rids = [rid if body.n == 1 else f"{rid}-{i}" for i in range(body.n)]
+        self.admission.admit_many(rids, base)  # all n or none (429)
+        try:
+            results = await asyncio.gather(*(self.generate(base.model_copy(update={"seed": base.seed + i}), r)
+                                             for i, r in enumerate(rids)))
+        finally:  # also frees slots of generations cancelled before they started
+            for r in rids:
+                self.admission.release(r)
         data = [{"b64_json": base64.b64encode(png_bytes(r.tensors["frames"][0])).decode(),
                  "revised_prompt": body.prompt} for r in results]
         return {"created": int(time.time()), "data": data}
@@ -204,6 +216,8 @@ class Ingress:
             self._reject(e)
             raise e
         job_id = f"video_{uuid.uuid4().hex}"
+        if not body.wait:
+            self.admission.admit(job_id, params)  # 429 now, not a failed job later
         job: dict[str, Any] = {"id": job_id, "object": "video", "model": params.model, "status": "queued",
                                "created_at": int(time.time())}
         if body.wait:
@@ -255,7 +269,8 @@ class Ingress:
         for name in self.cfg.models:
             spec = get_spec(name)
             data.append({"id": name, "object": "model", "owned_by": "trident_rs", "kind": spec.kind,
-                         "default_size": list(spec.default_size), "default_steps": spec.default_steps})
+                         "default_size": list(spec.default_size), "default_steps": spec.default_steps,
+                         "default_frames": spec.default_frames, "max_frames": spec.max_frames})
         return {"object": "list", "data": data}
 
     @api.get("/v1/status")

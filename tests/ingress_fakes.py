@@ -1,0 +1,105 @@
+"""The ingress's FastAPI app in-process, without Ray: a fake controller and fake stage handles.
+
+    app, inst = make_ingress({"models": ["tiny-sd3"], ...})   # ASGI app + the Ingress instance
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c: ...
+
+Serve's class-based view finds the instance through `serve.get_replica_context()`; `make_ingress`
+patches that (restore with `unpatch()`). Stages sleep `stage_s` (or wait on `gate`) and decode to
+small frames, so PNG/MP4 encoding stays cheap.
+"""
+import asyncio
+import types
+from typing import Any
+
+import numpy as np
+import ray.serve
+
+from trident_rs.executors.base import StagePayload
+
+
+class _Call:
+    """Awaitable like a DeploymentResponse; runs nothing unless awaited (fire-and-forget safe)."""
+
+    def __init__(self, fn: Any, *args: Any):
+        self.fn, self.args = fn, args
+
+    def __await__(self):
+        return self.fn(*self.args).__await__()
+
+
+class _Method:
+    def __init__(self, fn: Any):
+        self.fn = fn
+
+    def remote(self, *args: Any) -> _Call:
+        return _Call(self.fn, *args)
+
+
+class FakeController:
+    def __init__(self):
+        self.submitted: list[str] = []
+        self.finished: list[tuple[str, bool]] = []
+        for name in ("submit", "acquire", "finish", "reject", "status", "request_status", "metrics_text"):
+            setattr(self, name, _Method(getattr(self, "_" + name)))
+
+    async def _submit(self, rid, *a):
+        self.submitted.append(rid)
+        return {"slo_s": 1.0}
+
+    async def _acquire(self, rid, stage):
+        return {"deployment": f"{stage}-w1", "stage": stage, "request_id": rid}
+
+    async def _finish(self, rid, ok):
+        self.finished.append((rid, ok))
+
+    async def _reject(self, reason=""):
+        return None
+
+    async def _status(self):
+        return {"ok": True}
+
+    async def _request_status(self, rid):
+        return None
+
+    async def _metrics_text(self):
+        return "# fake\n"
+
+
+class FakeStage:
+    def __init__(self, stage: str, stage_s: float = 0.0, gate: asyncio.Event | None = None):
+        self.stage, self.stage_s, self.gate = stage, stage_s, gate
+        self.calls = 0
+        self.run = _Method(self._run)
+
+    async def _run(self, prev: Any, grant: dict) -> StagePayload:
+        payload = await prev if isinstance(prev, _Call) else prev
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.stage_s:
+            await asyncio.sleep(self.stage_s)
+        tensors = {}
+        if self.stage == "decode":
+            frames = payload.params.num_frames or 1
+            tensors["frames"] = np.zeros((min(frames, 2), 16, 16, 3), np.uint8)
+        return StagePayload(payload.params, tensors, dict(payload.meta))
+
+
+_ORIG = ray.serve.get_replica_context
+
+
+def make_ingress(config: dict, stage_s: float = 0.0, gate: asyncio.Event | None = None):
+    from trident_rs.serve import ingress as mod
+
+    cls = mod.Ingress.__mro__[1]  # the user class under Serve's ASGI wrapper
+    assert cls.__name__ == "Ingress" and cls is not mod.Ingress
+    inst = cls.__new__(cls)
+    stages = {f"{s}-w1": FakeStage(s, stage_s, gate if s == "diffuse" else None)
+              for s in ("encode", "diffuse", "decode")}
+    cls.__init__(inst, config, FakeController(), stages)
+    ray.serve.get_replica_context = lambda: types.SimpleNamespace(servable_object=inst)
+    return mod.api, inst
+
+
+def unpatch() -> None:
+    ray.serve.get_replica_context = _ORIG

@@ -1,0 +1,303 @@
+"""trident_rs demo UI: a Gradio app that is only a client of the HTTP API (httpx).
+
+    python ui/app.py --api http://127.0.0.1:8000 --port 7860
+
+Left: prompt, model (from /v1/models), size, steps, frames, seed, SLO; the request's progress
+through the stages (polled from /v1/requests/{id}); the result (image or video).
+Right, refreshed by a timer from /v1/status: the placement plan drawn as nodes x GPUs, queues per
+deployment, and SLO attainment and latency over time. Works with any deployments/ config: it
+only reads what the server reports.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+STAGE_COLORS = {"encode": "#4c9be8", "diffuse": "#c157d1", "decode": "#4caf6e"}
+IDLE = "#e4e4e4"
+
+
+class Api:
+    """The few HTTP calls the UI makes."""
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0, transport: httpx.BaseTransport | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+
+    def models(self) -> list[dict]:
+        return self.http.get("/v1/models").raise_for_status().json()["data"]
+
+    def status(self) -> dict:
+        return self.http.get("/v1/status", timeout=10).raise_for_status().json()
+
+    def progress(self, rid: str) -> dict | None:
+        r = self.http.get(f"/v1/requests/{rid}", timeout=10)
+        return r.json() if r.status_code == 200 else None
+
+    def generate(self, body: dict, rid: str) -> dict:
+        r = self.http.post("/v1/generate", json=body, headers={"X-Request-Id": rid})
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except Exception:
+                msg = r.text[:300]
+            raise RuntimeError(f"HTTP {r.status_code}: {msg}")
+        return r.json()
+
+
+# -- pictures of the status --------------------------------------------------------------------------
+def _stage_color(deployment: str) -> str:
+    return STAGE_COLORS.get(deployment.split("-w")[0].split("+")[0], "#e8a33c")
+
+
+def plan_figure(status: dict):
+    """Nodes as rows, GPUs as boxes coloured by the stage of the replica group holding them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    nodes = status.get("nodes") or []
+    per = (status.get("cluster") or {}).get("gpus_per_node") or max((n.get("gpus", 1) for n in nodes), default=1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * per, 0.6 + 0.8 * max(1, len(nodes))))
+    for row, n in enumerate(nodes):
+        y = len(nodes) - 1 - row
+        for g in range(per):
+            ax.add_patch(Rectangle((g + 0.05, y + 0.1), 0.9, 0.8, facecolor=IDLE, edgecolor="white"))
+        for grp in n.get("groups", []):
+            gpus = sorted(grp.get("gpus", []))
+            if not gpus:
+                continue
+            color = _stage_color(grp["deployment"])
+            for g in gpus:
+                ax.add_patch(Rectangle((g + 0.05, y + 0.1), 0.9, 0.8, facecolor=color, edgecolor="black", lw=0.6))
+            ax.text((gpus[0] + gpus[-1]) / 2 + 0.5, y + 0.5, grp["deployment"], ha="center", va="center",
+                    fontsize=8, color="white", weight="bold")
+    ax.set_xlim(0, per)
+    ax.set_ylim(0, max(1, len(nodes)))
+    ax.set_xticks([g + 0.5 for g in range(per)], [f"GPU {g}" for g in range(per)], fontsize=7)
+    ax.set_yticks([len(nodes) - 1 - r + 0.5 for r in range(len(nodes))], [f"node {n['node']}" for n in nodes])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.legend(handles=[Patch(color=c, label=s) for s, c in STAGE_COLORS.items()] + [Patch(color=IDLE, label="idle")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=4, fontsize=7, frameon=False)
+    ax.set_title(f"placement plan ({status.get('policy', '?')})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def queues_html(status: dict) -> str:
+    """Deployments with replicas, queue and stage latency; then waiting, in-flight and re-plans."""
+    counts, queues = status.get("counts", {}), status.get("queues", {})
+    lat = status.get("stage_latency_s", {})
+    rows = []
+    for name in sorted(set(counts) | set(queues)):
+        p = lat.get(name, {})
+        ms = lambda v: "-" if v is None else f"{1000 * v:.0f}"  # noqa: E731
+        rows.append(f"<tr><td style='color:{_stage_color(name)};font-weight:bold'>{html.escape(name)}</td>"
+                    f"<td>{counts.get(name, '-')}</td><td>{queues.get(name, 0)}</td>"
+                    f"<td>{ms(p.get('p50'))}</td><td>{ms(p.get('p90'))}</td></tr>")
+    waiting = ", ".join(f"{k} {v}" for k, v in (status.get("waiting") or {}).items())
+    att = (status.get("attainment") or {}).get("recent_60s")
+    replans = status.get("replans") or []
+    last = replans[-1] if replans else {}
+    stats = status.get("stats", {})
+    return (
+        "<div id='plan-panel'><table><thead><tr><th>deployment</th><th>replicas</th><th>queue</th>"
+        "<th>p50 ms</th><th>p90 ms</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        f"<p>waiting for a launch: {html.escape(waiting) or '-'}<br>"
+        f"in flight: {status.get('active_requests', 0)} &middot; done {stats.get('completed', 0)}, "
+        f"failed {stats.get('failed', 0)}, rejected {stats.get('rejected', 0)} &middot; "
+        f"SLO attainment (60 s): {'-' if att is None else f'{100 * att:.0f}%'}<br>"
+        f"re-plans: {max(0, len(replans) - 1)}; last: {html.escape(str(last.get('reason', '-')))}</p></div>"
+    )
+
+
+class History:
+    """Attainment and latency samples over time, one per timer tick."""
+
+    def __init__(self, maxlen: int = 300):
+        self.t0 = time.time()
+        self.rows: deque[tuple[float, float | None, float | None, float | None]] = deque(maxlen=maxlen)
+
+    def add(self, status: dict) -> None:
+        lat = status.get("latency_s") or {}
+        att = (status.get("attainment") or {}).get("recent_60s")
+        self.rows.append((time.time() - self.t0, att, lat.get("p50"), lat.get("p90")))
+
+    def figure(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 2.4))
+        t = [r[0] for r in self.rows]
+        a1.plot(t, [None if r[1] is None else 100 * r[1] for r in self.rows], color="#2a7")
+        a1.set_ylim(-5, 105)
+        a1.set_title("SLO attainment, last 60 s (%)", fontsize=9)
+        a2.plot(t, [r[2] for r in self.rows], label="p50")
+        a2.plot(t, [r[3] for r in self.rows], label="p90")
+        a2.set_title("end-to-end latency (s)", fontsize=9)
+        a2.legend(fontsize=7)
+        for a in (a1, a2):
+            a.set_xlabel("UI time (s)", fontsize=8)
+            a.tick_params(labelsize=7)
+        fig.tight_layout()
+        return fig
+
+
+# -- generation ----------------------------------------------------------------------------------------
+def request_body(model: str, prompt: str, size: str, steps: Any, frames: Any, seed: Any, slo_s: Any,
+                 is_video: bool) -> dict:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "seed": int(seed or 0)}
+    if size:
+        w, h = (int(x) for x in str(size).lower().split("x"))
+        body.update(width=w, height=h)
+    if steps:
+        body["steps"] = int(steps)
+    if is_video and frames:
+        body["num_frames"] = int(frames)
+    if slo_s:
+        body["slo_ms"] = float(slo_s) * 1000.0
+    return body
+
+
+def progress_text(prog: dict | None, elapsed: float) -> str:
+    if not prog:
+        return f"submitted ({elapsed:.1f} s)"
+    stages = ["encode", "diffuse", "decode"]
+    done = set(prog.get("stages_done", []))
+    marks = " → ".join(f"✅ {s}" if s in done else f"⏳ {s}" if s == prog.get("stage") else f"▫️ {s}"
+                       for s in stages)
+    where = f" on {prog['deployment']}" if prog.get("deployment") and prog.get("stage") else ""
+    return f"{marks}   [{prog.get('state')}{where}, {elapsed:.1f} s]"
+
+
+def run_generation(api: Api, body: dict, poll_s: float = 0.3) -> Iterator[tuple[str, str | None, str | None]]:
+    """Yield (progress text, image path, video path) while the request runs, then the result."""
+    rid = f"ui-{uuid.uuid4().hex[:12]}"
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["out"] = api.generate(body, rid)
+        except Exception as e:  # shown in the progress line
+            box["err"] = e
+
+    th = threading.Thread(target=call, daemon=True)
+    t0 = time.time()
+    th.start()
+    while th.is_alive():
+        th.join(poll_s)
+        if th.is_alive():
+            try:
+                prog = api.progress(rid)
+            except httpx.HTTPError:
+                prog = None
+            yield progress_text(prog, time.time() - t0), None, None
+    if "err" in box:
+        yield f"❌ {box['err']}", None, None
+        return
+    out = box["out"]
+    suffix = ".mp4" if out["format"] == "mp4" else ".png"
+    path = Path(tempfile.mkdtemp(prefix="trident-ui-")) / f"{rid}{suffix}"
+    path.write_bytes(base64.b64decode(out["b64"]))
+    t = out.get("timings", {})
+    stages = ", ".join(f"{s} {1000 * t[f'{s}_wall_s']:.0f} ms on {t.get(f'{s}_deployment', '?')}"
+                       for s in ("encode", "diffuse", "decode") if f"{s}_wall_s" in t)
+    text = f"✅ done in {time.time() - t0:.2f} s ({stages})"
+    yield (text, str(path), None) if suffix == ".png" else (text, None, str(path))
+
+
+# -- the app -------------------------------------------------------------------------------------------
+def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport | None = None):
+    import gradio as gr
+
+    api = Api(api_url, transport=transport)
+    try:
+        models = {m["id"]: m for m in api.models()}
+    except httpx.HTTPError:
+        models = {}
+    names = list(models) or ["tiny-sd3"]
+    history = History()
+
+    def defaults(name: str):
+        m = models.get(name, {})
+        h, w = (m.get("default_size") or [None, None])[:2]
+        video = m.get("kind") == "video"
+        return (gr.update(value=f"{w}x{h}" if h else ""), gr.update(value=m.get("default_steps")),
+                gr.update(value=m.get("default_frames", 1), visible=video))
+
+    def generate(prompt, model, size, steps, frames, seed, slo_s):
+        body = request_body(model, prompt, size, steps, frames, seed, slo_s, models.get(model, {}).get("kind") == "video")
+        yield from run_generation(api, body)
+
+    def refresh():
+        try:
+            st = api.status()
+        except httpx.HTTPError as e:
+            return None, f"<div id='plan-panel'>server unreachable: {html.escape(str(e))}</div>", None
+        history.add(st)
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+        return plan_figure(st), queues_html(st), history.figure()
+
+    first = names[0]
+    size0, steps0, frames0 = (u["value"] if isinstance(u, dict) else None for u in defaults(first))
+    with gr.Blocks(title="trident_rs") as demo:
+        gr.Markdown(f"## trident_rs: stage-level serving of diffusion pipelines\nServer: `{api.base_url}`")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="prompt", value="a lighthouse at dusk", elem_id="prompt")
+                model = gr.Dropdown(names, value=first, label="model", elem_id="model")
+                with gr.Row():
+                    size = gr.Textbox(label="size (WxH)", value=size0 or "", elem_id="size")
+                    steps = gr.Number(label="steps", value=steps0, precision=0, elem_id="steps")
+                with gr.Row():
+                    frames = gr.Number(label="frames", value=frames0 or 1, precision=0,
+                                       visible=models.get(first, {}).get("kind") == "video", elem_id="frames")
+                    seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
+                    slo = gr.Number(label="SLO (s, empty: server default)", value=None, elem_id="slo")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                progress = gr.Markdown("", elem_id="progress")
+                image = gr.Image(label="image", type="filepath", elem_id="result-image")
+                video = gr.Video(label="video", elem_id="result-video")
+            with gr.Column(scale=1):
+                plan = gr.Plot(label="placement plan", elem_id="plan-plot")
+                panel = gr.HTML(elem_id="plan-html")
+                plots = gr.Plot(label="attainment and latency", elem_id="history-plot")
+        model.change(defaults, model, [size, steps, frames])
+        go.click(generate, [prompt, model, size, steps, frames, seed, slo], [progress, image, video])
+        gr.Timer(refresh_s).tick(refresh, None, [plan, panel, plots])
+        demo.load(refresh, None, [plan, panel, plots])
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--api", default="http://127.0.0.1:8000", help="trident_rs server (with any route prefix)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--refresh-s", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    build(args.api, args.refresh_s).queue().launch(server_name=args.host, server_port=args.port,
+                                                   show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
