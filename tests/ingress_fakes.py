@@ -20,8 +20,16 @@ from trident_rs.executors.base import StagePayload
 class _Call:
     """Awaitable like a DeploymentResponse; runs nothing unless awaited (fire-and-forget safe)."""
 
+    cancelled_total = 0  # how many calls were cancelled (DeploymentResponse.cancel())
+
     def __init__(self, fn: Any, *args: Any):
         self.fn, self.args = fn, args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            _Call.cancelled_total += 1
 
     def __await__(self):
         return self.fn(*self.args).__await__()
@@ -103,3 +111,45 @@ def make_ingress(config: dict, stage_s: float = 0.0, gate: asyncio.Event | None 
 
 def unpatch() -> None:
     ray.serve.get_replica_context = _ORIG
+
+
+# -- HTTP fuzzing (tests/test_admission.py runs a few hundred; benchmarks/fuzz_http.py 10,000) -------
+FUZZ_CONFIG = {"models": ["tiny-sd3", "tiny-cogvideox"],
+               "limits": {"max_body_bytes": 4096, "max_queue_per_model": 8, "max_n": 4}}
+
+
+def http_requests():
+    """Hypothesis strategy of (method, path, headers, body bytes) aimed at the ingress."""
+    import json
+
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                        st.text(max_size=30), st.sampled_from(["64x64", "256x256", "x", "0x0", "64X64",
+                                                               "99999x99999", "tiny-sd3", "tiny-cogvideox"]))
+    values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                       st.dictionaries(st.text(max_size=8), c, max_size=4)),
+                          max_leaves=12)
+    keys = st.sampled_from(["model", "prompt", "n", "size", "steps", "seed", "guidance_scale", "num_frames",
+                            "negative_prompt", "slo_ms", "wait", "response_format", "height", "width",
+                            "quality", "user", "bogus"])
+    good = st.fixed_dictionaries({"model": st.sampled_from(["tiny-sd3", "tiny-cogvideox", "nope", "sd3"]),
+                                  "prompt": st.text(max_size=20)})
+    body_obj = st.one_of(
+        st.builds(lambda base, extra: {**base, **extra}, good, st.dictionaries(keys, values, max_size=5)),
+        st.dictionaries(keys, values, max_size=6), values)
+
+    def enc(o):
+        return json.dumps(o, allow_nan=True).encode()
+
+    bodies = st.one_of(body_obj.map(enc), st.binary(max_size=64),
+                       st.sampled_from([b"", b"{", b"[" * 5000, b"\xff\xfe", b'{"model": "tiny-sd3", "prompt": "x", '
+                                        b'"steps": 1e999}', b"x" * 5000, b"\x80\x04\x95 pickle?"]))
+    post_paths = st.sampled_from(["/v1/images/generations", "/v1/videos", "/v1/generate"])
+    get_paths = st.one_of(st.sampled_from(["/v1/models", "/healthz", "/v1/status", "/metrics", "/nope"]),
+                          st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/?#%"),
+                                  min_size=1, max_size=12).flatmap(
+                              lambda s: st.sampled_from([f"/v1/videos/{s}", f"/v1/requests/{s}"])))
+    ctypes = st.sampled_from([{"content-type": "application/json"}, {}, {"content-type": "text/plain"}])
+    return st.one_of(st.tuples(st.just("POST"), post_paths, ctypes, bodies),
+                     st.tuples(st.just("GET"), get_paths, st.just({}), st.just(b"")))

@@ -109,6 +109,7 @@ def test_status_has_plan_queues_attainment_and_percentiles(served):
     assert lat["n"] == ON_TIME + LATE and 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
     assert st["stage_latency_s"]["diffuse-w1"]["n"] == ON_TIME + LATE
     assert st["replans"][0]["reason"] == "initial plan"
+    assert st["metrics"]["ray_serve_metrics"] is True  # mirrored into ray.serve.metrics too
 
 
 def test_request_progress_is_polled_by_id(served):

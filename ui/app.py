@@ -271,7 +271,7 @@ def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport |
                     frames = gr.Number(label="frames", value=frames0 or 1, precision=0,
                                        visible=models.get(first, {}).get("kind") == "video", elem_id="frames")
                     seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
-                    slo = gr.Number(label="SLO (s, empty: server default)", value=None, elem_id="slo")
+                    slo = gr.Number(label="SLO (s; 0: the server's default)", value=0, elem_id="slo")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 progress = gr.Markdown("", elem_id="progress")
                 image = gr.Image(label="image", type="filepath", elem_id="result-image")

@@ -10,7 +10,10 @@
 - `Transition` moves from the current plan to a target plan in steps that never over-commit a
   node: groups to remove first *drain* (no new work; they stay in the plan while busy), and a
   new group joins the plan only once every one of its GPUs is free (not in any group of the
-  plan, draining ones included, and idle in the cluster).
+  plan, draining ones included, and idle in the cluster). A new group whose GPUs are still
+  held moves to another aligned block of idle GPUs if there is one (long drains must not keep
+  the target from taking shape while other GPUs sit idle); the transition ends once nothing
+  drains. Re-plans forecast the window's classes plus every class with unfinished requests.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Iterable
 from dataclasses import dataclass, field
 
 from trident_rs.errors import ConfigError
-from trident_rs.policy.solver import PlacementSolver
+from trident_rs.policy.solver import PlacementSolver, group_id
 from trident_rs.policy.types import PlacementPlan, ReplicaGroup, Request
 from trident_rs.policy.workload import Forecast, RequestClass
 
@@ -106,6 +109,7 @@ class Transition:
     target: PlacementPlan
     reason: str
     draining: set[str] = field(default_factory=set)
+    gpus_per_node: int = 0  # > 0: a target group whose GPUs are held moves to a free block
 
     def step(self, current: PlacementPlan, busy: frozenset[str], free_gpus: dict[int, frozenset[int]]
              ) -> tuple[PlacementPlan, bool]:
@@ -123,17 +127,47 @@ class Transition:
         held = {(g.node, i) for g in keep for i in g.gpus}
         have = {g.id for g in keep}
         waiting = 0
+        moved: dict[str, ReplicaGroup] = {}
         for g in self.target.groups:
             if g.id in have:
                 continue
             if any((g.node, i) in held or i not in free_gpus.get(g.node, ()) for i in g.gpus):
-                waiting += 1
-                continue
+                alt = self._relocate(g, held, free_gpus)
+                if alt is None:
+                    waiting += 1
+                    continue
+                moved[g.id] = g = alt
             keep.append(g)
+            have.add(g.id)
             held.update((g.node, i) for i in g.gpus)
-        done = waiting == 0 and not self.draining
+        if moved:  # the target now names the groups where they went
+            self.target = PlacementPlan(tuple(moved.get(g.id, g) for g in self.target.groups),
+                                        self.target.predicted_attainment, self.target.stats)
+        # nothing drains and still no room (fragmented by moved groups): run without the rest
+        done = not self.draining
         stats = dict(self.target.stats, transition_waiting=waiting, transition_draining=len(self.draining))
         return PlacementPlan(tuple(keep), self.target.predicted_attainment, stats), done
+
+    def _relocate(self, g: ReplicaGroup, held: set, free_gpus: dict[int, frozenset[int]]) -> ReplicaGroup | None:
+        """`g` on an aligned block of GPUs that are idle and in no group (kept or targeted):
+        GPUs the target wanted may stay busy for long (draining work) while others sit idle."""
+        G = self.gpus_per_node
+        if G <= 0:
+            return None
+        ids = {t.id for t in self.target.groups}
+        for node in sorted(free_gpus):
+            free = free_gpus[node]
+            for start in range(0, G - g.width + 1, g.width):
+                block = tuple(range(start, start + g.width))
+                if any(i not in free or (node, i) in held for i in block):
+                    continue
+                gid = base = group_id(g.model, g.stages[0], g.width, node, start)
+                k = 0
+                while gid in ids:  # a target group still waiting elsewhere has this id
+                    k += 1
+                    gid = f"{base}.{k}"
+                return ReplicaGroup(gid, g.model, g.stages, g.width, node, block)
+        return None
 
 
 class Controller:
@@ -211,4 +245,4 @@ class Controller:
         plan = self.solver.solve(forecast, current)
         self.planned(forecast, plan, now)
         self.replans += 1
-        return Transition(plan, reason)
+        return Transition(plan, reason, gpus_per_node=self.solver.cluster.gpus_per_node)

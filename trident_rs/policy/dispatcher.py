@@ -272,10 +272,12 @@ class Dispatcher:
             if width is None and self.late_width == "best":
                 width = self._late_best(now, usable, times, busy_end)
                 if width is not None and stage == "diffuse" and now < r.deadline:
-                    # only a much slower width is free (the fitting ones are busy, or a re-plan
-                    # is on its way): rather than hold a narrow group for far longer, wait for
-                    # a fitting one — until the deadline, so the wait is bounded
-                    if times[width] > 1.5 * self.ideal_diffuse(r)[1]:
+                    # no dispatchable group is as wide as the request's ideal width (draining,
+                    # starting, or a re-plan on its way) and the free one is much slower: wait
+                    # for a fitting one rather than hold a narrow group for far longer — until
+                    # the deadline, so the wait is bounded
+                    ideal_w, ideal_t = self.ideal_diffuse(r)
+                    if max(times) < ideal_w and times[width] > 1.5 * ideal_t:
                         width = None
                 if width is None:
                     i += 1  # an efficient width frees up soon enough to finish earlier: wait

@@ -85,7 +85,8 @@ class PlacementSolver:
     """Chooses a stage-level `PlacementPlan` for a forecast. Deterministic for equal inputs."""
 
     def __init__(self, cluster: Cluster, cost: "CostModel", *, time_limit_s: float = 0.5,
-                 utilization: float = 0.85, num_workers: int = 1, seed: int = 0, slo_slack: float = 0.6):
+                 utilization: float = 0.85, num_workers: int = 1, seed: int = 0, slo_slack: float = 0.4,
+                 fair_share: bool = True):
         if cluster.nodes < 1 or cluster.gpus_per_node < 1:
             raise ConfigError(f"cluster needs at least one node and one GPU per node, got {cluster}")
         if not 0 < utilization <= 1:
@@ -96,6 +97,7 @@ class PlacementSolver:
         if not 0 < slo_slack <= 1:
             raise ConfigError(f"slo_slack must be in (0, 1], got {slo_slack}")
         self.time_limit_s, self.utilization, self.slo_slack = time_limit_s, utilization, slo_slack
+        self.fair_share = fair_share
         self.num_workers, self.seed = num_workers, seed
 
     # ---- request classes -> costs -------------------------------------------------------
@@ -132,10 +134,12 @@ class PlacementSolver:
         deployments = sorted({cc.encode for cc in classes} | {cc.decode for cc in classes}
                              | {Deployment(cc.cls.model, "diffuse", w) for cc in classes for w in cc.t_diffuse})
         cur = _counts(current) if current is not None else {}
-        share = self._fair_share(forecast, classes)
-        counts, served, stats = self._solve_counts(forecast, classes, deployments, cur, share)
-        if stats["status"] == "INFEASIBLE" and share > 0:  # integer packing beat the fluid estimate
-            counts, served, stats = self._solve_counts(forecast, classes, deployments, cur, 0.0)
+        share = self._fair_share(forecast, classes) if self.fair_share else 0.0
+        while True:
+            counts, served, stats = self._solve_counts(forecast, classes, deployments, cur, share)
+            if stats["status"] != "INFEASIBLE" or share == 0.0:
+                break
+            share = share / 2 if share > 0.05 else 0.0  # whole groups did not fit that share
         if stats["status"] == "INFEASIBLE":
             raise ConfigError(f"no placement fits {len(classes)} request classes on {self.cluster.nodes}x"
                               f"{self.cluster.gpus_per_node} GPUs (each needs an encode, diffuse and decode group)")
@@ -233,6 +237,8 @@ class PlacementSolver:
         served: dict[RequestClass, float] = {}
         for (i, _w), v in x.items():
             served[classes[i].cls] = served.get(classes[i].cls, 0.0) + solver.value(v) * RATE_UNIT
+        # demand was rounded to RATE_UNIT: never predict more than the forecast
+        served = {c: min(v, forecast.rates[c]) for c, v in served.items()}
         return counts, served, stats
 
     def _greedy_counts(self, forecast, classes) -> dict[Deployment, int]:

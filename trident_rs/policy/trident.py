@@ -41,7 +41,7 @@ class TridentPolicy(Policy):
         self.cluster, self.cost = cluster, cost
         self.solver = PlacementSolver(cluster, cost, time_limit_s=options.get("solver_time_limit_s", 0.5),
                                       utilization=options.get("utilization", 0.85), seed=options.get("seed", 0),
-                                      slo_slack=options.get("slo_slack", 0.6))
+                                      slo_slack=options.get("slo_slack", 0.4))
         ctl = options.get("controller")
         config = ctl if isinstance(ctl, ControllerConfig) else ControllerConfig(**(ctl or {}))
         self.controller = Controller(self.solver, config)
@@ -60,6 +60,7 @@ class TridentPolicy(Policy):
         self.transition: Transition | None = None
         self._served: set[tuple] = set()  # (model, shape, steps) the current target plan can run
         self._unserved_seen = False
+        self._transition_since = 0.0
 
     # ---- Policy interface ------------------------------------------------------------------
     def initial_plan(self, now: float) -> PlacementPlan | None:
@@ -91,6 +92,10 @@ class TridentPolicy(Policy):
     def schedule(self, state: ClusterState) -> SchedulerOutput:
         now = state.now
         reason = ""
+        if self.transition is not None and now - self._transition_since > self.controller.config.cooldown_s:
+            # still waiting on long drains a cooldown later: keep the (valid) plan reached so
+            # far and let the controller re-plan from it, rather than block re-planning
+            self.transition = None
         if self.transition is None:
             pending = self.dispatcher.requests.values()
             if not self._unserved_seen and self.dispatcher.queued() and not self.dispatcher.running:
@@ -104,6 +109,7 @@ class TridentPolicy(Policy):
                 self.transition = self.controller.check(now, self.plan, pending)
             if self.transition is not None:
                 reason = self.transition.reason
+                self._transition_since = now
         new_plan = None
         draining: set[str] = set()
         before = {g.id: g for g in self.plan.groups}  # what the runtime runs before this call

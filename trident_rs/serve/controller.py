@@ -103,7 +103,7 @@ class Controller:
             else:
                 logger.warning("plan asks for %s which this app does not deploy; ignored", name)
         if self.replans:
-            self.metrics.replans.inc()
+            self.metrics.replan()
         self.plan, self.counts = plan, counts
         publish_counts(self.app_name, counts)
         self.replans.append({"t": round(self.now(), 3), "wall": time.time(), "reason": reason, "counts": counts})
@@ -141,7 +141,7 @@ class Controller:
             t = time.perf_counter()
             out = self.policy.schedule(self._state())
             if out.new_plan is not None:
-                self.metrics.solver.observe(time.perf_counter() - t)
+                self.metrics.solver_time(time.perf_counter() - t)
                 self._publish(out.new_plan, out.replan_reason or "policy re-plan")
             if not out.launches:
                 return
@@ -224,7 +224,7 @@ class Controller:
         started = self.launch_t.get(grant["launch_id"])
         if started is not None:
             took = time.monotonic() - started
-            self.metrics.stage_latency.labels(grant["stage"], str(grant["width"]), grant["deployment"]).observe(took)
+            self.metrics.stage_done(grant["stage"], grant["width"], grant["deployment"], took)
             self.stage_lat.setdefault(grant["deployment"], deque(maxlen=200)).append(took)
         prog = self.progress.get(grant["request_id"])
         if prog is not None:
@@ -247,11 +247,11 @@ class Controller:
                 self.stats["on_time"] += 1
             if arrived is not None:
                 self.latencies.append(time.monotonic() - arrived)
-                self.metrics.request_latency.labels(model).observe(time.monotonic() - arrived)
+                self.metrics.request_done(model, time.monotonic() - arrived)
         else:
             self.stats["failed"] += 1
         if deadline is not None:  # counted once, for requests this controller admitted
-            self.metrics.requests.labels("on_time" if on_time else "late" if ok else "failed").inc()
+            self.metrics.outcome("on_time" if on_time else "late" if ok else "failed")
             self.outcomes.append((time.time(), on_time))
         prog = self.progress.get(request_id)
         if prog is not None:
@@ -267,7 +267,7 @@ class Controller:
     async def reject(self, reason: str = "") -> None:
         """The ingress refused a request before admission (bad input, unknown model...)."""
         self.stats["rejected"] = self.stats.get("rejected", 0) + 1
-        self.metrics.requests.labels("rejected").inc()
+        self.metrics.outcome("rejected")
 
     async def request_status(self, request_id: str) -> dict | None:
         """Progress of one request: queued, running (which stage, where), completed or failed."""
@@ -292,14 +292,8 @@ class Controller:
 
     def _update_gauges(self) -> tuple[dict[str, int], dict[str, int], float | None]:
         per_dep, waiting = self._queues()
-        for name, n in per_dep.items():
-            self.metrics.queue.labels(name).set(n)
-        for stage, n in waiting.items():
-            self.metrics.waiting.labels(stage).set(n)
-        self.metrics.inflight.set(len(self.active))
         att = self._attainment()
-        if att is not None:
-            self.metrics.attainment.set(att)
+        self.metrics.gauges(per_dep, waiting, len(self.active), att)
         return per_dep, waiting, att
 
     async def metrics_text(self) -> str:
@@ -337,6 +331,7 @@ class Controller:
             "latency_s": _percentiles(self.latencies),
             "stage_latency_s": {d: _percentiles(v) for d, v in self.stage_lat.items()},
             "replans": list(self.replans),
+            "metrics": {"prometheus": "/metrics", "ray_serve_metrics": bool(self.metrics.ray.m)},
         }
 
 

@@ -29,6 +29,7 @@ from trident_rs.models.spec import get_spec
 from trident_rs.policy.types import STAGES
 from trident_rs.request import GenerationParams
 from trident_rs.serve.admission import Admission
+from trident_rs.serve.cancellation import Inflight, RequestCancelled
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 
@@ -131,6 +132,7 @@ class Ingress:
         self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.admission = Admission.from_config(self.cfg)  # bounded queue per model -> 429
         configure_guard(self.cfg)
+        self.inflight = Inflight()  # DeploymentResponses per request id, for cancellation
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _params(self, **fields: Any) -> GenerationParams:
@@ -167,13 +169,14 @@ class Ingress:
             await self.controller.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms)
             resp: Any = StagePayload(params, {}, {"request_id": rid})
             for stage in STAGES:
-                grant = await self.controller.acquire.remote(rid, stage)
-                resp = self.stages[grant["deployment"]].run.remote(resp, grant)
-            result: StagePayload = await resp
+                grant = await self.inflight.watch(rid, self.controller.acquire.remote(rid, stage))
+                resp = self.inflight.add(rid, self.stages[grant["deployment"]].run.remote(resp, grant))
+            result: StagePayload = await self.inflight.watch(rid, resp)
             result.meta["latency_s"] = time.perf_counter() - t0
             ok = True
             return result
         finally:
+            self.inflight.end(rid, ok)  # not ok (failure, disconnect): cancel what is still pending
             self.admission.release(rid)
             await asyncio.shield(self.controller.finish.remote(rid, ok))
 
@@ -240,7 +243,8 @@ class Ingress:
         try:
             job.update(await self._video_result(params, job["id"]))
         except Exception as e:  # the job records the failure; the poller sees it
-            job.update(status="failed", error={"message": str(e), "type": type(e).__name__})
+            job.update(status="cancelled" if isinstance(e, RequestCancelled) else "failed",
+                       error={"message": str(e), "type": type(e).__name__})
 
     @api.get("/v1/videos/{job_id}")
     async def video_job(self, job_id: str) -> Any:
@@ -276,6 +280,14 @@ class Ingress:
     @api.get("/v1/status")
     async def status(self) -> dict:
         return await self.controller.status.remote()
+
+    @api.post("/v1/requests/{request_id}/cancel")
+    async def cancel(self, request_id: str) -> Any:
+        """Cancel a queued or running request (your `X-Request-Id`, or a video job id)."""
+        hits = self.inflight.cancel(request_id)
+        if not hits:
+            return _error(404, f"no running request {request_id!r}", "NotFoundError", "request_id")
+        return {"id": request_id, "status": "cancelled", "cancelled": hits}
 
     @api.get("/v1/requests/{request_id}")
     async def request_progress(self, request_id: str) -> Any:

@@ -2,11 +2,13 @@
 
 The controller is the one place that sees every arrival, grant, finished stage, outcome and
 re-plan, so it owns the metrics; the ingress serves them as text at `GET /metrics`
-(`Controller.metrics_text`). They live in a private `prometheus_client` registry rather than
-in `ray.serve.metrics`: Ray exports its own metrics only through the per-node metrics agent
-port (not started by `ray.init(include_dashboard=False)`, aggregated with a delay and with
-extra Ray tags), which makes exact counts awkward to scrape in a test or on a laptop. Serve's
-built-in per-deployment metrics (`ray_serve_*`) are still exported by Ray as usual.
+(`Controller.metrics_text`) from a private `prometheus_client` registry. Every update is also
+mirrored into `ray.serve.metrics` (same names; `stage_deployment` stands for `deployment`, which
+Serve reserves for the reporting replica), which Ray exports as `ray_trident_*` on each node's
+metrics-export port next to Serve's own `ray_serve_*`, for clusters already scraping Ray.
+`/metrics` is the primary path because Ray's export needs the metrics agent (not started by
+`ray.init(include_dashboard=False)`), aggregates with a delay and adds Ray's own tags, which
+makes exact counts awkward to scrape in a test or on a laptop.
 
     trident_stage_latency_seconds{stage, width, deployment}   histogram, grant -> stage done
     trident_request_latency_seconds{model}                     histogram, arrival -> finish (ok)
@@ -47,5 +49,84 @@ class ServeMetrics:
         self.solver = Histogram("trident_solver_seconds", "Policy time of the calls that produced a new plan",
                                 registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
 
+        self.ray = _RayMirror()
+
+    # -- updates (prometheus_client and the Ray mirror) ----------------------------------------------
+    def stage_done(self, stage: str, width: int, deployment: str, seconds: float) -> None:
+        tags = {"stage": stage, "width": str(width), "deployment": deployment}
+        self.stage_latency.labels(**tags).observe(seconds)
+        self.ray.call("stage_latency", "observe", seconds, tags)
+
+    def request_done(self, model: str, seconds: float) -> None:
+        self.request_latency.labels(model).observe(seconds)
+        self.ray.call("request_latency", "observe", seconds, {"model": model})
+
+    def outcome(self, outcome: str) -> None:
+        self.requests.labels(outcome).inc()
+        self.ray.call("requests", "inc", 1, {"outcome": outcome})
+
+    def replan(self) -> None:
+        self.replans.inc()
+        self.ray.call("replans", "inc", 1, {})
+
+    def solver_time(self, seconds: float) -> None:
+        self.solver.observe(seconds)
+        self.ray.call("solver", "observe", seconds, {})
+
+    def gauges(self, queues: dict[str, int], waiting: dict[str, int], inflight: int,
+               attainment: float | None) -> None:
+        for name, n in queues.items():
+            self.queue.labels(name).set(n)
+            self.ray.call("queue", "set", n, {"deployment": name})
+        for stage, n in waiting.items():
+            self.waiting.labels(stage).set(n)
+            self.ray.call("waiting", "set", n, {"stage": stage})
+        self.inflight.set(inflight)
+        self.ray.call("inflight", "set", inflight, {})
+        if attainment is not None:
+            self.attainment.set(attainment)
+            self.ray.call("attainment", "set", attainment, {})
+
     def text(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+class _RayMirror:
+    """The same metrics as `ray.serve.metrics` objects; silently off outside a Ray worker."""
+
+    def __init__(self) -> None:
+        self.m: dict = {}
+        try:
+            import ray
+            from ray.serve import metrics as rm
+
+            if not ray.is_initialized():
+                return
+            self.m = {
+                "stage_latency": rm.Histogram("trident_stage_latency_seconds", "Stage latency, grant to done",
+                                              boundaries=list(LATENCY_BUCKETS),
+                                              tag_keys=("stage", "width", "stage_deployment")),
+                "request_latency": rm.Histogram("trident_request_latency_seconds", "End-to-end latency",
+                                                boundaries=list(LATENCY_BUCKETS), tag_keys=("model",)),
+                "requests": rm.Counter("trident_requests", "Requests by outcome", tag_keys=("outcome",)),
+                "replans": rm.Counter("trident_replans", "Plan changes after the initial plan"),
+                "solver": rm.Histogram("trident_solver_seconds", "Policy time of re-planning calls",
+                                       boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+                "queue": rm.Gauge("trident_queue_length", "Granted, not yet done", tag_keys=("stage_deployment",)),
+                "waiting": rm.Gauge("trident_stage_waiting", "Waiting for a stage launch", tag_keys=("stage",)),
+                "inflight": rm.Gauge("trident_inflight_requests", "Admitted requests not yet finished"),
+                "attainment": rm.Gauge("trident_slo_attainment", "On-time share of recently finished requests"),
+            }
+        except Exception:  # metrics are best effort: never fail the controller over them
+            self.m = {}
+
+    def call(self, name: str, method: str, value: float, tags: dict[str, str]) -> None:
+        metric = self.m.get(name)
+        if metric is None:
+            return
+        if "deployment" in tags:  # Serve reserves the 'deployment' tag for the reporting replica's own
+            tags = {("stage_deployment" if k == "deployment" else k): v for k, v in tags.items()}
+        try:
+            getattr(metric, method)(value, tags=tags or None)
+        except Exception:
+            self.m.pop(name, None)

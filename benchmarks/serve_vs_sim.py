@@ -1,0 +1,263 @@
+"""Emulated Ray Serve run vs `trident sim` on the same trace (issue 6, time-scaled).
+
+The same requests (flux-paper, arrivals × 1/rate-scale, cut to the first N), the same cluster
+shape (1 node × 8 GPUs, L20 cost model), the same SLO rule (slo_scale × ...) and the same policy
+(`trident`) are run twice:
+
+(a) in the discrete-event simulator (`trident_rs.sim`), in virtual unscaled seconds;
+(b) on a fresh private Ray (8 fake GPUs) with the Serve app built from `build_app` with emulated
+    executors (each stage sleeps cost-model time × `time_scale`). An async httpx client replays
+    the arrivals in scaled time (arrival × time_scale), sends `slo_ms` = SLO × time_scale, and
+    computes each request's latency and on-time-ness client-side; latencies are reported divided
+    by time_scale (unscaled seconds) so the two columns compare directly.
+
+Before the replay a few warm-up requests (one per shape) make the controller publish its first
+plan, and the script waits (bounded) until Serve runs the published replica counts, so replica
+start-up (~8 s real, i.e. ~8/time_scale unscaled seconds) is not charged to the trace. The
+simulator is run twice: with its default replica start cost (20 s) and with none (0 s), which
+brackets the warm-started Serve run.
+
+    .venv/bin/python benchmarks/serve_vs_sim.py [--n 80] [--rate-scale 0.0625] [--time-scale 0.05]
+Prints a table and writes benchmarks/results/serve_vs_sim.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from trident_rs.policy import registry
+from trident_rs.policy.cost_model import CostModel
+from trident_rs.policy.types import Cluster, Request
+from trident_rs.sim.engine import SimConfig, simulate
+from trident_rs.sim.metrics import summarize
+from trident_rs.sim.workloads import describe, load_workload
+
+NODES, GPUS_PER_NODE, GPU_MEM = 1, 8, 48.0
+MODEL = "flux"
+
+
+def stats(lat: list[float], ok: list[bool], n: int) -> dict:
+    a = np.asarray(lat, dtype=float)
+    return {"requests": n, "completed": int(len(a)), "slo_attainment": sum(ok) / n if n else math.nan,
+            "mean_latency_s": float(a.mean()) if len(a) else math.nan,
+            "p50_latency_s": float(np.percentile(a, 50)) if len(a) else math.nan,
+            "p95_latency_s": float(np.percentile(a, 95)) if len(a) else math.nan}
+
+
+def run_sim(requests: list[Request], cost, start_cost_s: float) -> dict:
+    cluster = Cluster(NODES, GPUS_PER_NODE, GPU_MEM)
+    policy = registry.make_policy("trident", cluster, cost)
+    res = simulate(cluster, policy, cost, requests, SimConfig(start_cost_s=start_cost_s))
+    m = summarize(res).to_dict()
+    lat = [res.finish[r.id] - r.arrival for r in requests if r.id in res.finish]
+    ok = [r.id in res.finish and res.finish[r.id] <= r.deadline for r in requests]
+    out = stats(lat, ok, len(requests))
+    out["plan_changes"] = res.plan_changes
+    out["engine_metrics"] = {k: m[k] for k in ("slo_attainment", "mean_latency_s", "p95_latency_s")}
+    return out
+
+
+def app_args(time_scale: float) -> dict:
+    return {
+        "models": [MODEL], "executor": "emulated", "time_scale": time_scale, "reserve_gpus": True,
+        "cluster": {"nodes": NODES, "gpus_per_node": GPUS_PER_NODE, "gpu_memory_gb": GPU_MEM, "gpu_name": "L20"},
+        "deployments": [
+            {"stage": "encode", "width": 1, "replicas": 1, "max_replicas": 4},
+            {"stage": "diffuse", "width": 1, "replicas": 1},
+            {"stage": "diffuse", "width": 2, "replicas": 0},
+            {"stage": "diffuse", "width": 4, "replicas": 0},
+            {"stage": "diffuse", "width": 8, "replicas": 0},
+            {"stage": "decode", "width": 1, "replicas": 1, "max_replicas": 4},
+        ],
+        "policy": {"name": "trident", "tick_s": 0.5},
+        "slo_scale": 4.0,
+        "limits": {"max_queue_per_model": 256},
+    }
+
+
+def body(r: Request, time_scale: float, slo_scale: bool = True) -> dict:
+    b = {"model": r.model, "prompt": "a red fox", "size": f"{r.shape.width}x{r.shape.height}", "steps": r.steps}
+    if slo_scale:
+        b["slo_ms"] = (r.deadline - r.arrival) * time_scale * 1000.0
+    return b
+
+
+async def replay(base: str, requests: list[Request], time_scale: float, timeout_s: float) -> list[dict]:
+    """Send each request at arrival × time_scale after the start; one task per request (bounded)."""
+    limits = httpx.Limits(max_connections=len(requests) + 4, max_keepalive_connections=len(requests) + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits) as c:
+        t0 = time.perf_counter()
+
+        async def one(r: Request) -> dict:
+            at = r.arrival * time_scale
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
+            sent = time.perf_counter()
+            try:
+                resp = await c.post("/v1/images/generations", json=body(r, time_scale))
+                status = resp.status_code
+            except httpx.HTTPError as e:
+                status = f"{type(e).__name__}"
+            done = time.perf_counter()
+            return {"id": r.id, "status": status, "arrival_scaled_s": at, "send_lag_s": sent - t0 - at,
+                    "latency_scaled_s": done - t0 - at, "slo_scaled_s": (r.deadline - r.arrival) * time_scale}
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+
+def wait_for_plan(app: str, timeout_s: float) -> tuple[dict, float]:
+    """Wait until every stage deployment RUNS the replica count the controller published."""
+    from ray import serve
+
+    from trident_rs.serve.scaling import read_count
+
+    t0 = time.perf_counter()
+    while True:
+        deps = serve.status().applications[app].deployments
+        want = {d: read_count(app, d) for d in deps if d not in ("Ingress", "Controller")}
+        have = {d: deps[d].replica_states.get("RUNNING", 0) for d in want}
+        if all(w is None or have[d] == w for d, w in want.items()) or time.perf_counter() - t0 > timeout_s:
+            return have, time.perf_counter() - t0
+        time.sleep(0.25)
+
+
+def scaled_policy_hook(time_scale: float):
+    """A Ray worker setup hook: the Serve controller's policy plans on cost-model times × time_scale.
+
+    Shipped, `Controller` hands the policy the *unscaled* cost model while its clock, the stage
+    sleeps and the (scaled) deadlines run at time_scale; this benchmark-only patch (no file under
+    trident_rs/serve is changed) wraps `controller.make_policy` so the policy sees scaled times.
+    """
+    def hook() -> None:
+        import copy
+
+        import trident_rs.serve.controller as ctl
+        from trident_rs.policy.cost_model import StageCost
+
+        orig = ctl.make_policy
+        if getattr(orig, "_scaled", False):
+            return
+
+        def make_policy(cfg, cost):
+            if cost is None:
+                return orig(cfg, cost)
+            scaled = copy.copy(cost)
+            scaled._cache = {}
+            base = cost.predict
+
+            def predict(*a, **k):
+                c = base(*a, **k)
+                return StageCost(c.latency_s * time_scale, c.memory_gb)
+
+            scaled.predict = predict
+            print(f"[serve_vs_sim] controller policy plans on cost × {time_scale:g}", flush=True)
+            return orig(cfg, scaled)
+
+        make_policy._scaled = True
+        ctl.make_policy = make_policy
+
+    return hook
+
+
+def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Request],
+              scale_policy: bool = False) -> dict:
+    import ray
+    from ray import serve
+
+    from trident_rs.serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    env = {"worker_process_setup_hook": scaled_policy_hook(time_scale)} if scale_policy else None
+    ray.init(address="local", num_gpus=NODES * GPUS_PER_NODE, num_cpus=2, include_dashboard=False,
+             runtime_env=env)
+    try:
+        t = time.perf_counter()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(app_args(time_scale)), name="svs", route_prefix="/")
+        start_s = time.perf_counter() - t
+        # warm-up: one request per shape (no SLO) so the policy plans and Serve starts replicas
+        with httpx.Client(base_url=base, timeout=300) as c:
+            for r in warm_shapes:
+                assert c.post("/v1/images/generations", json=body(r, time_scale, slo_scale=False)).status_code == 200
+        replicas, settle_s = wait_for_plan("svs", 120)
+        per = asyncio.run(replay(base, requests, time_scale, timeout_s=300))
+        with httpx.Client(base_url=base, timeout=30) as c:
+            status = c.get("/v1/status").json()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    done = [p for p in per if p["status"] == 200]
+    lat = [p["latency_scaled_s"] / time_scale for p in done]
+    ok = [p["status"] == 200 and p["latency_scaled_s"] <= p["slo_scaled_s"] for p in per]
+    out = stats(lat, ok, len(requests))
+    out.update(errors=[p for p in per if p["status"] != 200][:5],
+               max_send_lag_ms=round(1000 * max(p["send_lag_s"] for p in per), 1),
+               app_start_s=round(start_s, 1), warm_settle_s=round(settle_s, 1), replicas_at_start=replicas,
+               replans=len(status.get("replans", [])), last_counts=(status.get("replans") or [{}])[-1].get("counts"),
+               controller_stage_latency_s=status.get("stage_latency_s"), per_request=per)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", default="flux-paper")
+    ap.add_argument("--n", type=int, default=80, help="first N requests of the trace")
+    ap.add_argument("--rate-scale", type=float, default=1 / 16, help="flux-paper is for 128 GPUs; 8 here")
+    ap.add_argument("--time-scale", type=float, default=0.05)
+    ap.add_argument("--slo-scale", type=float, default=4.0)
+    ap.add_argument("--no-serve", action="store_true", help="simulator only")
+    ap.add_argument("--variant", choices=("shipped", "scaled-policy"), default="shipped",
+                    help="shipped: controller as is; scaled-policy: its policy sees cost × time_scale "
+                    "(benchmark-only patch, see scaled_policy_hook). Results of both are kept in the JSON")
+    args = ap.parse_args()
+    cost = CostModel.default()
+    reqs = load_workload(args.workload, model=MODEL, rate_scale=args.rate_scale, slo_scale=args.slo_scale,
+                         cost=cost)[: args.n]
+    print(f"{args.workload} ×{args.rate_scale:g}, first {len(reqs)}: {describe(reqs)}; "
+          f"{NODES}×{GPUS_PER_NODE} GPUs; time_scale {args.time_scale:g}")
+    sim20, sim0 = run_sim(reqs, cost, 20.0), run_sim(reqs, cost, 0.0)
+    warm = list({(r.shape, r.steps): r for r in reqs}.values())
+    out = Path(__file__).parent / "results" / "serve_vs_sim.json"
+    old = json.loads(out.read_text()) if out.exists() else {}
+    same = old.get("n") == len(reqs) and old.get("rate_scale") == args.rate_scale and \
+        old.get("time_scale") == args.time_scale and old.get("workload") == args.workload
+    runs = old.get("serve", {}) if same and isinstance(old.get("serve"), dict) and "requests" not in old["serve"] else {}
+    if not args.no_serve:
+        runs[args.variant] = run_serve(reqs, args.time_scale, warm, args.variant == "scaled-policy")
+    rows = [("sim, start cost 20 s", sim20), ("sim, start cost 0 s", sim0)]
+    rows += [(f"Serve ×{args.time_scale:g} {v}", r) for v, r in runs.items()]
+    print(f"\n{'run':28s} {'attainment':>10s} {'mean s':>8s} {'P50 s':>8s} {'P95 s':>8s} {'done':>7s}")
+    for name, m in rows:
+        print(f"{name:28s} {m['slo_attainment']:10.3f} {m['mean_latency_s']:8.2f} {m['p50_latency_s']:8.2f} "
+              f"{m['p95_latency_s']:8.2f} {m['completed']:>3d}/{m['requests']}")
+    ratios = {}
+    for v, serve_res in runs.items():
+        for key, sim in (("vs_sim20", sim20), ("vs_sim0", sim0)):
+            ratios[f"{v}_{key}"] = {k: serve_res[k] / sim[k] if sim[k] else math.nan
+                                    for k in ("slo_attainment", "mean_latency_s", "p50_latency_s", "p95_latency_s")}
+        print(f"\n{v}: app start {serve_res['app_start_s']} s, warm settle {serve_res['warm_settle_s']} s, "
+              f"replicas {serve_res['replicas_at_start']}, final plan {serve_res['last_counts']}, "
+              f"max send lag {serve_res['max_send_lag_ms']} ms, errors {len(serve_res['errors'])}")
+    if ratios:
+        print("\nServe / sim ratio:")
+        for key, r in ratios.items():
+            print(f"  {key}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+    doc = {"workload": args.workload, "n": len(reqs), "rate_scale": args.rate_scale, "time_scale": args.time_scale,
+           "slo_scale": args.slo_scale, "cluster": f"{NODES}x{GPUS_PER_NODE}", "policy": "trident",
+           "sim_start_cost_20": sim20, "sim_start_cost_0": sim0, "serve": runs, "ratios": ratios}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
