@@ -103,7 +103,7 @@ class GuardMiddleware:
                 break
         body = b"".join(chunks)
         ctype = headers.get(b"content-type", b"").decode("latin-1").lower()
-        if "json" in ctype or not ctype:
+        if "json" in ctype or (body and not ctype):  # bodiless POSTs (cancel) pass through
             try:
                 json.loads(body)
             except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
