@@ -145,7 +145,8 @@ def http_requests():
     bodies = st.one_of(body_obj.map(enc), st.binary(max_size=64),
                        st.sampled_from([b"", b"{", b"[" * 5000, b"\xff\xfe", b'{"model": "tiny-sd3", "prompt": "x", '
                                         b'"steps": 1e999}', b"x" * 5000, b"\x80\x04\x95 pickle?"]))
-    post_paths = st.sampled_from(["/v1/images/generations", "/v1/videos", "/v1/generate"])
+    post_paths = st.sampled_from(["/v1/images/generations", "/v1/videos", "/v1/generate",
+                                  "/v1/requests/x/cancel", "/v1/requests/x-0/cancel"])
     get_paths = st.one_of(st.sampled_from(["/v1/models", "/healthz", "/v1/status", "/metrics", "/nope"]),
                           st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/?#%"),
                                   min_size=1, max_size=12).flatmap(
