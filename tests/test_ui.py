@@ -89,3 +89,15 @@ def test_the_app_builds_from_the_servers_models():
     assert ("GET", "/v1/models", None, b"") in log
     dropdown = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "model")
     assert [c[0] for c in dropdown.choices] == ["tiny-sd3", "cogvideox"]
+
+
+def test_api_key_is_sent_as_a_bearer_token():
+    seen = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req.headers.get("authorization"))
+        return httpx.Response(200, json=MODELS)
+
+    ui.Api("http://srv", transport=httpx.MockTransport(handler), api_key="s3cret").models()
+    ui.Api("http://srv", transport=httpx.MockTransport(handler)).models()
+    assert seen == ["Bearer s3cret", None]

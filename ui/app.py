@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import os
 import tempfile
 import threading
 import time
@@ -30,9 +31,11 @@ IDLE = "#e4e4e4"
 class Api:
     """The few HTTP calls the UI makes."""
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0, transport: httpx.BaseTransport | None = None):
+    def __init__(self, base_url: str, timeout_s: float = 600.0, transport: httpx.BaseTransport | None = None,
+                 api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport, headers=headers)
 
     def models(self) -> list[dict]:
         return self.http.get("/v1/models").raise_for_status().json()["data"]
@@ -223,10 +226,11 @@ def run_generation(api: Api, body: dict, poll_s: float = 0.3) -> Iterator[tuple[
 
 
 # -- the app -------------------------------------------------------------------------------------------
-def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport | None = None):
+def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport | None = None,
+          api_key: str | None = None):
     import gradio as gr
 
-    api = Api(api_url, transport=transport)
+    api = Api(api_url, transport=transport, api_key=api_key)
     try:
         models = {m["id"]: m for m in api.models()}
     except httpx.HTTPError:
@@ -293,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--refresh-s", type=float, default=2.0)
+    ap.add_argument("--api-key", default=os.environ.get("TRIDENT_API_KEY"),
+                    help="bearer token for a server with API keys (default: $TRIDENT_API_KEY)")
     args = ap.parse_args(argv)
-    build(args.api, args.refresh_s).queue().launch(server_name=args.host, server_port=args.port,
+    build(args.api, args.refresh_s, api_key=args.api_key).queue().launch(server_name=args.host, server_port=args.port,
                                                    show_error=True)
     return 0
 
