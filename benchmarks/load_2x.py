@@ -14,7 +14,6 @@ import collections
 import json
 import os
 import random
-import socket
 import sys
 import time
 
@@ -35,11 +34,6 @@ ARGS = {
 }
 BODY = {"model": "sd3", "prompt": "load", "size": "512x512", "steps": 8}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _one(c: httpx.AsyncClient, out: collections.Counter, lat: list, retry_after: list, timeout: float):
@@ -115,15 +109,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/load_2x.json")
     a = ap.parse_args()
     ARGS["limits"]["admission"] = a.admission
-    import ray
     from ray import serve
 
     from trident_rs.serve.app import build_app
+    from trident_rs.serve.local import private_serve
 
-    port = _free_port()
-    ray.init(address="local", num_gpus=8, num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with private_serve(num_gpus=8, log_to_driver=False) as port:
         t = time.perf_counter()
         serve.run(build_app(ARGS), name="load", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
@@ -132,9 +123,6 @@ def main() -> None:
         cap = asyncio.run(measure(url, a.concurrency, a.measure_s))
         res = asyncio.run(load(url, a.factor * cap, a.load_s, a.req_timeout_s))
         health = httpx.get(f"{url}/healthz", timeout=30).status_code
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     res = {"capacity_rps": round(cap, 2), "factor": a.factor, "admission": a.admission, "startup_s": round(startup_s, 1),
            "healthz_after": health, "config": ARGS, "body": BODY, **res}
     print(json.dumps({k: v for k, v in res.items() if k not in ("config",)}, indent=1))

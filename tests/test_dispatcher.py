@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from policy_fakes import FakeCost, make_requests, run_loop, slo_of
+from policy_fakes import FakeCost, make_requests, run_loop
 from trident_rs.errors import ConfigError
 from trident_rs.policy.dispatcher import Dispatcher
 from trident_rs.policy.trident import TridentPolicy

@@ -3,7 +3,6 @@
 Requests of known outcome go in (on time, late, rejected); the Prometheus text must count them
 exactly, with one stage-latency observation per request per stage deployment.
 """
-import socket
 import time
 import uuid
 
@@ -16,7 +15,8 @@ ray = pytest.importorskip("ray")
 prom_parser = pytest.importorskip("prometheus_client.parser")
 from ray import serve  # noqa: E402
 
-from trident_rs.serve.app import build_app  # noqa: E402
+from trident_rs.serve.app import build_app
+from trident_rs.serve.local import private_serve  # noqa: E402
 
 ARGS = {
     "models": ["sd3"],
@@ -30,18 +30,10 @@ ARGS = {
 ON_TIME, LATE = 3, 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served():
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a private cluster
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with private_serve() as port:
         serve.run(build_app(ARGS), name="m", route_prefix="/m")
         url = f"http://127.0.0.1:{port}/m"
         ids = []
@@ -55,9 +47,6 @@ def served():
         for bad in ({"model": "nope", "prompt": "x"}, {"model": "sd3", "prompt": "x", "n": 99}):
             assert httpx.post(f"{url}/v1/images/generations", json=bad, timeout=30).status_code in (404, 422)
         yield url, ids
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _samples(text: str) -> dict[tuple, float]:

@@ -1,5 +1,4 @@
 """PaperPolicy: the published rule — ticks, pruned widths, encode+diffuse then decode, no drops."""
-import math
 
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -6,7 +6,6 @@
 import base64
 import concurrent.futures as cf
 import io
-import socket
 import time
 
 import httpx
@@ -20,7 +19,8 @@ pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from trident_rs.serve.app import build_app  # noqa: E402
+from trident_rs.serve.app import build_app
+from trident_rs.serve.local import private_serve  # noqa: E402
 
 EMU_ARGS = {
     "models": ["sd3", "cogvideox"],
@@ -37,18 +37,10 @@ EMU_ARGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def base_url():
-    port = _free_port()
-    ray.init(address="local", num_gpus=16, num_cpus=2, include_dashboard=False)  # never join another cluster
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with private_serve(num_gpus=16) as port:
         tiny = yaml.safe_load(open("deployments/tiny-cpu.yaml"))["applications"][0]["args"]
         serve.run(build_app(tiny), name="tiny", route_prefix="/tiny", blocking=False)
         serve.run(build_app(EMU_ARGS), name="emu", route_prefix="/emu")
@@ -60,9 +52,6 @@ def base_url():
                 break
             time.sleep(1)
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _png(b64: str) -> np.ndarray:
@@ -174,7 +163,7 @@ def test_mix_shift_reshapes_replicas_and_loses_no_request(base_url):
             replans = httpx.get(f"{emu}/v1/status", timeout=30).json()["replans"]
             later = [r for r in replans if r["wall"] >= t_shift and r["counts"] != replans[0]["counts"]]
             if later:
-                changed_at, target = later[-1]["wall"], later[-1]["counts"]
+                changed_at = later[-1]["wall"]
             time.sleep(0.2)
         statuses += [f.result() for f in futures]
     assert changed_at is not None, "the controller never re-planned after the shift"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import time
 
 import numpy as np
 import pytest
@@ -77,16 +75,11 @@ def test_family_without_xfuser_pipeline_fails_at_startup():
 
 # --- through Serve ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(not xfuser_installed(), reason="xfuser is not installed (the 'gpu' extra)")
 def test_serve_width2_image_equals_width1():
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import httpx
     from PIL import Image
     from ray import serve
@@ -95,12 +88,10 @@ def test_serve_width2_image_equals_width1():
     from trident_rs.pipeline_runner import generate
     from trident_rs.request import GenerationParams
     from trident_rs.serve.app import build_app
+    from trident_rs.serve.local import private_serve
 
     ensure_tiny_model("tiny-sd3")  # built once, before three replicas race for it
-    port = _free_port()
-    ray.init(address="local", num_gpus=2, num_cpus=2, include_dashboard=False)  # never join another cluster
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with private_serve(num_gpus=2) as port:
         serve.run(build_app(_args()), name="w2", route_prefix="/")
         deps = serve.status().applications["w2"].deployments
         assert deps["diffuse-w2"].replica_states.get("RUNNING") == 1
@@ -109,9 +100,6 @@ def test_serve_width2_image_equals_width1():
                              "seed": 7, "steps": 2})
         assert r.status_code == 200, r.text
         body = r.json()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     timings = body["timings"]  # the stage metadata: diffuse really ran on two ranks
     assert timings["diffuse_deployment"] == "diffuse-w2" and timings["diffuse_width"] == 2
     img = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["b64"]))).convert("RGB"))

@@ -10,7 +10,6 @@ import importlib.util
 import io
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -30,36 +29,27 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from trident_rs.serve.app import build_app  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trident_rs.serve.local import free_port, private_serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ui_url():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a private cluster
     demo = None
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        tiny = yaml.safe_load((ROOT / "deployments" / "tiny-cpu.yaml").read_text())["applications"][0]["args"]
-        serve.run(build_app(tiny), name="tiny", route_prefix="/")
-        spec = importlib.util.spec_from_file_location("trident_ui_app_browser", ROOT / "ui" / "app.py")
-        ui = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(ui)
-        demo = ui.build(f"http://127.0.0.1:{port}", refresh_s=1.0)
-        uport = _free_port()
-        demo.queue().launch(server_name="127.0.0.1", server_port=uport, prevent_thread_lock=True)
-        yield f"http://127.0.0.1:{uport}"
-    finally:
-        if demo is not None:
-            demo.close()
-        serve.shutdown()
-        ray.shutdown()
+    with private_serve() as port:
+        try:
+            tiny = yaml.safe_load((ROOT / "deployments" / "tiny-cpu.yaml").read_text())["applications"][0]["args"]
+            serve.run(build_app(tiny), name="tiny", route_prefix="/")
+            spec = importlib.util.spec_from_file_location("trident_ui_app_browser", ROOT / "ui" / "app.py")
+            ui = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(ui)
+            demo = ui.build(f"http://127.0.0.1:{port}", refresh_s=1.0)
+            uport = free_port()
+            demo.queue().launch(server_name="127.0.0.1", server_port=uport, prevent_thread_lock=True)
+            yield f"http://127.0.0.1:{uport}"
+        finally:
+            if demo is not None:
+                demo.close()
 
 
 def test_browser_generates_an_image_and_shows_the_plan(ui_url):

@@ -97,7 +97,7 @@ def render(st: dict) -> Any:
     parts.append(q)
     waiting = st.get("waiting", {})
     e2e = st.get("latency_s", {})
-    parts.append(Text(f"waiting for a launch: " + ", ".join(f"{k} {v}" for k, v in waiting.items())
+    parts.append(Text("waiting for a launch: " + ", ".join(f"{k} {v}" for k, v in waiting.items())
                       + f"   end-to-end p50 {_fmt_s(e2e.get('p50'))}, p90 {_fmt_s(e2e.get('p90'))}, "
                         f"p99 {_fmt_s(e2e.get('p99'))} (n={e2e.get('n', 0)})"))
 

@@ -11,10 +11,8 @@ Ctrl-C (or `--once`, after the first image) stops serve and the Ray head it star
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,19 +21,9 @@ from pathlib import Path
 import yaml
 
 from trident_rs.client import TridentClient
+from trident_rs.serve.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port(preferred: int | None = None) -> int:
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
 
 
 def _bin(name: str) -> str:
