@@ -206,3 +206,18 @@ def test_duplicate_and_missing_files_give_profile_error(tmp_path):
         CostModel.from_files(tmp_path / "missing.json")
     with pytest.raises(ProfileError):
         CostModel([])
+
+
+def test_scaled_copy_scales_latency_not_memory_or_efficiency():
+    cost = CostModel.default()
+    shape = Shape(1024, 1024)
+    fast = cost.scaled(0.05)
+    for stage in ("encode", "diffuse", "decode"):
+        a, b = cost.predict("flux", stage, shape), fast.predict("flux", stage, shape)
+        assert b.latency_s == pytest.approx(0.05 * a.latency_s)
+        assert b.memory_gb == a.memory_gb
+    assert fast.efficiency("flux", shape, 4) == pytest.approx(cost.efficiency("flux", shape, 4))
+    assert fast.best_width("flux", shape) == cost.best_width("flux", shape)
+    assert cost.predict("flux", "diffuse", shape).latency_s == CostModel.default().predict("flux", "diffuse", shape).latency_s
+    with pytest.raises(InvalidRequestError):
+        cost.scaled(0)

@@ -16,6 +16,8 @@ size (encode) shows no fixed cost, so it is taken as linear in b (c0 = 0).
 """
 from __future__ import annotations
 
+import copy
+
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,20 @@ class CostModel:
         self._series = {k: _build_series(k[0], v) for k, v in grouped.items()}
         self._models = frozenset(k[0] for k in grouped)
         self._cache: dict[tuple, StageCost] = {}
+        self.latency_scale = 1.0
+
+    def scaled(self, latency_scale: float) -> "CostModel":
+        """A copy whose latencies are multiplied by `latency_scale` (memory unchanged).
+
+        For runtimes whose clock runs at a time scale, e.g. emulated executors that sleep for
+        the predicted time x 0.05: the policy must plan on the same scaled times.
+        """
+        if not latency_scale > 0:
+            raise InvalidRequestError("latency_scale", f"must be positive, got {latency_scale!r}")
+        other = copy.copy(self)
+        other._cache = {}
+        other.latency_scale = self.latency_scale * latency_scale
+        return other
 
     # ----- construction -------------------------------------------------------------------
     @classmethod
@@ -145,6 +161,8 @@ class CostModel:
         cost = self._cache.get(key)
         if cost is None:
             cost = self._predict(model, stage, shape, width, batch)
+            if self.latency_scale != 1.0:
+                cost = StageCost(cost.latency_s * self.latency_scale, cost.memory_gb)
             self._cache[key] = cost
         return cost
 

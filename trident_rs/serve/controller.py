@@ -66,8 +66,12 @@ class Controller:
     def __init__(self, config: dict):
         self.cfg = AppConfig.parse(config)
         self.app_name = serve.get_replica_context().app_name
-        self.cost = load_cost_model()
-        self.policy = make_policy(self.cfg, self.cost)
+        self.cost = load_cost_model()  # real-time predictions: the SLO rule is defined on them
+        # Emulated executors sleep for the predicted time x time_scale, and so runs this clock:
+        # the policy must plan on the same scaled times, or every deadline looks hopeless.
+        self.clock_scale = self.cfg.time_scale if self.cfg.executor == "emulated" else 1.0
+        scaled = self.cost.scaled(self.clock_scale) if self.cost is not None and self.clock_scale != 1.0 else self.cost
+        self.policy = make_policy(self.cfg, scaled)
         self.cluster = self.cfg.cluster.to_cluster()
         self.t0 = time.monotonic()
         self.plan: PlacementPlan = self.policy.initial_plan(0.0) or PlacementPlan(())
@@ -204,11 +208,11 @@ class Controller:
         try:
             from trident_rs.policy.slo import slo_seconds
 
-            return float(slo_seconds(self.cost, get_spec(model).profile_model or model, shape, steps,
-                                     scale=self.cfg.slo_scale))
+            return self.clock_scale * float(slo_seconds(self.cost, get_spec(model).profile_model or model, shape,
+                                                        steps, scale=self.cfg.slo_scale))
         except Exception:  # slo module absent or no profile: sum of stage times at width 1
             total = sum(predict_stage_s(self.cost, model, s, shape, 1, 1, steps) for s in STAGES)
-            return self.cfg.slo_scale * total * self.cfg.time_scale
+            return self.cfg.slo_scale * total * self.clock_scale
 
     async def acquire(self, request_id: str, stage: str) -> dict:
         """Wait until the policy launches `stage` of the request; return the grant (deployment...)."""
