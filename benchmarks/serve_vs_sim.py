@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import math
-import socket
 import time
 from pathlib import Path
 
@@ -128,61 +127,15 @@ def wait_for_plan(app: str, timeout_s: float) -> tuple[dict, float]:
         time.sleep(0.25)
 
 
-def scaled_policy_hook(time_scale: float):
-    """A Ray worker setup hook: the Serve controller's policy plans on cost-model times × time_scale.
-
-    Shipped, `Controller` hands the policy the *unscaled* cost model while its clock, the stage
-    sleeps and the (scaled) deadlines run at time_scale; this benchmark-only patch (no file under
-    trident_rs/serve is changed) wraps `controller.make_policy` so the policy sees scaled times.
-    """
-    def hook() -> None:
-        import copy
-
-        import trident_rs.serve.controller as ctl
-        from trident_rs.policy.cost_model import StageCost
-
-        orig = ctl.make_policy
-        if getattr(orig, "_scaled", False):
-            return
-
-        def make_policy(cfg, cost):
-            if cost is None:
-                return orig(cfg, cost)
-            scaled = copy.copy(cost)
-            scaled._cache = {}
-            base = cost.predict
-
-            def predict(*a, **k):
-                c = base(*a, **k)
-                return StageCost(c.latency_s * time_scale, c.memory_gb)
-
-            scaled.predict = predict
-            print(f"[serve_vs_sim] controller policy plans on cost × {time_scale:g}", flush=True)
-            return orig(cfg, scaled)
-
-        make_policy._scaled = True
-        ctl.make_policy = make_policy
-
-    return hook
-
-
-def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Request],
-              scale_policy: bool = False) -> dict:
-    import ray
+def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Request]) -> dict:
     from ray import serve
 
     from trident_rs.serve.app import build_app
+    from trident_rs.serve.local import private_serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    env = {"worker_process_setup_hook": scaled_policy_hook(time_scale)} if scale_policy else None
-    ray.init(address="local", num_gpus=NODES * GPUS_PER_NODE, num_cpus=2, include_dashboard=False,
-             runtime_env=env)
-    try:
+    with private_serve(num_gpus=NODES * GPUS_PER_NODE) as port:
+        base = f"http://127.0.0.1:{port}"
         t = time.perf_counter()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_args(time_scale)), name="svs", route_prefix="/")
         start_s = time.perf_counter() - t
         # warm-up: one request per shape (no SLO) so the policy plans and Serve starts replicas
@@ -193,9 +146,6 @@ def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Requ
         per = asyncio.run(replay(base, requests, time_scale, timeout_s=300))
         with httpx.Client(base_url=base, timeout=30) as c:
             status = c.get("/v1/status").json()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     done = [p for p in per if p["status"] == 200]
     lat = [p["latency_scaled_s"] / time_scale for p in done]
     ok = [p["status"] == 200 and p["latency_scaled_s"] <= p["slo_scaled_s"] for p in per]
@@ -216,9 +166,6 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.05)
     ap.add_argument("--slo-scale", type=float, default=4.0)
     ap.add_argument("--no-serve", action="store_true", help="simulator only")
-    ap.add_argument("--variant", choices=("shipped", "scaled-policy"), default="shipped",
-                    help="shipped: controller as is; scaled-policy: its policy sees cost × time_scale "
-                    "(benchmark-only patch, see scaled_policy_hook). Results of both are kept in the JSON")
     args = ap.parse_args()
     cost = CostModel.default()
     reqs = load_workload(args.workload, model=MODEL, rate_scale=args.rate_scale, slo_scale=args.slo_scale,
@@ -232,8 +179,9 @@ def main() -> None:
     same = old.get("n") == len(reqs) and old.get("rate_scale") == args.rate_scale and \
         old.get("time_scale") == args.time_scale and old.get("workload") == args.workload
     runs = old.get("serve", {}) if same and isinstance(old.get("serve"), dict) and "requests" not in old["serve"] else {}
+    runs.pop("scaled-policy", None)  # a benchmark-only patch from before the controller scaled its cost model
     if not args.no_serve:
-        runs[args.variant] = run_serve(reqs, args.time_scale, warm, args.variant == "scaled-policy")
+        runs["shipped"] = run_serve(reqs, args.time_scale, warm)
     rows = [("sim, start cost 20 s", sim20), ("sim, start cost 0 s", sim0)]
     rows += [(f"Serve ×{args.time_scale:g} {v}", r) for v, r in runs.items()]
     print(f"\n{'run':28s} {'attainment':>10s} {'mean s':>8s} {'P50 s':>8s} {'P95 s':>8s} {'done':>7s}")
