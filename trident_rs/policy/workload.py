@@ -18,13 +18,12 @@ from trident_rs.policy.types import Request, Shape
 if TYPE_CHECKING:  # the cost model is another module; only its methods are used here
     from trident_rs.policy.cost_model import CostModel
 
-# Published traces by name -> (file name, model). Looked up in benchmarks/data, then shared/.
+# Published traces by name -> (file name, model), shipped in benchmarks/data.
 PAPER_WORKLOADS: dict[str, tuple[str, str]] = {
     "flux-paper": ("flux_paper_trace.csv", "flux"),
     "hunyuanvideo-paper": ("hunyuanvideo_paper_trace.csv", "hunyuanvideo"),
 }
-_SEARCH_DIRS = (Path("benchmarks/data"), Path(__file__).resolve().parents[2] / "benchmarks" / "data",
-                Path("/work/shared/workloads"))
+_SEARCH_DIRS = (Path("benchmarks/data"), Path(__file__).resolve().parents[2] / "benchmarks" / "data")
 
 
 @dataclass(frozen=True, order=True)

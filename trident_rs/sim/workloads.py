@@ -19,7 +19,6 @@ from trident_rs.errors import ConfigError
 from trident_rs.policy.types import Request, Shape
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
-_FALLBACK_DIRS = (Path("/work/shared/workloads"), Path("/work/shared/traces"))
 
 # The paper's request mixes (uniform over shapes), with their steps and trace rates.
 FLUX_SHAPES = tuple(Shape(s, s) for s in (128, 256, 512, 1024, 2048))
@@ -81,9 +80,8 @@ def workload_names() -> list[str]:
 
 
 def _find(file: str) -> Path:
-    for d in (DATA_DIR, *_FALLBACK_DIRS):
-        if (d / file).exists():
-            return d / file
+    if (DATA_DIR / file).exists():
+        return DATA_DIR / file
     raise ConfigError(f"workload file {file} not found in {DATA_DIR}")
 
 
