@@ -9,13 +9,11 @@ object store and only the decoded frames come back here. The end is reported to 
 """
 import asyncio
 import base64
-import io
 import time
 import uuid
 from collections import OrderedDict
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -24,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from trident_rs.errors import InvalidRequestError, TridentError
+from trident_rs.media import mp4_bytes, png_bytes
 from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.types import STAGES
@@ -107,20 +106,6 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     except ValueError:
         raise InvalidRequestError("size", f"{size!r} is not of the form 'WIDTHxHEIGHT'") from None
     return h, w
-
-
-def png_bytes(frame: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def mp4_bytes(frames: np.ndarray, fps: int = 8) -> bytes:
-    import imageio.v3 as iio
-
-    return iio.imwrite("<bytes>", frames, extension=".mp4", fps=fps, codec="libx264")
 
 
 @serve.ingress(api)
