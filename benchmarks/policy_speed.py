@@ -13,7 +13,8 @@ from trident_rs.policy.cost_model import CostModel
 from trident_rs.policy.dispatcher import Dispatcher
 from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import Cluster, Request
-from trident_rs.policy.workload import Forecast, find_trace, forecast_from_trace, read_trace
+from trident_rs.policy.traces import read_named_trace
+from trident_rs.policy.workload import Forecast, forecast_from_trace
 
 OUT = Path(__file__).parent / "results" / "policy_speed.json"
 
@@ -22,8 +23,7 @@ def forecasts(cost) -> Forecast:
     """Both paper traces' class mixes together (13 classes, 2 models)."""
     rates = {}
     for name in ("flux-paper", "hunyuanvideo-paper"):
-        path, model = find_trace(name)
-        rates.update(forecast_from_trace(read_trace(path), model, cost).rates)
+        rates.update(forecast_from_trace(read_named_trace(name), cost).rates)
     return Forecast(rates)
 
 

@@ -74,3 +74,32 @@ def test_shifting_mix_moves_from_small_to_large():
     half = len(reqs) // 2
     assert max(r.shape.pixels for r in reqs[:half]) <= 512 * 512
     assert min(r.shape.pixels for r in reqs[half:]) >= 1024 * 1024
+
+
+def test_one_trace_reader_serves_policy_forecasts_and_simulator_requests():
+    from trident_rs.policy.traces import find_trace, read_named_trace
+    from trident_rs.policy.workload import forecast_from_trace
+
+    rows = read_named_trace("flux-paper")
+    reqs = load_workload("flux-paper", cost=COST)
+    assert [(r.arrival, r.shape, r.steps) for r in rows] == [(r.arrival, r.shape, r.steps) for r in reqs]
+    forecast = forecast_from_trace(rows, COST)
+    assert forecast.models == ("flux",) and {c.shape for c in forecast.rates} == set(FLUX_SHAPES)
+    assert forecast.total_rate == pytest.approx(1.5, rel=0.01)
+    slo = {c.shape: c.slo_s for c in forecast.rates}
+    assert all(r.slo_s == pytest.approx(slo[r.shape]) for r in reqs)  # the same SLO rule
+    assert find_trace("hunyuanvideo-paper")[1] == "hunyuanvideo"
+    with pytest.raises(ConfigError, match="unknown workload"):
+        find_trace("no-such-trace")
+
+
+def test_trace_reader_rejects_bad_files(tmp_path):
+    from trident_rs.policy.traces import read_trace
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arrival_s,height,width\n0,512,512\n")
+    with pytest.raises(ConfigError, match="missing columns"):
+        read_trace(bad, "flux")
+    bad.write_text("arrival_s,height,width,num_frames,num_inference_steps\n0,x,512,1,20\n")
+    with pytest.raises(ConfigError, match="bad.csv:2"):
+        read_trace(bad, "flux")

@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from trident_rs.policy.cost_model import CostModel
     from trident_rs.policy.solver import PlacementSolver
     from trident_rs.policy.types import Cluster
-    from trident_rs.policy.workload import find_trace, forecast_from_trace, read_trace
+    from trident_rs.policy.traces import find_trace, read_trace
+    from trident_rs.policy.workload import forecast_from_trace
 
     if args.gpus < 1 or args.gpus_per_node < 1 or args.gpus % args.gpus_per_node:
         raise ConfigError(f"--gpus ({args.gpus}) must be a positive multiple of --gpus-per-node ({args.gpus_per_node})")
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = Cluster(args.gpus // args.gpus_per_node, args.gpus_per_node, args.gpu_memory_gb)
     cost = CostModel.default()
     path, model = find_trace(args.workload)
-    forecast = forecast_from_trace(read_trace(path), model, cost, args.slo_scale).scaled(args.rate_scale)
+    forecast = forecast_from_trace(read_trace(path, model), cost, args.slo_scale).scaled(args.rate_scale)
     plan = PlacementSolver(cluster, cost, time_limit_s=args.time_limit).solve(forecast)
     plan.check(cluster)
     if args.json:

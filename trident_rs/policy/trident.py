@@ -21,7 +21,8 @@ from trident_rs.policy.dispatcher import Dispatcher
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import Cluster, ClusterState, Launch, PlacementPlan, Request, SchedulerOutput, STAGES
-from trident_rs.policy.workload import Forecast, find_trace, forecast_from_trace, read_trace
+from trident_rs.policy.traces import read_named_trace
+from trident_rs.policy.workload import Forecast, forecast_from_trace
 
 if TYPE_CHECKING:
     from trident_rs.policy.cost_model import CostModel
@@ -54,8 +55,8 @@ class TridentPolicy(Policy):
             raise ConfigError(f"tick_s must be > 0, got {self.tick_s}")
         self.forecast: Forecast | None = options.get("forecast")
         if self.forecast is None and options.get("workload"):
-            path, model = find_trace(options["workload"])
-            self.forecast = forecast_from_trace(read_trace(path), model, cost, options.get("slo_scale", 4.0))
+            self.forecast = forecast_from_trace(read_named_trace(options["workload"]), cost,
+                                                options.get("slo_scale", 4.0))
         self.plan = PlacementPlan(())
         self.transition: Transition | None = None
         self._served: set[tuple] = set()  # (model, shape, steps) the current target plan can run

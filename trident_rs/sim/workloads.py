@@ -1,24 +1,22 @@
 """Workloads for the simulator: published traces, a real arrival trace with drawn shapes,
-synthetic Poisson/Gamma arrivals, and a mix that shifts mid-run.
+synthetic Poisson/Gamma arrivals, and a mix that shifts mid-run. The files are read by
+`trident_rs.policy.traces` (shared with the policy layer's forecasts).
 
 `load_workload(name_or_path, ...)` returns `Request`s with deadlines from the paper's SLO rule
 (`trident_rs.policy.slo`), scaled by `slo_scale`. Names are listed in `WORKLOADS`.
 """
 from __future__ import annotations
 
-import csv
-import functools
 import math
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from trident_rs.errors import ConfigError
+from trident_rs.policy.slo import slo_seconds
+from trident_rs.policy.traces import TraceRow, azure_arrivals, read_named_trace, read_trace
 from trident_rs.policy.types import Request, Shape
-
-DATA_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
 # The paper's request mixes (uniform over shapes), with their steps and trace rates.
 FLUX_SHAPES = tuple(Shape(s, s) for s in (128, 256, 512, 1024, 2048))
@@ -51,19 +49,17 @@ MIXES: dict[str, tuple[MixEntry, ...]] = {
 class WorkloadSpec:
     """A named workload: where arrivals come from, which mix the shapes come from."""
 
-    arrivals: str  # "csv" | "azure" | "poisson" | "gamma"
+    arrivals: str  # "csv" (a published trace of the same name) | "azure" | "poisson" | "gamma"
     mix: str = ""  # MIXES key ("" for csv traces, whose shapes are in the file)
     rate: float = 1.0  # mean requests/s before rate_scale
     cv: float = 1.0  # coefficient of variation of gaps (gamma)
     duration: float = 1800.0  # seconds (synthetic arrivals)
-    file: str = ""
-    model: str = ""  # csv traces
     shift_to: str = ""  # a second mix for the second half of the run
 
 
 WORKLOADS: dict[str, WorkloadSpec] = {
-    "flux-paper": WorkloadSpec("csv", file="flux_paper_trace.csv", model="flux", rate=1.5),
-    "hunyuanvideo-paper": WorkloadSpec("csv", file="hunyuanvideo_paper_trace.csv", model="hunyuanvideo", rate=1.0),
+    "flux-paper": WorkloadSpec("csv", rate=1.5),
+    "hunyuanvideo-paper": WorkloadSpec("csv", rate=1.0),
     "azure-flux": WorkloadSpec("azure", "flux", rate=1.5),
     "azure-hunyuanvideo": WorkloadSpec("azure", "hunyuanvideo", rate=1.0),
     "azure-mixed": WorkloadSpec("azure", "mixed", rate=1.0),
@@ -72,61 +68,10 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     "poisson-hunyuanvideo": WorkloadSpec("poisson", "hunyuanvideo", rate=1.0),
     "shift-flux": WorkloadSpec("poisson", "flux-small", rate=1.5, shift_to="flux-large"),
 }
-AZURE_FILE = "azure_llm_conv_2023.csv"
 
 
 def workload_names() -> list[str]:
     return sorted(WORKLOADS)
-
-
-def _find(file: str) -> Path:
-    if (DATA_DIR / file).exists():
-        return DATA_DIR / file
-    raise ConfigError(f"workload file {file} not found in {DATA_DIR}")
-
-
-@dataclass(frozen=True)
-class _Row:
-    arrival: float
-    model: str
-    shape: Shape
-    steps: int
-
-
-def read_trace_csv(path: Path | str, model: str) -> list[_Row]:
-    """A CSV of the published format: arrival_s,height,width,num_frames,num_inference_steps."""
-    rows = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"arrival_s", "height", "width", "num_frames", "num_inference_steps"}
-        if not need <= set(reader.fieldnames or ()):
-            raise ConfigError(f"{path}: needs columns {sorted(need)}, has {reader.fieldnames}")
-        for r in reader:
-            rows.append(_Row(float(r["arrival_s"]), model,
-                             Shape(int(r["height"]), int(r["width"]), int(r["num_frames"])),
-                             int(r["num_inference_steps"])))
-    return rows
-
-
-@functools.cache
-def _azure_cached(path: str) -> tuple[np.ndarray, np.ndarray]:
-    times, keys = [], []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            ts = r["TIMESTAMP"]
-            head, _, frac = ts.partition(".")
-            t = datetime.strptime(head, "%Y-%m-%d %H:%M:%S").timestamp() + float("0." + (frac or "0"))
-            times.append(t)
-            keys.append(int(r["ContextTokens"]) * 65_537 + int(r["GeneratedTokens"]))
-    t = np.asarray(times)
-    order = np.argsort(t, kind="stable")
-    return t[order] - t[order][0], np.asarray(keys, dtype=np.int64)[order]
-
-
-def azure_arrivals(path: Path | str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Arrival times (s from the first) and a per-request integer key from the token columns."""
-    t, k = _azure_cached(str(path or _find(AZURE_FILE)))
-    return t.copy(), k.copy()
 
 
 def synthetic_arrivals(kind: str, rate: float, duration: float, cv: float, rng: np.random.Generator) -> np.ndarray:
@@ -155,9 +100,9 @@ def _draw(mix: tuple[MixEntry, ...], keys: np.ndarray, seed: int) -> list[MixEnt
     return [mix[min(int(i), len(mix) - 1)] for i in np.searchsorted(cdf, u, side="right")]
 
 
-def _rows_for(spec: WorkloadSpec, seed: int) -> list[_Row]:
+def _rows_for(name: str, spec: WorkloadSpec, seed: int) -> list[TraceRow]:
     if spec.arrivals == "csv":
-        return read_trace_csv(_find(spec.file), spec.model)
+        return read_named_trace(name)
     rng = np.random.default_rng(seed)
     if spec.arrivals == "azure":
         times, keys = azure_arrivals()
@@ -169,20 +114,7 @@ def _rows_for(spec: WorkloadSpec, seed: int) -> list[_Row]:
     if spec.shift_to:  # second half of the run draws from the second mix
         half = len(times) // 2
         entries = entries[:half] + _draw(MIXES[spec.shift_to], keys[half:], seed + 1)
-    return [_Row(float(t), e.model, e.shape, e.steps) for t, e in zip(times, entries)]
-
-
-def _slo_fn(cost):
-    """`slo_seconds(cost, model, shape, steps, scale)` from the policy layer (the paper's rule)."""
-    try:
-        from trident_rs.policy.slo import slo_seconds
-        return slo_seconds
-    except ImportError:  # until the policy layer ships it: deadline = 1.1 round(scale t_best) + 2
-        def slo_seconds(cost, model, shape, steps, scale=4.0):
-            w = cost.best_width(model, shape, threshold=0.8)
-            t_best = cost.stage_time(model, "diffuse", shape, width=w, steps=steps)
-            return 1.1 * round(scale * t_best) + 2.0
-        return slo_seconds
+    return [TraceRow(float(t), e.model, e.shape, e.steps) for t, e in zip(times, entries)]
 
 
 def load_workload(name_or_path: str, model: str | None = None, rate_scale: float = 1.0,
@@ -195,23 +127,22 @@ def load_workload(name_or_path: str, model: str | None = None, rate_scale: float
     """
     if name_or_path in WORKLOADS:
         spec = WORKLOADS[name_or_path]
-        rows = _rows_for(spec, seed)
+        rows = _rows_for(name_or_path, spec, seed)
         label = name_or_path
     elif Path(name_or_path).exists():
         if not model:
             raise ConfigError(f"workload file {name_or_path}: pass the model name (--model)")
-        rows = read_trace_csv(name_or_path, model)
+        rows = read_trace(name_or_path, model)
         label = Path(name_or_path).stem
     else:
         raise ConfigError(f"unknown workload {name_or_path!r}; known: {', '.join(workload_names())} or a CSV path")
     if model:
-        rows = [_Row(r.arrival, model, r.shape, r.steps) for r in rows]
+        rows = [TraceRow(r.arrival, model, r.shape, r.steps) for r in rows]
     if not rate_scale > 0:
         raise ConfigError(f"rate scale must be > 0, got {rate_scale}")
     if cost is None:
         from trident_rs.policy.cost_model import CostModel
         cost = CostModel.default()
-    slo_seconds = _slo_fn(cost)
     slo_cache: dict[tuple, float] = {}
     t0 = min((r.arrival for r in rows), default=0.0)
     out = []
