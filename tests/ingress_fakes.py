@@ -18,47 +18,88 @@ from trident_rs.executors.base import StagePayload
 
 
 class _Call:
-    """Awaitable like a DeploymentResponse; runs nothing unless awaited (fire-and-forget safe)."""
+    """Awaitable like a DeploymentResponse. Lazy ones run nothing unless awaited; eager ones (the
+    controller's methods) start at once, like a real call sent on `.remote()` (fire and forget)."""
 
     cancelled_total = 0  # how many calls were cancelled (DeploymentResponse.cancel())
 
-    def __init__(self, fn: Any, *args: Any):
+    def __init__(self, fn: Any, *args: Any, eager: bool = False):
         self.fn, self.args = fn, args
         self.cancelled = False
+        self.task = asyncio.get_running_loop().create_task(fn(*args)) if eager else None
 
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
             _Call.cancelled_total += 1
+            if self.task is not None:
+                self.task.cancel()
 
     def __await__(self):
+        if self.task is not None:
+            return self.task.__await__()
         return self.fn(*self.args).__await__()
+
+    async def _to_object_ref(self) -> "_Ref":
+        """Like DeploymentResponse._to_object_ref(): the (finished) result as an awaitable ref."""
+        return _Ref(await self)
+
+
+class _Ref:
+    """Stands for an ObjectRef: awaiting it gives the value; stages accept it as input."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __await__(self):
+        async def get():
+            return self.value
+        return get().__await__()
 
 
 class _Method:
-    def __init__(self, fn: Any):
-        self.fn = fn
+    def __init__(self, fn: Any, eager: bool = False):
+        self.fn, self.eager = fn, eager
 
     def remote(self, *args: Any) -> _Call:
-        return _Call(self.fn, *args)
+        return _Call(self.fn, *args, eager=self.eager)
 
 
 class FakeController:
+    """Grants every stage at once on `{stage}-w1`. `fail[method] = exc` makes that method raise
+    `exc` (e.g. ActorDiedError: the controller died) until removed."""
+
     def __init__(self):
         self.submitted: list[str] = []
-        self.finished: list[tuple[str, bool]] = []
-        for name in ("submit", "acquire", "finish", "reject", "status", "request_status", "metrics_text"):
-            setattr(self, name, _Method(getattr(self, "_" + name)))
+        self.acquired: list[tuple[str, str]] = []
+        self.finished: list[tuple[str, str]] = []
+        self.retries: list[tuple[str, str, int]] = []
+        self.fail: dict[str, BaseException] = {}
+        self.counts = {"encode-w1": 1, "diffuse-w1": 1, "decode-w1": 1}
+        for name in ("submit", "acquire", "finish", "reject", "status", "request_status", "metrics_text",
+                     "stage_retry"):
+            setattr(self, name, _Method(self._failing(name, getattr(self, "_" + name)), eager=True))
+
+    def _failing(self, name, fn):
+        async def call(*args):
+            if name in self.fail:
+                raise self.fail[name]
+            return await fn(*args)
+        return call
 
     async def _submit(self, rid, *a):
         self.submitted.append(rid)
-        return {"slo_s": 1.0}
+        return {"slo_s": 1.0, "counts": dict(self.counts)}
 
     async def _acquire(self, rid, stage):
-        return {"deployment": f"{stage}-w1", "stage": stage, "request_id": rid}
+        self.acquired.append((rid, stage))
+        return {"deployment": f"{stage}-w1", "stage": stage, "request_id": rid, "launch_id": 0, "width": 1}
 
-    async def _finish(self, rid, ok):
-        self.finished.append((rid, ok))
+    async def _finish(self, rid, state):
+        self.finished.append((rid, state))
+
+    async def _stage_retry(self, grant, attempt, error=""):
+        self.retries.append((grant["request_id"], grant["stage"], attempt))
 
     async def _reject(self, reason=""):
         return None
@@ -74,14 +115,22 @@ class FakeController:
 
 
 class FakeStage:
+    """A stage deployment. Each call first pops `deaths` (exceptions, e.g. ActorDiedError: the
+    replica died mid-request) and raises it, if any are left."""
+
     def __init__(self, stage: str, stage_s: float = 0.0, gate: asyncio.Event | None = None):
         self.stage, self.stage_s, self.gate = stage, stage_s, gate
         self.calls = 0
+        self.deaths: list[BaseException] = []
+        self.grants: list[dict] = []
         self.run = _Method(self._run)
 
     async def _run(self, prev: Any, grant: dict) -> StagePayload:
-        payload = await prev if isinstance(prev, _Call) else prev
+        payload = await prev if isinstance(prev, (_Call, _Ref)) else prev
         self.calls += 1
+        self.grants.append(grant)
+        if self.deaths:
+            raise self.deaths.pop(0)
         if self.gate is not None:
             await self.gate.wait()
         if self.stage_s:
@@ -111,6 +160,22 @@ def make_ingress(config: dict, stage_s: float = 0.0, gate: asyncio.Event | None 
 
 def unpatch() -> None:
     ray.serve.get_replica_context = _ORIG
+
+
+def run_http(config: dict, scenario: Any, **kw: Any) -> Any:
+    """`asyncio.run(scenario(client, ingress))` against a fresh in-process ingress."""
+    import httpx
+
+    app, inst = make_ingress(config, **kw)
+
+    async def go():  # app errors become 500 responses, as under uvicorn (which also logs them)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            return await scenario(c, inst)
+    try:
+        return asyncio.run(go())
+    finally:
+        unpatch()
 
 
 # -- HTTP fuzzing (tests/test_admission.py runs a few hundred; benchmarks/fuzz_http.py 10,000) -------

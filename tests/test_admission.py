@@ -10,7 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from ingress_fakes import FUZZ_CONFIG, http_requests, make_ingress, unpatch
+from ingress_fakes import FUZZ_CONFIG, http_requests, make_ingress, run_http, unpatch
 from trident_rs.errors import InvalidRequestError, OverloadedError
 from trident_rs.request import GenerationParams
 from trident_rs.serve.admission import Admission
@@ -114,16 +114,7 @@ def test_auth_rules():
 
 
 # -- the HTTP app in-process ---------------------------------------------------------------------------
-def _run(config, scenario, **kw):
-    app, inst = make_ingress(config, **kw)
-
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
-            return await scenario(c, inst)
-    try:
-        return asyncio.run(go())
-    finally:
-        unpatch()
+_run = run_http
 
 
 def test_http_full_queue_gets_429_with_retry_after_and_recovers():
@@ -242,7 +233,7 @@ def test_cancel_endpoint_and_disconnect_cancel_the_work_and_free_the_slot():
         r = await held
         assert r.status_code == 499 and "cancelled" in r.json()["error"]["message"]
         assert _Call.cancelled_total > before  # the stage responses got .cancel()
-        assert ("abc", False) in inst.controller.finished
+        assert ("abc", "cancelled") in inst.controller.finished
         assert inst.admission.per_model == {} and inst.inflight.states == {}
         # a client that goes away: its handler is cancelled, pending work too
         gone = asyncio.create_task(c.post("/v1/images/generations", json=body, headers={"X-Request-Id": "d"}))

@@ -104,7 +104,7 @@ def test_status_has_plan_queues_attainment_and_percentiles(served):
 def test_request_progress_is_polled_by_id(served):
     url, ids = served
     got = httpx.get(f"{url}/v1/requests/{ids[0]}", timeout=30).json()
-    assert got["state"] == "completed" and got["on_time"] is True
+    assert got["state"] == "done" and got["on_time"] is True
     assert got["stages_done"] == ["encode", "diffuse", "decode"]
     assert httpx.get(f"{url}/v1/requests/{ids[-1]}", timeout=30).json()["on_time"] is False
     assert httpx.get(f"{url}/v1/requests/nope", timeout=30).status_code == 404

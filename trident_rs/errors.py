@@ -51,3 +51,36 @@ class OverloadedError(TridentError):
     def __init__(self, message: str, retry_after_s: float = 1.0):
         self.retry_after_s = retry_after_s
         super().__init__(message)
+
+
+class StageFailedError(TridentError):
+    """A stage kept failing because its replicas died, beyond the configured retries."""
+
+    http_status = 503
+
+    def __init__(self, stage: str, attempts: int, cause: BaseException | None = None):
+        self.stage, self.attempts, self.retry_after_s = stage, attempts, 1.0
+        why = f": {type(cause).__name__}" if cause is not None else ""
+        super().__init__(f"the {stage} stage failed {attempts} time(s) because its replica died{why}; "
+                         "the request was not finished, retry it")
+
+
+class RequestTimedOutError(TridentError):
+    """The request did not finish within the server's request timeout; its work was cancelled."""
+
+    http_status = 504
+
+    def __init__(self, request_id: str, timeout_s: float):
+        super().__init__(f"request {request_id!r} did not finish within {timeout_s:g} s and was cancelled")
+
+
+class UnknownRequestError(TridentError, KeyError):
+    """No request with this id is known (never submitted, already finished, or forgotten)."""
+
+    http_status = 404
+
+    def __init__(self, request_id: str):
+        super().__init__(f"no active request {request_id!r}")
+
+    def __str__(self) -> str:
+        return self.args[0]

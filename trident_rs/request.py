@@ -1,6 +1,8 @@
 """The user-facing generation request: one pydantic schema for HTTP, CLI and Python."""
 from __future__ import annotations
 
+from enum import Enum
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from trident_rs.models.spec import get_spec
@@ -52,3 +54,29 @@ class GenerationParams(BaseModel):
     @property
     def shape(self) -> Shape:
         return Shape(self.height or 0, self.width or 0, self.num_frames or 1)
+
+
+class RequestState(str, Enum):
+    """Where a request is in its life; `GET /v1/requests/{id}` reports it.
+
+    queued (waiting for its next stage to be launched) -> encoding -> queued -> diffusing ->
+    queued -> decoding -> done; or it ends failed, cancelled or timed_out at any point.
+    """
+
+    QUEUED = "queued"
+    ENCODING = "encoding"
+    DIFFUSING = "diffusing"
+    DECODING = "decoding"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @classmethod
+    def running(cls, stage: str) -> "RequestState":
+        """The state of a request whose `stage` is running."""
+        return {"encode": cls.ENCODING, "diffuse": cls.DIFFUSING, "decode": cls.DECODING}[stage]
+
+    @property
+    def final(self) -> bool:
+        return self in (RequestState.DONE, RequestState.FAILED, RequestState.CANCELLED, RequestState.TIMED_OUT)

@@ -59,7 +59,7 @@ class LimitsConfig(BaseModel):
 
     max_n: int = Field(4, ge=1, description="images per /v1/images/generations call")
     max_video_jobs: int = Field(64, ge=1, description="finished video jobs kept for polling")
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0, description="longer requests are cancelled -> 504")
     # -- issue 8: enforced by trident_rs.serve.limits / admission / auth ----------------------------
     max_body_bytes: int = Field(1 << 20, ge=256, description="larger request bodies get 413")
     max_prompt_chars: int | None = Field(None, ge=1, description="None: each model's own limit")
@@ -72,6 +72,21 @@ class LimitsConfig(BaseModel):
     admission_servers: int | None = Field(
         None, ge=1, description="parallel servers the SLO prediction assumes (None: configured diffuse replicas)")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens (plus env TRIDENT_API_KEYS); empty: open")
+
+
+class FaultsConfig(BaseModel):
+    """How the ingress survives dying replicas (trident_rs.serve.stage_retry, .controller_link)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage_retries: int = Field(2, ge=0, description="re-runs of a stage whose replica died, from the previous "
+                               "stage's result; then HTTP 503")
+    retry_backoff_s: float = Field(0.25, ge=0, description="wait before the first re-run, doubled each time")
+    controller_timeout_s: float = Field(2.0, gt=0, description="a submit the controller does not answer in "
+                                        "this time puts the ingress on the last plan; replicas wait no longer "
+                                        "than this to report a finished stage")
+    controller_probe_s: float = Field(5.0, gt=0, description="while the controller is down, try it again "
+                                      "after this long")
 
 
 class AppConfig(BaseModel):
@@ -101,6 +116,7 @@ class AppConfig(BaseModel):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     slo_scale: float = Field(4.0, gt=0, description="deadline = slo_scale × predicted latency at width 1")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     replica_cpus: float = Field(0.0, ge=0, description="num_cpus per stage replica (0 lets many share 2 cores)")
     gpu_wait_s: float = Field(
         30.0, ge=0, description="app build waits this long for a Ray node with the GPUs the widest real "

@@ -2,10 +2,14 @@
 
 The ingress tells it of arrivals (`submit`) and asks, stage by stage, where and when a stage
 may start (`acquire` blocks until the policy launches it); stage replicas report each finished
-stage (`stage_done`); the ingress reports the end of a request (`finish`), which also frees
-anything a failed request still held. Plans the policy produces are turned into replica counts
-per deployment and published for Serve's autoscaler to follow (see `trident_rs.serve.scaling`
-for the mechanism and why). One replica: it is the single source of dispatch truth.
+stage (`stage_done`); the ingress reports re-runs (`stage_retry`) and the end of a request
+(`finish`, with its final state), which also frees anything an unfinished request still held.
+Plans the policy produces are turned into replica counts per deployment and published for
+Serve's autoscaler to follow (see `trident_rs.serve.scaling` for the mechanism and why).
+One replica: it is the single source of dispatch truth. If it dies, Serve restarts it with an
+empty queue; it then keeps the replica counts last published (not the empty plan of a policy
+that has seen no traffic), refuses `acquire` for requests it does not know (the ingress finishes
+those on the last plan, see `controller_link`) and ignores reports about them.
 """
 from __future__ import annotations
 
@@ -18,15 +22,16 @@ from typing import Any
 
 from ray import serve
 
-from trident_rs.errors import TridentError
+from trident_rs.errors import TridentError, UnknownRequestError
 from trident_rs.executors.emulated import predict_stage_s
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.types import STAGES, ClusterState, Launch, PlacementPlan, Request, Shape
+from trident_rs.request import RequestState
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.greedy_policy import GreedyStagePolicy
 from trident_rs.serve.metrics import ServeMetrics
-from trident_rs.serve.scaling import publish_counts
+from trident_rs.serve.scaling import publish_counts, read_count
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,9 +86,10 @@ class Controller:
         self.inflight: dict[int, tuple[Launch, set[str]]] = {}
         self.granted: dict[tuple[str, str], dict] = {}
         self.waiters: dict[tuple[str, str], asyncio.Future] = {}
-        self.finished: set[str] = set()
+        self.finished: OrderedDict[str, None] = OrderedDict()  # ended unfinished; bounded, oldest dropped
         self.active: dict[str, float] = {}
-        self.stats = {"submitted": 0, "completed": 0, "failed": 0, "on_time": 0}
+        self.stats = {"submitted": 0, "completed": 0, "on_time": 0, "failed": 0, "cancelled": 0, "timed_out": 0,
+                      "stage_retries": 0}
         self.latencies: deque[float] = deque(maxlen=1000)
         self.metrics = ServeMetrics()
         self.arrivals: dict[str, tuple[float, str]] = {}  # rid -> (monotonic arrival, model)
@@ -92,13 +98,21 @@ class Controller:
         self.stage_lat: dict[str, deque[float]] = {}  # deployment -> recent stage latencies
         self.progress: OrderedDict[str, dict] = OrderedDict()  # rid -> stage and state, bounded
         self._ticker: asyncio.Task | None = None
-        self._publish(self.plan, "initial plan")
+        kept = self._published_counts() if not self.plan.groups else None
+        if kept:  # a restart: keep the running replicas until the policy's first real plan
+            self.counts = kept
+            self.replans.append({"t": 0.0, "wall": time.time(), "reason": "restarted: kept the last published "
+                                 "counts", "counts": dict(kept)})
+        else:
+            self._publish(self.plan, "initial plan")
 
     # -- time and plan ---------------------------------------------------------------------
     def now(self) -> float:
         return time.monotonic() - self.t0
 
     def _publish(self, plan: PlacementPlan, reason: str) -> None:
+        if (getattr(plan, "stats", None) or {}).get("fallback"):  # the solver timed out (policy layer)
+            reason += " (the solver found no plan within its time limit: greedy plan)"
         enabled = {d.name for d in self.cfg.deployments}
         counts = {name: 0 for name in enabled}
         for name, n in plan.count().items():
@@ -111,6 +125,16 @@ class Controller:
         self.plan, self.counts = plan, counts
         publish_counts(self.app_name, counts)
         self.replans.append({"t": round(self.now(), 3), "wall": time.time(), "reason": reason, "counts": counts})
+
+    def _published_counts(self) -> dict[str, int] | None:
+        """The counts a previous incarnation of this controller published, if any."""
+        try:
+            counts = {d.name: read_count(self.app_name, d.name) for d in self.cfg.deployments}
+        except Exception:  # noqa: BLE001 - no KV (tests): nothing was published
+            return None
+        if any(n is None for n in counts.values()) or not any(counts.values()):
+            return None
+        return {k: int(v) for k, v in counts.items() if v is not None}
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None or self._ticker.done():
@@ -141,9 +165,16 @@ class Controller:
         return f"{stage}-w{max([w for w in widths if w <= launch.width] or [widths[0]])}"
 
     def _schedule(self) -> None:
+        """Run the policy until it launches nothing more. A policy that raises is logged and
+        counted, and tried again on the next event or tick: the controller itself stays up."""
         for _ in range(100):
             t = time.perf_counter()
-            out = self.policy.schedule(self._state())
+            try:
+                out = self.policy.schedule(self._state())
+            except Exception:
+                logger.exception("policy.schedule failed; retrying on the next event or tick")
+                self.metrics.policy_error()
+                return
             if out.new_plan is not None:
                 self.metrics.solver_time(time.perf_counter() - t)
                 self._publish(out.new_plan, out.replan_reason or "policy re-plan")
@@ -161,8 +192,8 @@ class Controller:
                      "deployment": self._deployment_for(launch), "width": launch.width,
                      "batch": len(launch.request_ids)}
             if rid in self.progress:
-                self.progress[rid].update(stage=grant["stage"], state="running", deployment=grant["deployment"],
-                                          node=launch.node, gpus=list(launch.gpus))
+                self.progress[rid].update(stage=grant["stage"], state=RequestState.running(grant["stage"]).value,
+                                          deployment=grant["deployment"], node=launch.node, gpus=list(launch.gpus))
             key = (rid, launch.stages[0])
             if rid in self.finished:  # the request already failed: nobody will run it
                 self._done(launch_id, rid)
@@ -187,8 +218,11 @@ class Controller:
     # -- the API the ingress and the replicas call ----------------------------------------------
     async def submit(self, request_id: str, model: str, shape_key: str, steps: int,
                      slo_ms: float | None = None) -> dict:
-        """A request arrived. Returns its deadline (seconds from now)."""
+        """A request arrived. Returns its deadline (seconds from now) and the current replica
+        counts (the ingress dispatches on them if this controller becomes unreachable)."""
         self._ensure_ticker()
+        if request_id in self.finished or request_id in self.active:  # late (the ingress gave up) or twice
+            return {"slo_s": 0.0, "counts": dict(self.counts), "ignored": True}
         shape = Shape.parse(shape_key)
         slo_s = slo_ms / 1000.0 if slo_ms else self._default_slo(model, shape, steps)
         now = self.now()
@@ -196,13 +230,13 @@ class Controller:
         self.active[request_id] = now + slo_s
         self.arrivals[request_id] = (time.monotonic(), model)
         self.progress[request_id] = {"id": request_id, "model": model, "shape": shape_key, "steps": steps,
-                                     "state": "queued", "stage": None, "slo_s": round(slo_s, 3),
-                                     "created": time.time(), "stages_done": []}
+                                     "state": RequestState.QUEUED.value, "stage": None, "slo_s": round(slo_s, 3),
+                                     "created": time.time(), "stages_done": [], "retries": 0}
         while len(self.progress) > 1000:
             self.progress.popitem(last=False)
         self.stats["submitted"] += 1
         self._schedule()
-        return {"slo_s": slo_s}
+        return {"slo_s": slo_s, "counts": dict(self.counts)}
 
     def _default_slo(self, model: str, shape: Shape, steps: int) -> float:
         try:
@@ -215,10 +249,14 @@ class Controller:
             return self.cfg.slo_scale * total * self.clock_scale
 
     async def acquire(self, request_id: str, stage: str) -> dict:
-        """Wait until the policy launches `stage` of the request; return the grant (deployment...)."""
+        """Wait until the policy launches `stage` of the request; return the grant (deployment...).
+
+        `UnknownRequestError` for a request this controller was never told of (it restarted)."""
         key = (request_id, stage)
         if key in self.granted:
             return self.granted.pop(key)
+        if request_id not in self.active:
+            raise UnknownRequestError(request_id)
         fut = asyncio.get_running_loop().create_future()
         self.waiters[key] = fut
         self._schedule()
@@ -231,16 +269,31 @@ class Controller:
             self.metrics.stage_done(grant["stage"], grant["width"], grant["deployment"], took)
             self.stage_lat.setdefault(grant["deployment"], deque(maxlen=200)).append(took)
         prog = self.progress.get(grant["request_id"])
-        if prog is not None:
+        if prog is not None and grant["stage"] not in prog["stages_done"]:
             prog["stages_done"].append(grant["stage"])
-            prog["state"] = "between stages"
+            if grant["stage"] != STAGES[-1]:
+                prog["state"] = RequestState.QUEUED.value  # for its next stage
         self._done(grant["launch_id"], grant["request_id"])
         self._schedule()
 
-    async def finish(self, request_id: str, ok: bool) -> None:
-        """The request ended (ok or not): free everything it still holds."""
+    async def stage_retry(self, grant: dict, attempt: int, error: str = "") -> None:
+        """The ingress re-runs a stage whose replica died; the grant stays held until it is done."""
+        self.metrics.stage_retry(grant["stage"])
+        self.stats["stage_retries"] = self.stats.get("stage_retries", 0) + 1
+        prog = self.progress.get(grant["request_id"])
+        if prog is not None:
+            prog.update(retries=prog.get("retries", 0) + 1, last_error=error)
+
+    async def finish(self, request_id: str, state: str) -> None:
+        """The request ended in `state` (a final `RequestState`): free everything it still holds."""
+        final = RequestState(state)
+        ok = final is RequestState.DONE
         if not ok:  # its later stages may still be launched by the policy: release them at once
-            self.finished.add(request_id)
+            self.finished[request_id] = None
+            while len(self.finished) > 100_000:
+                self.finished.popitem(last=False)
+        if request_id not in self.active:  # not submitted here (restarted controller, late report)
+            return
         deadline = self.active.pop(request_id, None)
         arrived, model = self.arrivals.pop(request_id, (None, ""))
         now = self.now()
@@ -253,13 +306,13 @@ class Controller:
                 self.latencies.append(time.monotonic() - arrived)
                 self.metrics.request_done(model, time.monotonic() - arrived)
         else:
-            self.stats["failed"] += 1
+            self.stats[final.value] = self.stats.get(final.value, 0) + 1
         if deadline is not None:  # counted once, for requests this controller admitted
-            self.metrics.outcome("on_time" if on_time else "late" if ok else "failed")
+            self.metrics.outcome(("on_time" if on_time else "late") if ok else final.value)
             self.outcomes.append((time.time(), on_time))
         prog = self.progress.get(request_id)
         if prog is not None:
-            prog.update(state="completed" if ok else "failed", stage=None, on_time=on_time,
+            prog.update(state=final.value, stage=None, on_time=on_time,
                         latency_s=round(time.monotonic() - arrived, 4) if arrived is not None else None)
         for stage in STAGES:
             self.granted.pop((request_id, stage), None)

@@ -1,10 +1,12 @@
 """The HTTP ingress (FastAPI on Serve): OpenAI-compatible images/videos, native generate, models.
 
 For each generation it validates (`GenerationParams.resolved()`: typed errors -> 4xx JSON),
-tells the controller of the arrival, then for each stage asks the controller for a grant and
-calls that stage's deployment with the *previous stage's unawaited DeploymentResponse*: Serve
-resolves it on the next replica, so embeddings and latents go stage to stage through the
-object store and only the decoded frames come back here. The end is reported to the controller.
+admits it (bounded queue, 429), tells the controller of the arrival, then for each stage asks
+the controller for a grant and calls that stage's deployment with the *ObjectRef of the previous
+stage's output*: embeddings and latents go stage to stage through the object store and only
+the decoded frames come back here. A stage whose replica dies is re-run from that ref
+(`stage_retry`); while the controller is down, grants come from the last plan
+(`controller_link`). The end (done, failed, cancelled, timed_out) is reported to the controller.
 (No `from __future__ import annotations`: FastAPI must see the body models, not strings.)
 """
 import asyncio
@@ -21,16 +23,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from trident_rs.errors import InvalidRequestError, TridentError
+from trident_rs.errors import InvalidRequestError, RequestTimedOutError, TridentError
 from trident_rs.media import mp4_bytes, png_bytes
 from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.types import STAGES
-from trident_rs.request import GenerationParams
+from trident_rs.request import GenerationParams, RequestState
 from trident_rs.serve.admission import Admission
 from trident_rs.serve.cancellation import Inflight, RequestCancelled
 from trident_rs.serve.config import AppConfig
+from trident_rs.serve.controller_link import ControllerLink
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
+from trident_rs.serve.stage_retry import is_replica_failure, run_stage
 
 api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
 api.add_middleware(GuardMiddleware)  # API key, body size, JSON syntax (trident_rs.serve.limits)
@@ -48,6 +52,14 @@ async def _trident_error(_: Request, e: TridentError) -> JSONResponse:
     if getattr(e, "retry_after_s", None):
         resp.headers["Retry-After"] = str(max(1, round(e.retry_after_s)))  # type: ignore[attr-defined]
     return resp
+
+
+@api.exception_handler(Exception)
+async def _server_error(_: Request, e: Exception) -> JSONResponse:
+    """A failure of the server's own (a stage raised): 500 with the error's kind and first line."""
+    cause = getattr(e, "cause", None) or e  # a RayTaskError: the replica's own exception
+    last = (str(cause).strip().splitlines() or [""])[-1][:300]
+    return _error(500, f"{type(cause).__name__}: {last}" if last else type(cause).__name__, "InternalServerError")
 
 
 @api.exception_handler(RequestValidationError)
@@ -118,6 +130,10 @@ class Ingress:
         self.admission = Admission.from_config(self.cfg)  # bounded queue per model -> 429
         configure_guard(self.cfg)
         self.inflight = Inflight()  # DeploymentResponses per request id, for cancellation
+        f = self.cfg.faults  # the controller may die: the link keeps dispatching on the last plan
+        self.link = ControllerLink(controller, {d.name: (d.stage, d.width) for d in self.cfg.deployments},
+                                   {d.name: d.replicas for d in self.cfg.deployments},
+                                   timeout_s=f.controller_timeout_s, probe_s=f.controller_probe_s)
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _params(self, **fields: Any) -> GenerationParams:
@@ -145,25 +161,45 @@ class Ingress:
         """Run the three stages of one request; returns the decode payload (frames).
 
         `rid` (default: a fresh id) is what `GET /v1/requests/{rid}` reports progress under.
+        Ends in exactly one final state, reported to the controller: done, failed, cancelled
+        (cancel endpoint or client disconnect) or timed_out (`limits.request_timeout_s`, 504).
         """
         rid = rid or uuid.uuid4().hex
         t0 = time.perf_counter()
         self.admission.admit(rid, params)  # OverloadedError -> 429 + Retry-After; no-op if already held
-        ok = False
+        state = RequestState.FAILED
         try:
-            await self.controller.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms)
-            resp: Any = StagePayload(params, {}, {"request_id": rid})
-            for stage in STAGES:
-                grant = await self.inflight.watch(rid, self.controller.acquire.remote(rid, stage))
-                resp = self.inflight.add(rid, self.stages[grant["deployment"]].run.remote(resp, grant))
-            result: StagePayload = await self.inflight.watch(rid, resp)
+            result = await asyncio.wait_for(self._stages(rid, params), self.cfg.limits.request_timeout_s)
             result.meta["latency_s"] = time.perf_counter() - t0
-            ok = True
+            state = RequestState.DONE
             return result
+        except asyncio.TimeoutError:
+            state = RequestState.TIMED_OUT
+            raise RequestTimedOutError(rid, self.cfg.limits.request_timeout_s) from None
+        except (RequestCancelled, asyncio.CancelledError):
+            state = RequestState.CANCELLED
+            raise
         finally:
-            self.inflight.end(rid, ok)  # not ok (failure, disconnect): cancel what is still pending
+            self.inflight.end(rid, state is RequestState.DONE)  # otherwise cancel what is still pending
             self.admission.release(rid)
-            await asyncio.shield(self.controller.finish.remote(rid, ok))
+            await asyncio.shield(self.link.finish(rid, state))
+
+    async def _stages(self, rid: str, params: GenerationParams) -> StagePayload:
+        """Encode, diffuse, decode: each stage where its grant says, re-run if its replica dies."""
+        faults = self.cfg.faults
+        await self.link.submit(rid, params)
+        out: Any = StagePayload(params, {}, {"request_id": rid})
+        retries = 0
+        for stage in STAGES:
+            grant = await self.link.acquire(rid, stage, params, lambda aw: self.inflight.watch(rid, aw))
+            out, n = await run_stage(
+                lambda prev=out, g=grant: self.inflight.add(rid, self.stages[g["deployment"]].run.remote(prev, g)),
+                lambda aw: self.inflight.watch(rid, aw), stage=stage, last=stage == STAGES[-1],
+                retries=faults.stage_retries, backoff_s=faults.retry_backoff_s,
+                on_retry=lambda attempt, e, g=grant: self.link.stage_retry(rid, g, attempt, e))
+            retries += n
+        out.meta["retries"] = retries
+        return out
 
     # -- OpenAI-compatible endpoints ------------------------------------------------------------------
     @api.post("/v1/images/generations")
@@ -262,9 +298,22 @@ class Ingress:
                          "default_frames": spec.default_frames, "max_frames": spec.max_frames})
         return {"object": "list", "data": data}
 
+    async def _ask_controller(self, call: Any) -> Any:
+        """A read-only controller call; 503 (not 500) while the controller is restarting."""
+        try:
+            return await call
+        except Exception as e:  # noqa: BLE001 - sorted just below
+            if not is_replica_failure(e):
+                raise
+            return _error(503, "the controller is restarting; requests are still served on the last plan",
+                          "ControllerUnavailableError")
+
     @api.get("/v1/status")
-    async def status(self) -> dict:
-        return await self.controller.status.remote()
+    async def status(self) -> Any:
+        out = await self._ask_controller(self.controller.status.remote())
+        if isinstance(out, dict):
+            out["ingress"] = {"admission": self.admission.snapshot(), "controller_link": self.link.snapshot()}
+        return out
 
     @api.post("/v1/requests/{request_id}/cancel")
     async def cancel(self, request_id: str) -> Any:
@@ -277,7 +326,9 @@ class Ingress:
     @api.get("/v1/requests/{request_id}")
     async def request_progress(self, request_id: str) -> Any:
         """Which stage a request is in (send your own id in `X-Request-Id`; video jobs use the job id)."""
-        prog = await self.controller.request_status.remote(request_id)
+        prog = await self._ask_controller(self.controller.request_status.remote(request_id))
+        if isinstance(prog, JSONResponse):
+            return prog
         if prog is None:
             return _error(404, f"no request {request_id!r} (recent ones are kept)", "NotFoundError", "request_id")
         return prog
@@ -287,7 +338,8 @@ class Ingress:
         """Prometheus text format (see trident_rs.serve.metrics)."""
         from trident_rs.serve.metrics import CONTENT_TYPE
 
-        return PlainTextResponse(await self.controller.metrics_text.remote(), media_type=CONTENT_TYPE)
+        text = await self._ask_controller(self.controller.metrics_text.remote())
+        return text if isinstance(text, JSONResponse) else PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

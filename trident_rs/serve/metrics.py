@@ -12,7 +12,10 @@ makes exact counts awkward to scrape in a test or on a laptop.
 
     trident_stage_latency_seconds{stage, width, deployment}   histogram, grant -> stage done
     trident_request_latency_seconds{model}                     histogram, arrival -> finish (ok)
-    trident_requests_total{outcome}                            on_time | late | rejected | failed
+    trident_requests_total{outcome}                            on_time | late | rejected | failed |
+                                                               cancelled | timed_out
+    trident_stage_retries_total{stage}                         stage re-runs after a replica died
+    trident_policy_errors_total                                policy calls that raised (logged)
     trident_queue_length{deployment}                           granted, not yet finished
     trident_stage_waiting{stage}                               waiting for the policy to launch
     trident_inflight_requests                                  admitted, not yet finished
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-OUTCOMES = ("on_time", "late", "rejected", "failed")
+OUTCOMES = ("on_time", "late", "rejected", "failed", "cancelled", "timed_out")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -46,6 +49,8 @@ class ServeMetrics:
         self.attainment = Gauge("trident_slo_attainment", "On-time share of recently finished requests",
                                 registry=r)
         self.replans = Counter("trident_replans", "Plan changes after the initial plan", registry=r)
+        self.retries = Counter("trident_stage_retries", "Stage re-runs after a replica died", ["stage"], registry=r)
+        self.policy_errors = Counter("trident_policy_errors", "Policy calls that raised", registry=r)
         self.solver = Histogram("trident_solver_seconds", "Policy time of the calls that produced a new plan",
                                 registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0))
 
@@ -64,6 +69,14 @@ class ServeMetrics:
     def outcome(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()
         self.ray.call("requests", "inc", 1, {"outcome": outcome})
+
+    def stage_retry(self, stage: str) -> None:
+        self.retries.labels(stage).inc()
+        self.ray.call("retries", "inc", 1, {"stage": stage})
+
+    def policy_error(self) -> None:
+        self.policy_errors.inc()
+        self.ray.call("policy_errors", "inc", 1, {})
 
     def replan(self) -> None:
         self.replans.inc()
@@ -110,6 +123,9 @@ class _RayMirror:
                                                 boundaries=list(LATENCY_BUCKETS), tag_keys=("model",)),
                 "requests": rm.Counter("trident_requests", "Requests by outcome", tag_keys=("outcome",)),
                 "replans": rm.Counter("trident_replans", "Plan changes after the initial plan"),
+                "retries": rm.Counter("trident_stage_retries", "Stage re-runs after a replica died",
+                                      tag_keys=("stage",)),
+                "policy_errors": rm.Counter("trident_policy_errors", "Policy calls that raised"),
                 "solver": rm.Histogram("trident_solver_seconds", "Policy time of re-planning calls",
                                        boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
                 "queue": rm.Gauge("trident_queue_length", "Granted, not yet done", tag_keys=("stage_deployment",)),

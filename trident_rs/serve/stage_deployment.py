@@ -12,6 +12,7 @@ When a payload is done the replica tells the controller, which frees the grant.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from typing import Any
@@ -24,6 +25,8 @@ from trident_rs.executors.base import StageExecutor, StagePayload, build_executo
 from trident_rs.policy.types import Stage
 from trident_rs.serve.config import AppConfig, StageDeploymentConfig
 from trident_rs.serve.scaling import autoscaling_config
+
+logger = logging.getLogger("ray.serve")
 
 
 def _executor_options(cfg: AppConfig, model: str, dep: StageDeploymentConfig) -> dict[str, Any]:
@@ -85,8 +88,18 @@ class StageReplica:
         try:
             return await self._run_batch(payload)
         finally:
-            if grant is not None and self.controller is not None:
-                await self.controller.stage_done.remote(grant)
+            if grant is not None and grant.get("launch_id") is not None and self.controller is not None:
+                await self._report_done(grant)
+
+    async def _report_done(self, grant: dict) -> None:
+        """Tell the controller before answering (so it frees the grant before the request's end
+        is reported), but never wait longer than `faults.controller_timeout_s` for a controller
+        that is restarting. Grants the ingress made itself (`launch_id` None) are not reported."""
+        try:
+            await asyncio.wait_for(self.controller.stage_done.remote(grant), self.config.faults.controller_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the controller is down: it has forgotten the grant anyway
+            logger.warning("could not report %s of %s to the controller: %s", grant["stage"],
+                           grant["request_id"], type(e).__name__)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _run_batch(self, payloads: list[StagePayload]) -> list[StagePayload | Exception]:

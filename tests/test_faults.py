@@ -1,0 +1,149 @@
+"""Fault tolerance at the ingress, in-process with fake replicas (issue 8, item 4).
+
+A stage replica that dies mid-request is re-run from the previous stage's result, up to the
+configured retries, then 503; a controller that is down or restarted does not stop requests
+(they are dispatched on the last plan); every request ends in one final state, reported once.
+"""
+import asyncio
+
+from ray.exceptions import ActorDiedError, RayTaskError
+
+from ingress_fakes import _Method, run_http
+from trident_rs.errors import UnknownRequestError
+from trident_rs.serve.stage_retry import is_replica_failure
+
+BODY = {"model": "tiny-sd3", "prompt": "x", "height": 64, "width": 64, "steps": 1}
+CFG = {"models": ["tiny-sd3"], "faults": {"retry_backoff_s": 0.0}}
+
+
+def _stage(inst, stage):
+    return inst.stages[f"{stage}-w1"]
+
+
+def test_replica_failure_is_told_apart_from_the_request_failing():
+    assert is_replica_failure(ActorDiedError())
+    rank_died = RayTaskError("run", "traceback", ActorDiedError())  # a width-k replica's rank actor died
+    assert is_replica_failure(rank_died)
+    assert not is_replica_failure(RayTaskError("run", "traceback", ValueError("bad latents")))
+    assert not is_replica_failure(ValueError("bad latents"))
+
+
+def test_a_dead_diffuse_replica_is_rerun_from_the_encode_output():
+    async def scenario(c, inst):
+        _stage(inst, "diffuse").deaths = [ActorDiedError()]
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "r1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["retries"] == 1
+        assert _stage(inst, "encode").calls == 1  # resumed, not restarted
+        assert _stage(inst, "diffuse").calls == 2 and _stage(inst, "decode").calls == 1
+        assert inst.controller.retries == [("r1", "diffuse", 1)]
+        assert inst.controller.finished == [("r1", "done")]
+        assert inst.admission.per_model == {} and inst.inflight.states == {}
+
+    run_http(CFG, scenario)
+
+
+def test_a_stage_that_keeps_dying_fails_with_503_after_the_retries():
+    async def scenario(c, inst):
+        _stage(inst, "decode").deaths = [ActorDiedError() for _ in range(3)]
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "r2"})
+        assert r.status_code == 503, r.text
+        msg = r.json()["error"]["message"]
+        assert "decode" in msg and "2 time(s)" in msg and int(r.headers["retry-after"]) >= 1
+        assert _stage(inst, "decode").calls == 2  # the first try and one retry
+        assert inst.controller.finished == [("r2", "failed")]
+        assert inst.admission.per_model == {} and inst.inflight.states == {}
+        _stage(inst, "decode").deaths = []  # the service still answers
+        assert (await c.post("/v1/generate", json=BODY)).status_code == 200
+
+    run_http({**CFG, "faults": {"stage_retries": 1, "retry_backoff_s": 0.0}}, scenario)
+
+
+def test_an_error_of_the_request_itself_is_not_retried():
+    async def scenario(c, inst):
+        _stage(inst, "encode").deaths = [RayTaskError("run", "tb", ValueError("prompt made NaNs"))]
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "r3"})
+        assert r.status_code == 500 and "NaNs" in r.json()["error"]["message"], r.text
+        assert _stage(inst, "encode").calls == 1 and _stage(inst, "diffuse").calls == 0
+        assert inst.controller.finished == [("r3", "failed")] and inst.controller.retries == []
+
+    run_http(CFG, scenario)
+
+
+def test_with_the_controller_down_requests_run_on_the_last_plan_until_it_is_back():
+    async def scenario(c, inst):
+        ctl = inst.controller
+        assert (await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "a"})).status_code == 200
+        ctl.fail["submit"] = ActorDiedError()
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "b"})
+        assert r.status_code == 200, r.text
+        grants = _stage(inst, "diffuse").grants[-1]
+        assert grants["deployment"] == "diffuse-w1" and grants["launch_id"] is None and grants["local"]
+        assert (await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "c"})).status_code == 200
+        assert ctl.submitted == ["a"]  # down: not even tried again before controller_probe_s
+        # only "forget b had it arrived late" (the controller ignores ids it never saw); nothing of c
+        assert ctl.finished == [("a", "done"), ("b", "failed")]
+        st = (await c.get("/v1/status"))
+        assert st.status_code == 200 and inst.link.snapshot()["controller_up"] is False
+        del ctl.fail["submit"]
+        inst.link.down_until = 0.0  # the probe interval passed: the controller is back
+        assert (await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "d"})).status_code == 200
+        assert ctl.submitted == ["a", "d"] and ctl.finished[-1] == ("d", "done")
+        assert inst.link.stats["local_requests"] == 2
+
+    run_http(CFG, scenario)
+
+
+def test_a_controller_that_dies_or_restarts_mid_request_does_not_lose_it():
+    for error in (ActorDiedError(), UnknownRequestError("x")):
+        async def scenario(c, inst, error=error):
+            real = inst.controller.acquire
+
+            async def acquire(rid, stage):
+                if stage != "encode":
+                    raise error
+                return await real.remote(rid, stage)
+            inst.controller.acquire = _Method(acquire, eager=True)
+            r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "m"})
+            assert r.status_code == 200, r.text
+            assert _stage(inst, "encode").grants[-1]["launch_id"] == 0  # the controller's grant
+            assert _stage(inst, "decode").grants[-1]["launch_id"] is None  # the last plan's
+            # a dead controller puts the link down; a restarted one that forgot a request does not
+            assert inst.link.up is isinstance(error, UnknownRequestError)
+
+        run_http(CFG, scenario)
+
+
+def test_a_controller_that_does_not_answer_submit_in_time_is_bypassed():
+    async def scenario(c, inst):
+        async def hang(*a):
+            await asyncio.sleep(30)
+        inst.controller.submit = _Method(hang, eager=True)
+        r = await c.post("/v1/generate", json=BODY)
+        assert r.status_code == 200 and inst.link.stats["local_requests"] == 1
+
+    run_http({**CFG, "faults": {"controller_timeout_s": 0.2}}, scenario)
+
+
+def test_status_and_progress_are_503_while_the_controller_restarts():
+    async def scenario(c, inst):
+        for name in ("status", "request_status", "metrics_text"):
+            inst.controller.fail[name] = ActorDiedError()
+        for path in ("/v1/status", "/v1/requests/x", "/metrics"):
+            r = await c.get(path)
+            assert r.status_code == 503 and "restarting" in r.json()["error"]["message"], path
+
+    run_http(CFG, scenario)
+
+
+def test_a_request_past_its_timeout_is_cancelled_with_504():
+    gate = asyncio.Event()
+
+    async def scenario(c, inst):
+        gate.__init__()  # never set: diffuse waits forever
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "slow"})
+        assert r.status_code == 504 and "0.3 s" in r.json()["error"]["message"], r.text
+        assert inst.controller.finished == [("slow", "timed_out")]
+        assert inst.admission.per_model == {} and inst.inflight.states == {}
+
+    run_http({**CFG, "limits": {"request_timeout_s": 0.3}}, scenario, gate=gate)

@@ -1,0 +1,118 @@
+"""The serve Controller deployment's class in-process (no Ray): request states, restarts, and
+a policy that fails or times out never taking the controller down (issue 8, item 4)."""
+import asyncio
+import types
+
+import pytest
+
+from trident_rs.errors import UnknownRequestError
+from trident_rs.serve import controller as mod
+
+CFG = {"models": ["sd3"], "executor": "emulated", "time_scale": 0.001,
+       "cluster": {"nodes": 1, "gpus_per_node": 8},
+       "deployments": [{"stage": s, "width": 1, "replicas": 1} for s in ("encode", "diffuse", "decode")],
+       "policy": {"name": "greedy", "options": {"replan": False}}}
+
+
+@pytest.fixture
+def published(monkeypatch):
+    """Serve's replica context and the KV store, faked; returns what the controller published."""
+    kv: dict[str, int] = {}
+    monkeypatch.setattr(mod.serve, "get_replica_context", lambda: types.SimpleNamespace(app_name="app"))
+    monkeypatch.setattr(mod, "publish_counts", lambda app, counts: kv.update(counts))
+    monkeypatch.setattr(mod, "read_count", lambda app, dep: kv.get(dep))
+    return kv
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_request_moves_through_its_states_and_ends_once(published):
+    async def go():
+        ctl = mod.Controller(CFG)  # one replica per stage
+        out = await ctl.submit("r", "sd3", "512-512-1", 4)
+        assert out["counts"] == {"encode-w1": 1, "diffuse-w1": 1, "decode-w1": 1}
+        await ctl.submit("s", "sd3", "512-512-1", 4)
+        state = lambda rid: ctl.progress[rid]["state"]  # noqa: E731
+        assert (state("r"), state("s")) == ("encoding", "queued")  # s waits for the encode replica
+        seen = []
+        for stage in ("encode", "diffuse", "decode"):
+            await ctl.stage_done(await ctl.acquire("r", stage))
+            seen.append(state("r"))
+        assert seen == ["diffusing", "decoding", "decoding"]  # each next stage launched at once
+        assert state("s") == "encoding"  # launched when r left the encode replica
+        await ctl.finish("r", "done")
+        st = await ctl.request_status("r")
+        assert st["state"] == "done" and st["stages_done"] == ["encode", "diffuse", "decode"]
+        await ctl.finish("r", "done")  # a second report changes nothing
+        assert ctl.stats["completed"] == 1
+    _run(go())
+
+
+def test_cancelled_and_timed_out_requests_free_their_gpus_and_are_counted(published):
+    async def go():
+        ctl = mod.Controller(CFG)
+        for rid in ("c", "t"):
+            await ctl.submit(rid, "sd3", "512-512-1", 4)
+        await ctl.acquire("c", "encode")  # holds an encode replica
+        await ctl.finish("c", "cancelled")
+        await ctl.finish("t", "timed_out")  # never started
+        assert ctl.inflight == {} and ctl.active == {}
+        assert ctl.stats["cancelled"] == 1 and ctl.stats["timed_out"] == 1 and ctl.stats["completed"] == 0
+        text = await ctl.metrics_text()
+        assert 'trident_requests_total{outcome="cancelled"} 1.0' in text
+        assert 'trident_requests_total{outcome="timed_out"} 1.0' in text
+        with pytest.raises(ValueError):
+            await ctl.finish("x", "exploded")  # not a final state
+    _run(go())
+
+
+def test_acquire_for_an_unknown_request_fails_fast_instead_of_waiting(published):
+    async def go():
+        ctl = mod.Controller(CFG)
+        with pytest.raises(UnknownRequestError):
+            await asyncio.wait_for(ctl.acquire("never-submitted", "encode"), 1.0)
+    _run(go())
+
+
+def test_a_submit_arriving_after_the_ingress_gave_up_is_ignored(published):
+    async def go():
+        ctl = mod.Controller(CFG)
+        await ctl.finish("late", "failed")  # the ingress timed out on submit and said so
+        out = await ctl.submit("late", "sd3", "512-512-1", 4)
+        assert out["ignored"] and ctl.policy.pending() == 0 and ctl.active == {}
+    _run(go())
+
+
+def test_a_restarted_controller_keeps_the_published_counts(published):
+    published.update({"encode-w1": 1, "diffuse-w1": 3, "decode-w1": 1})
+    trident = {**CFG, "policy": {"name": "trident"}}  # no forecast: its first plan is empty
+    ctl = mod.Controller(trident)
+    assert ctl.counts == {"encode-w1": 1, "diffuse-w1": 3, "decode-w1": 1}
+    assert published["diffuse-w1"] == 3 and "restarted" in ctl.replans[-1]["reason"]
+
+
+def test_a_policy_that_raises_is_logged_and_the_controller_keeps_serving(published, monkeypatch):
+    async def go():
+        ctl = mod.Controller(CFG)
+        real = ctl.policy.schedule
+        monkeypatch.setattr(ctl.policy, "schedule", lambda state: 1 / 0)
+        await ctl.submit("p", "sd3", "512-512-1", 4)  # does not raise
+        assert "trident_policy_errors_total 1.0" in await ctl.metrics_text()
+        monkeypatch.setattr(ctl.policy, "schedule", real)  # the next event schedules it
+        grant = await asyncio.wait_for(ctl.acquire("p", "encode"), 2.0)
+        assert grant["deployment"] == "encode-w1"
+    _run(go())
+
+
+def test_a_solver_without_a_solution_in_time_falls_back_to_the_greedy_plan(published, monkeypatch):
+    from trident_rs.policy import solver
+
+    monkeypatch.setattr(solver.PlacementSolver, "_solve_counts",
+                        lambda *a, **k: (None, {}, {"status": "UNKNOWN", "fallback": False}))
+    cfg = {**CFG, "policy": {"name": "trident", "options": {"workload": "flux-paper"}}}
+    ctl = mod.Controller(cfg)
+    assert ctl.plan.groups and ctl.plan.stats["fallback"]
+    assert "greedy plan" in ctl.replans[-1]["reason"]
+    assert sum(published.values()) >= 3 and all(published[d] >= 1 for d in published)

@@ -1,0 +1,35 @@
+"""Fault injection for tests and benchmarks: kill Serve replicas of a running app.
+
+Serve names each replica actor `SERVE_REPLICA::<app>#<deployment>#<id>` in the `serve`
+namespace; killing one (`no_restart`) is what a crashed process or a lost node looks like to
+its callers. Serve's controller notices and starts a replacement to keep the target count.
+"""
+from __future__ import annotations
+
+import random
+
+SERVE_NAMESPACE = "serve"
+
+
+def replica_actors(app: str, deployment: str) -> list[str]:
+    """Names of the live replica actors of `deployment` in `app`."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == SERVE_NAMESPACE and a["name"].startswith(prefix))
+
+
+def kill_replica(app: str, deployment: str, rng: random.Random | None = None) -> str | None:
+    """Kill one replica of `deployment` (chosen by `rng`); its name, or None if none is alive."""
+    import ray
+
+    names = replica_actors(app, deployment)
+    if not names:
+        return None
+    name = (rng or random.Random()).choice(names)
+    try:
+        ray.kill(ray.get_actor(name, namespace=SERVE_NAMESPACE), no_restart=True)
+    except ValueError:  # it went away between listing and killing
+        return None
+    return name

@@ -1,0 +1,131 @@
+"""The ingress's link to the controller, which keeps requests moving while the controller is down.
+
+Normally every request is submitted to the controller and each of its stages waits for the
+controller's grant. The link remembers the last plan the controller published (replica counts
+per deployment, returned by every `submit`) and, per request class and stage, the deployment
+the controller last granted. When the controller cannot be reached (its replica died: the call
+raises `RayActorError`; or `submit` is not answered within `controller_timeout_s`), the link
+goes *down* for `controller_probe_s` and hands out grants itself from what it remembers; Serve
+spreads them over that deployment's replicas. A request keeps the path it started on, except
+that a request whose controller dies mid-way (or which a restarted controller no longer knows)
+finishes on the last plan. After `controller_probe_s` the next submit tries the controller again.
+
+Grants made here have `launch_id: None`: replicas do not report them to the controller.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from trident_rs.errors import UnknownRequestError
+from trident_rs.policy.types import Stage
+from trident_rs.request import GenerationParams, RequestState
+from trident_rs.serve.stage_retry import is_replica_failure
+
+logger = logging.getLogger("ray.serve")
+
+
+class ControllerLink:
+    def __init__(self, handle: Any, deployments: dict[str, tuple[Stage, int]], counts: dict[str, int], *,
+                 timeout_s: float = 2.0, probe_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        """`deployments`: name -> (stage, width); `counts`: the configured initial replica counts."""
+        self.handle = handle
+        self.deployments = dict(deployments)
+        self.counts = dict(counts)
+        self.timeout_s, self.probe_s, self.clock = timeout_s, probe_s, clock
+        self.routes: dict[tuple[str, str, str], str] = {}  # (model, shape, stage) -> last granted deployment
+        self.down_until: float | None = None
+        self.local: set[str] = set()  # requests being dispatched here, not by the controller
+        self.stats = {"controller_failures": 0, "local_requests": 0, "local_grants": 0}
+
+    @property
+    def up(self) -> bool:
+        return self.down_until is None or self.clock() >= self.down_until
+
+    def _down(self, e: BaseException) -> None:
+        if self.up:
+            logger.warning("controller unreachable (%s); dispatching on the last plan for %.0f s",
+                           type(e).__name__, self.probe_s)
+        self.down_until = self.clock() + self.probe_s
+        self.stats["controller_failures"] += 1
+
+    def _go_local(self, rid: str) -> None:
+        if rid not in self.local:
+            self.local.add(rid)
+            self.stats["local_requests"] += 1
+
+    # -- the three calls of a request's life -------------------------------------------------------
+    async def submit(self, rid: str, params: GenerationParams) -> None:
+        if self.up:
+            try:
+                out = await asyncio.wait_for(
+                    self.handle.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms),
+                    self.timeout_s)
+                self.counts = dict(out.get("counts") or self.counts)
+                self.down_until = None
+                return
+            except Exception as e:  # noqa: BLE001 - sorted just below
+                if not (isinstance(e, asyncio.TimeoutError) or is_replica_failure(e)):
+                    raise
+                self._down(e)
+                self._tell_finished(rid, RequestState.FAILED)  # had it got there late: free its place
+        self._go_local(rid)
+
+    async def acquire(self, rid: str, stage: Stage, params: GenerationParams,
+                      watch: Callable[[Awaitable], Awaitable]) -> dict:
+        """The grant for `stage` of `rid`: the controller's, or one from the last plan."""
+        if rid not in self.local:
+            try:
+                grant = await watch(self.handle.acquire.remote(rid, stage))
+                self.routes[(params.model, params.shape.key, stage)] = grant["deployment"]
+                return grant
+            except Exception as e:  # noqa: BLE001 - sorted just below
+                if isinstance(e, UnknownRequestError):  # a restarted controller: it lost our request
+                    logger.warning("controller no longer knows request %s; finishing it on the last plan", rid)
+                elif is_replica_failure(e):
+                    self._down(e)
+                else:
+                    raise
+                self._go_local(rid)
+        return self.local_grant(rid, stage, params)
+
+    async def finish(self, rid: str, state: RequestState) -> None:
+        if rid in self.local:
+            self.local.discard(rid)
+            return
+        try:
+            await self.handle.finish.remote(rid, state.value)
+        except Exception as e:  # noqa: BLE001 - a dead controller forgets the request anyway
+            if not is_replica_failure(e):
+                raise
+            self._down(e)
+
+    def stage_retry(self, rid: str, grant: dict, attempt: int, error: BaseException) -> None:
+        """Tell the controller (fire and forget) that a stage is being re-run."""
+        if rid not in self.local and self.up:
+            self.handle.stage_retry.remote(grant, attempt, type(error).__name__)
+
+    def _tell_finished(self, rid: str, state: RequestState) -> None:
+        try:
+            self.handle.finish.remote(rid, state.value)  # fire and forget
+        except Exception:  # noqa: BLE001 - nothing more to do for a dead controller
+            pass
+
+    # -- dispatch without the controller ------------------------------------------------------------
+    def local_grant(self, rid: str, stage: Stage, params: GenerationParams) -> dict:
+        """Where the last plan ran this request class's `stage`; else the stage's most-replicated
+        deployment (ties: the narrower)."""
+        name = self.routes.get((params.model, params.shape.key, stage))
+        if name is None or self.counts.get(name, 0) <= 0:
+            names = [n for n, (s, _) in self.deployments.items() if s == stage]
+            name = max(names, key=lambda n: (self.counts.get(n, 0), -self.deployments[n][1]))
+        self.stats["local_grants"] += 1
+        return {"request_id": rid, "stage": stage, "deployment": name, "width": self.deployments[name][1],
+                "launch_id": None, "batch": 1, "local": True}
+
+    def snapshot(self) -> dict:
+        return {"controller_up": self.up, "local_in_flight": len(self.local), "last_counts": dict(self.counts),
+                **self.stats}
