@@ -111,3 +111,44 @@ def test_trident_replans_when_the_mix_shifts_and_serves_everyone():
     assert set(res.finished) == {r.id for r in first + late}
     assert res.plans >= 1 and policy.controller.replans >= 2
     assert Shape(2048, 2048) in {c.shape for c in policy.controller.planned_for.rates}  # re-planned for the new mix
+
+
+def test_transition_gives_freed_gpus_first_to_a_deployment_the_plan_lacks():
+    """The target's only encode group sits on a GPU a long drain holds; the free GPUs must go
+    to it (relocated) before more diffuse groups, or the model's encode queue starves."""
+    from trident_rs.policy.types import PlacementPlan, ReplicaGroup
+
+    def grp(stage, gpu):
+        return ReplicaGroup(f"img:{stage}-w1@n0g{gpu}", "img", (stage,), 1, 0, (gpu,))
+
+    current = PlacementPlan(tuple(grp("diffuse", i) for i in range(6)))  # GPUs 6 and 7 idle
+    # the packer lists wide and alphabetically early deployments first: diffuse before encode
+    target = PlacementPlan(tuple(grp("diffuse", i) for i in range(1, 8)) + (grp("encode", 0),))
+    tr = Transition(target, "test", gpus_per_node=8)
+    plan, done = tr.step(current, frozenset({"img:diffuse-w1@n0g0"}), {0: frozenset({1, 2, 3, 4, 5, 6, 7})})
+    plan.check(Cluster(1, 8))
+    assert any(g.stages == ("encode",) for g in plan.groups)
+    assert not done  # the busy group still drains
+
+
+def test_sampling_noise_is_not_a_mix_shift():
+    """60 arrivals drawn from a 13-class mix differ from it by ~0.25 in total variation: with
+    the noise allowance that is no shift; a real shift still is."""
+    from trident_rs.policy.controller import mix_noise
+
+    classes = [RequestClass("img", Shape(64 * (i + 1), 64 * (i + 1)), 10, 50.0) for i in range(13)]
+    planned = Forecast({c: 1.0 / 13 for c in classes})  # 1 req/s in all
+    rng = random.Random(7)  # a draw that strays 0.3 from the mix (typical: 0.1-0.3)
+    sample = [rng.choice(classes) for _ in range(60)]
+    observed = Forecast.from_requests([Request(f"r{i}", c.model, c.shape, 10, 0, 50) for i, c in enumerate(sample)], 60)
+    d = mix_distance(observed.mix(), planned.mix())
+    assert d > 0.25  # the fixed threshold alone would call it a shift
+    assert d < 2.0 * mix_noise(planned.mix(), 60)
+    ctl = Controller(PlacementSolver(Cluster(2, 8), COST), ControllerConfig(window_s=60, check_interval_s=5))
+    ctl.planned_for = planned
+    for i, c in enumerate(sample):
+        ctl.observe_arrival(Request(f"s{i}", c.model, c.shape, 10, i, i + 50), float(i))
+    assert ctl.shift_reason(60.0) == ""
+    for i in range(60):
+        ctl.observe_arrival(Request(f"t{i}", "img", classes[0].shape, 10, 60 + i, 110 + i), 60.0 + i)
+    assert ctl.shift_reason(120.0).startswith("mix shift")

@@ -136,3 +136,36 @@ def test_overload_keeps_capacity_for_every_class_at_its_efficient_width():
     plain = PlacementSolver(cluster, FAKE, fair_share=False).solve(f)
     assert not any(g.model == "vid" and g.stages == ("diffuse",) and g.width == eff for g in plain.groups)
     assert plain.stats["goodput_rps"] >= fair.stats["goodput_rps"]
+
+
+def test_models_option_plans_before_the_first_arrival(cost):
+    """With `models`, the first plan (for the cost model's profiled shapes) is ready at t = 0,
+    so the first small requests meet their seconds-long SLOs although any group a re-plan
+    adds takes 20 s to start; without it nothing runs before the first plan's groups start."""
+    cluster = Cluster(2, 8)
+    shape = Shape(256, 256)
+    slo = 15.0
+    reqs = [Request(f"r{i}", "flux", shape, 28, 0.5 * i, 0.5 * i + slo) for i in range(10)]
+    config = SimConfig(start_cost_s=20.0)
+    with_prior = TridentPolicy(cluster, cost, models={"flux": 1.0})
+    plan = with_prior.initial_plan(0.0)
+    served = {g.stages[0] for g in plan.groups if g.model == "flux"}
+    assert served == {"encode", "diffuse", "decode"}
+    res = simulate(cluster, TridentPolicy(cluster, cost, models=["flux"]), cost, reqs, config)
+    _all_done(res, reqs)
+    assert all(res.finish[r.id] <= r.deadline for r in reqs)
+    cold = simulate(cluster, TridentPolicy(cluster, cost), cost, reqs, config)
+    assert all(cold.finish[r.id] > r.deadline for r in reqs[:5])
+
+
+def test_prior_forecast_covers_profiled_shapes_and_fills_the_cluster(cost):
+    from trident_rs.policy.solver import PlacementSolver
+    from trident_rs.policy.workload import prior_forecast
+
+    cluster = Cluster(16, 8)
+    f = prior_forecast(cost, {"flux": 3.0, "hunyuanvideo": 1.0}, cluster.total_gpus, 8, cluster.gpu_memory_gb)
+    assert {c.shape for c in f.rates if c.model == "flux"} == set(cost.shapes("flux"))
+    assert {c.steps for c in f.rates if c.model == "hunyuanvideo"} == {50}
+    plan = PlacementSolver(cluster, cost, time_limit_s=0.3).solve(f)
+    plan.check(cluster)
+    assert sum(g.width for g in plan.groups) == cluster.total_gpus

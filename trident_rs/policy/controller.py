@@ -5,24 +5,27 @@
 - `Controller.check()` compares the window with the forecast the current plan was built for.
   A shift is any of: total-variation distance between the class mixes >= `mix_threshold`;
   rate ratio outside [1/`rate_ratio`, `rate_ratio`]; attainment below the plan's prediction by
-  `attainment_dip`. Hysteresis: the shift must be seen on `persist_checks` consecutive checks,
+  `attainment_dip`. A mix shift must also stand out from sampling noise (`mix_noise_sigmas`
+  standard deviations of the distance n arrivals drawn from the planned mix would show). Hysteresis: the shift must be seen on `persist_checks` consecutive checks,
   and plans change at most once per `cooldown_s`.
 - `Transition` moves from the current plan to a target plan in steps that never over-commit a
   node: groups to remove first *drain* (no new work; they stay in the plan while busy), and a
   new group joins the plan only once every one of its GPUs is free (not in any group of the
   plan, draining ones included, and idle in the cluster). A new group whose GPUs are still
   held moves to another aligned block of idle GPUs if there is one (long drains must not keep
-  the target from taking shape while other GPUs sit idle); the transition ends once nothing
-  drains. Re-plans forecast the window's classes plus every class with unfinished requests.
+  the target from taking shape while other GPUs sit idle); groups of deployments the running
+  plan lacks take free GPUs first; the transition ends once nothing drains. Re-plans forecast the window's classes plus every class with unfinished requests.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Iterable
 from dataclasses import dataclass, field
 
 from trident_rs.errors import ConfigError
-from trident_rs.policy.solver import PlacementSolver, group_id
+from trident_rs.policy.packing import deployment_of, group_id
+from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import PlacementPlan, ReplicaGroup, Request
 from trident_rs.policy.workload import Forecast, RequestClass
 
@@ -37,12 +40,17 @@ class ControllerConfig:
     attainment_dip: float = 0.2
     persist_checks: int = 2
     cooldown_s: float = 60.0
+    # a mix shift must also exceed what sampling alone gives a window of n arrivals this many
+    # standard deviations out (13 classes and 60 arrivals differ by ~0.2 from their true mix)
+    mix_noise_sigmas: float = 2.0
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.check_interval_s <= 0 or self.cooldown_s < 0:
             raise ConfigError("controller window_s and check_interval_s must be > 0, cooldown_s >= 0")
         if not 0 < self.mix_threshold <= 1 or self.rate_ratio <= 1 or self.persist_checks < 1:
             raise ConfigError("controller needs 0 < mix_threshold <= 1, rate_ratio > 1, persist_checks >= 1")
+        if self.mix_noise_sigmas < 0:
+            raise ConfigError("controller mix_noise_sigmas must be >= 0")
 
 
 def mix_distance(a: dict, b: dict) -> float:
@@ -87,6 +95,14 @@ class ArrivalWindow:
         return sum(ok for _, ok in self.finishes) / len(self.finishes) if self.finishes else None
 
 
+def mix_noise(mix: dict, n: int) -> float:
+    """Standard deviation scale of the total-variation distance between `mix` and the mix of
+    `n` arrivals drawn from it: 0.5 * sum_k sqrt(p_k (1 - p_k) / n)."""
+    if n <= 0:
+        return 1.0
+    return 0.5 * sum(math.sqrt(p * (1.0 - p) / n) for p in mix.values())
+
+
 def with_backlog(forecast: Forecast, pending: Iterable[Request], horizon_s: float) -> Forecast:
     """`forecast` plus every class of the unfinished requests (`pending`) it lacks, at their
     count spread over `horizon_s` seconds (classes match by model, shape and steps)."""
@@ -128,7 +144,11 @@ class Transition:
         have = {g.id for g in keep}
         waiting = 0
         moved: dict[str, ReplicaGroup] = {}
-        for g in self.target.groups:
+        # groups of a deployment the running plan lacks go first: the GPUs that free up must
+        # not all go to more replicas of deployments that already run while, say, the only
+        # encode group of a model waits (its queue would starve behind long drains)
+        running = {deployment_of(g) for g in keep if g.id not in self.draining}
+        for g in sorted(self.target.groups, key=lambda g: deployment_of(g) in running):
             if g.id in have:
                 continue
             if any((g.node, i) in held or i not in free_gpus.get(g.node, ()) for i in g.gpus):
@@ -179,6 +199,7 @@ class Controller:
         # rates over at least one check interval: the first arrival alone is not 1,000 req/s
         self.window = ArrivalWindow(self.config.window_s, self.config.check_interval_s)
         self.planned_for: Forecast | None = None  # the forecast behind the current plan
+        self.provisional = False  # planned_for is a prior, not measured: replace it at the first window
         self.predicted_attainment: float | None = None
         self.last_replan: float = float("-inf")
         self.last_check: float = float("-inf")
@@ -191,9 +212,12 @@ class Controller:
     def observe_finish(self, request: Request, now: float) -> None:
         self.window.finish(now <= request.deadline + 1e-9, now)
 
-    def planned(self, forecast: Forecast, plan: PlacementPlan, now: float) -> None:
-        """Record that `plan` (built for `forecast`) is now the target."""
+    def planned(self, forecast: Forecast, plan: PlacementPlan, now: float, provisional: bool = False) -> None:
+        """Record that `plan` (built for `forecast`) is now the target. A `provisional` forecast
+        (a prior, see `workload.prior_forecast`) is re-planned at the first full window, without
+        waiting for persistence or the cooldown."""
         self.planned_for = forecast
+        self.provisional = provisional
         self.predicted_attainment = plan.predicted_attainment
         self.last_replan = now
         self.strikes = 0
@@ -204,10 +228,12 @@ class Controller:
         observed = self.window.forecast(now)
         if len(self.window.arrivals) < cfg.min_arrivals:
             return ""
-        if self.planned_for is None or not self.planned_for.rates:
+        if self.planned_for is None or not self.planned_for.rates or self.provisional:
             return "first window"
-        d = mix_distance(observed.mix(), self.planned_for.mix())
-        if d >= cfg.mix_threshold:
+        planned_mix = self.planned_for.mix()
+        d = mix_distance(observed.mix(), planned_mix)
+        noise = cfg.mix_noise_sigmas * mix_noise(planned_mix, len(self.window.arrivals))
+        if d >= max(cfg.mix_threshold, noise):
             return f"mix shift (distance {d:.2f})"
         ratio = observed.total_rate / max(self.planned_for.total_rate, 1e-9)
         if not 1 / cfg.rate_ratio <= ratio <= cfg.rate_ratio:
@@ -242,7 +268,7 @@ class Controller:
         forecast = with_backlog(self.window.forecast(now), pending, self.config.window_s)
         if not forecast.rates:  # no recent arrival and no backlog: nothing to plan for
             return None
-        plan = self.solver.solve(forecast, current)
+        plan = self.solver.solve(forecast, current, sticky=not self.provisional)
         self.planned(forecast, plan, now)
         self.replans += 1
         return Transition(plan, reason, gpus_per_node=self.solver.cluster.gpus_per_node)

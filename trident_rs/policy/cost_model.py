@@ -139,6 +139,13 @@ class CostModel:
                 return name
         raise ProfileError(f"no profile data for model {model!r} (profiles cover {', '.join(self.models())})")
 
+    def shapes(self, model: str, stage: str = "diffuse") -> list[Shape]:
+        """The shapes profiled for `stage` of `model` (any width), sorted."""
+        _check_stage(stage)
+        pmodel = self.profile_model(model)
+        return sorted({shape for (m, s, _w, _b), series in self._series.items() if m == pmodel and s == stage
+                       for shape in series.exact})
+
     def _profiled_widths(self, pmodel: str, stage: str) -> tuple[int, ...]:
         return tuple(sorted({w for (m, s, w, b) in self._series if m == pmodel and s == stage and b == 1}))
 

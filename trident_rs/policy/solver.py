@@ -13,9 +13,8 @@ Two steps, so that 1,024 GPUs solve in well under a second:
    Objective: on-time rate (predicted goodput, i.e. attainment × demand), tie-broken toward
    fewer GPUs changed from the current plan. A greedy fallback covers a timed-out solve.
 2. **Packing (greedy).** GPUs left over go to the deployment with the highest predicted
-   utilisation; then groups are placed widest first, best-fit, on aligned GPU blocks. Groups of
-   the current plan that are still wanted keep their node and GPUs, hence their id
-   (`{model}:{stage}-w{width}@n{node}g{first_gpu}`).
+   utilisation; then `trident_rs.policy.packing.pack` places groups widest first on aligned
+   GPU blocks, keeping the current plan's groups that are still wanted where they are.
 """
 from __future__ import annotations
 
@@ -27,7 +26,8 @@ from typing import TYPE_CHECKING
 from ortools.sat.python import cp_model
 
 from trident_rs.errors import ConfigError
-from trident_rs.policy.types import Cluster, PlacementPlan, ReplicaGroup, Stage
+from trident_rs.policy.packing import Deployment, deployment_of, group_id, pack, plan_counts
+from trident_rs.policy.types import Cluster, PlacementPlan
 from trident_rs.policy.workload import Forecast, RequestClass
 
 if TYPE_CHECKING:
@@ -35,15 +35,6 @@ if TYPE_CHECKING:
 
 RATE_UNIT = 1e-3  # x variables count milli-requests per second
 TIME_UNIT = 1e-3  # stage times in milliseconds (rounded up)
-
-
-@dataclass(frozen=True, order=True)
-class Deployment:
-    """A kind of replica group: `width` GPUs running `stage` of `model`."""
-
-    model: str
-    stage: Stage
-    width: int
 
 
 @dataclass(frozen=True)
@@ -71,14 +62,6 @@ class ClassCosts:
         w0 = min(self.t_diffuse)
         ok = [w for w, t in self.t_diffuse.items() if (self.t_diffuse[w0] * w0) / (t * w) >= threshold]
         return max(ok) if ok else w0
-
-
-def group_id(model: str, stage: str, width: int, node: int, first_gpu: int) -> str:
-    return f"{model}:{stage}-w{width}@n{node}g{first_gpu}"
-
-
-def deployment_of(group: ReplicaGroup) -> Deployment:
-    return Deployment(group.model, group.stages[0], group.width)
 
 
 class PlacementSolver:
@@ -125,15 +108,19 @@ class PlacementSolver:
         return out
 
     # ---- step 1: counts -------------------------------------------------------------------
-    def solve(self, forecast: Forecast, current: PlacementPlan | None = None) -> PlacementPlan:
-        """The plan for `forecast`, staying close to `current` where that costs no goodput."""
+    def solve(self, forecast: Forecast, current: PlacementPlan | None = None, *, sticky: bool = True
+              ) -> PlacementPlan:
+        """The plan for `forecast`, staying close to `current` where that costs no goodput.
+
+        `sticky=False`: choose the replica counts as if from scratch (`current` was built for a
+        guess, not a measurement), but still keep its groups' places where the counts allow."""
         if not forecast.rates:
             raise ConfigError("cannot plan for an empty forecast")
         start = time.perf_counter()
         classes = self.class_costs(forecast)
         deployments = sorted({cc.encode for cc in classes} | {cc.decode for cc in classes}
                              | {Deployment(cc.cls.model, "diffuse", w) for cc in classes for w in cc.t_diffuse})
-        cur = _counts(current) if current is not None else {}
+        cur = plan_counts(current) if current is not None and sticky else {}
         share = self._fair_share(forecast, classes) if self.fair_share else 0.0
         while True:
             counts, served, stats = self._solve_counts(forecast, classes, deployments, cur, share)
@@ -303,74 +290,4 @@ class PlacementSolver:
         return {d: k for d, k in counts.items() if k > 0}
 
 
-# ---- packing --------------------------------------------------------------------------
-def _counts(plan: PlacementPlan) -> dict[Deployment, int]:
-    out: dict[Deployment, int] = {}
-    for g in plan.groups:
-        if len(g.stages) == 1:
-            d = deployment_of(g)
-            out[d] = out.get(d, 0) + 1
-    return out
-
-
-def pack(cluster: Cluster, counts: dict[Deployment, int],
-         current: PlacementPlan | None = None) -> tuple[list[ReplicaGroup], int]:
-    """Groups for `counts` on nodes, keeping `current`'s groups where still wanted.
-
-    Returns the groups and how many did not fit (0 unless widths do not divide the node).
-    """
-    if current is not None:
-        groups, dropped = _pack(cluster, counts, current)
-        if dropped == 0:
-            return groups, 0
-    return _pack(cluster, counts, None)
-
-
-def _pack(cluster: Cluster, counts, current) -> tuple[list[ReplicaGroup], int]:
-    G = cluster.gpus_per_node
-    free = [[True] * G for _ in range(cluster.nodes)]
-    n_free = [G] * cluster.nodes
-    need = dict(counts)
-    groups: list[ReplicaGroup] = []
-    if current is not None:
-        for g in sorted(current.groups, key=lambda g: g.id):
-            if len(g.stages) != 1 or need.get(deployment_of(g), 0) <= 0:
-                continue
-            if g.node >= cluster.nodes or any(i >= G or not free[g.node][i] for i in g.gpus):
-                continue
-            need[deployment_of(g)] -= 1
-            groups.append(g)
-            for i in g.gpus:
-                free[g.node][i] = False
-            n_free[g.node] -= g.width
-    # buckets of nodes by free GPU count, for best fit
-    buckets: list[set[int]] = [set() for _ in range(G + 1)]
-    for node in range(cluster.nodes):
-        buckets[n_free[node]].add(node)
-    dropped = 0
-    for d in sorted(need, key=lambda d: (-d.width, d)):
-        for _ in range(need[d]):
-            node = next((min(buckets[k]) for k in range(d.width, G + 1) if buckets[k]), None)
-            if node is None:
-                dropped += 1
-                continue
-            gpus = _take(free[node], d.width)
-            buckets[n_free[node]].discard(node)
-            n_free[node] -= d.width
-            buckets[n_free[node]].add(node)
-            groups.append(ReplicaGroup(group_id(d.model, d.stage, d.width, node, gpus[0]), d.model,
-                                       (d.stage,), d.width, node, gpus))
-    return groups, dropped
-
-
-def _take(free: list[bool], width: int) -> tuple[int, ...]:
-    """An aligned free block of `width` GPUs if there is one, else the lowest free GPUs."""
-    for start in range(0, len(free) - width + 1, width):
-        if all(free[start:start + width]):
-            block = tuple(range(start, start + width))
-            break
-    else:
-        block = tuple([i for i, f in enumerate(free) if f][:width])
-    for i in block:
-        free[i] = False
-    return block
+__all__ = ["ClassCosts", "Deployment", "PlacementSolver", "deployment_of", "group_id", "pack"]

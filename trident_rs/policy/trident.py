@@ -7,7 +7,10 @@ given in the options, or learned from the first arrivals); the `Controller` re-p
 mix or rate shifts, and new plans are returned through `SchedulerOutput.new_plan`.
 
 Options (all keyword): forecast (Forecast), workload (a published trace name or CSV path, read
-for its class mix), slo_scale (for `workload`), solver_time_limit_s, utilization, slo_slack, replan
+for its class mix), models (model -> share of GPU time, or a list of models with equal shares:
+with neither forecast nor workload, the first plan is built for `workload.prior_forecast` of
+them, so it is ready before the first request and is replaced at the first window of real
+arrivals), slo_scale (for `workload` and `models`), solver_time_limit_s, utilization, slo_slack, replan
 (bool), controller (ControllerConfig or dict), tick_s, and the `Dispatcher` options
 (mode, late_width, late_delay_s, max_batch, batch_max_pixels).
 """
@@ -22,7 +25,7 @@ from trident_rs.policy.interface import Policy
 from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import Cluster, ClusterState, Launch, PlacementPlan, Request, SchedulerOutput, STAGES
 from trident_rs.policy.traces import read_named_trace
-from trident_rs.policy.workload import Forecast, forecast_from_trace
+from trident_rs.policy.workload import Forecast, forecast_from_trace, prior_forecast
 
 if TYPE_CHECKING:
     from trident_rs.policy.cost_model import CostModel
@@ -34,7 +37,7 @@ class TridentPolicy(Policy):
     name = "trident"
 
     def __init__(self, cluster: Cluster, cost: "CostModel", **options: Any):
-        known = {"forecast", "workload", "slo_scale", "solver_time_limit_s", "utilization", "replan",
+        known = {"forecast", "workload", "models", "slo_scale", "solver_time_limit_s", "utilization", "replan",
                  "controller", "tick_s", "seed", "slo_slack", *_DISPATCH_OPTIONS}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -57,6 +60,14 @@ class TridentPolicy(Policy):
         if self.forecast is None and options.get("workload"):
             self.forecast = forecast_from_trace(read_named_trace(options["workload"]), cost,
                                                 options.get("slo_scale", 4.0))
+        self._provisional = False  # the forecast is a prior (from `models`), not measured
+        if self.forecast is None and options.get("models"):
+            models = options["models"]
+            shares = dict(models) if isinstance(models, dict) else dict.fromkeys(models, 1.0)
+            self.forecast = prior_forecast(cost, shares, cluster.total_gpus, cluster.gpus_per_node,
+                                           cluster.gpu_memory_gb, options.get("slo_scale", 4.0),
+                                           self.solver.utilization)
+            self._provisional = True
         self.plan = PlacementPlan(())
         self.transition: Transition | None = None
         self._served: set[tuple] = set()  # (model, shape, steps) the current target plan can run
@@ -67,7 +78,7 @@ class TridentPolicy(Policy):
     def initial_plan(self, now: float) -> PlacementPlan | None:
         if self.forecast is not None and self.forecast.rates:
             self.plan = self.solver.solve(self.forecast)
-            self.controller.planned(self.forecast, self.plan, now)
+            self.controller.planned(self.forecast, self.plan, now, provisional=self._provisional)
             self._served = set()
         return self.plan
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.slo import slo_seconds
 from trident_rs.policy.traces import TraceRow
-from trident_rs.policy.types import Request, Shape
+from trident_rs.policy.types import STAGES, Request, Shape
 
 if TYPE_CHECKING:  # the cost model is another module; only its methods are used here
     from trident_rs.policy.cost_model import CostModel
@@ -110,3 +110,41 @@ def forecast_from_trace(rows: Sequence[TraceRow], cost: "CostModel", slo_scale: 
         RequestClass(model, shape, steps, paper_slo_s(cost, model, shape, steps, slo_scale)): n / duration
         for (model, shape, steps), n in sorted(counts.items())
     })
+
+
+def prior_forecast(cost: "CostModel", models: Mapping[str, float], total_gpus: int, gpus_per_node: int,
+                   gpu_memory_gb: float, slo_scale: float = 4.0, utilization: float = 0.85,
+                   steps: Mapping[str, int] | None = None) -> Forecast:
+    """What to plan for before any request has arrived: every shape the cost model has
+    profiled for each of `models` (that fits a node), at the model's default steps and the
+    paper's SLO, equally likely within a model. `models` maps a model to its share of the GPU
+    time (the runtime's deployment config, or the simulator's workload); the rates fill
+    `utilization` of `total_gpus`, each class costed at its efficient width (the widest with
+    parallel efficiency >= 0.8). The plan built from it covers every class the cost model
+    knows, so the first arrivals find groups ready; the controller replaces it as soon as it
+    has seen a window of real arrivals.
+    """
+    from trident_rs.models.spec import REGISTRY  # default steps per model
+
+    total_share = sum(v for v in models.values() if v > 0)
+    if total_share <= 0:
+        raise ConfigError(f"prior forecast needs a positive share for some model, got {dict(models)}")
+    rates: dict[RequestClass, float] = {}
+    for model, share in sorted(models.items()):
+        if share <= 0:
+            continue
+        n_steps = (steps or {}).get(model) or (REGISTRY[model].default_steps if model in REGISTRY else 1)
+        classes: list[RequestClass] = []
+        gpu_s = 0.0  # GPU-seconds of one request of each class
+        for shape in cost.shapes(model):
+            need = {st: cost.min_width(model, st, shape, gpu_memory_gb) for st in STAGES}
+            if max(need.values()) > gpus_per_node:
+                continue
+            need["diffuse"] = max(need["diffuse"], min(cost.best_width(model, shape), gpus_per_node))
+            gpu_s += sum(w * cost.stage_time(model, st, shape, w, 1, n_steps) for st, w in need.items())
+            classes.append(RequestClass(model, shape, n_steps, paper_slo_s(cost, model, shape, n_steps, slo_scale)))
+        if not classes:
+            raise ConfigError(f"prior forecast: the cost model has no shape of {model!r} that fits a node")
+        rate = (share / total_share) * utilization * total_gpus / max(gpu_s, 1e-9)
+        rates.update({c: rate for c in classes})
+    return Forecast(rates)

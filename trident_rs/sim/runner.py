@@ -13,7 +13,9 @@ from trident_rs.policy.types import Cluster, Request
 from trident_rs.sim.engine import SimConfig, simulate
 from trident_rs.sim.metrics import Metrics, summarize
 
-_TAKES_MODELS = {"static-pipeline", "static-best", "static-stage"}
+# policies told which models the workload serves and their shares of GPU time, as a deployment
+# config would (trident uses them for its first plan, before any request has arrived)
+_TAKES_MODELS = {"static-pipeline", "static-best", "static-stage", "trident"}
 _TAKES_WIDTH = {"static-pipeline", "static-stage"}
 
 
