@@ -1,12 +1,12 @@
 """Stage replicas killed at random under load, through Ray Serve (private local cluster).
 
-    .venv/bin/python benchmarks/fault_kill.py [--load-s 40] [--factor 0.7] [--kill-every-s 4]
+    .venv/bin/python benchmarks/fault_kill.py [--load-s 60] [--factor 0.7] [--kill-every-s 3]
                                               [--out benchmarks/results/fault_kill.json]
 
 1. Start a private Ray (`address="local"`, fake GPUs) and the emulated app on 127.0.0.1.
 2. Capacity: a closed loop of clients (benchmarks/load_2x.py's `measure`); completions/s.
 3. Open loop (Poisson) at `--factor` x capacity for `--load-s` through `POST /v1/generate`,
-   while every `--kill-every-s` a random replica of a random stage deployment is killed
+   while every `--kill-every-s` a replica chosen at random among all stage replicas is killed
    (`trident_rs.serve.chaos.kill_replica`). Every request is then awaited.
 Counts: sent / completed / rejected (429) / lost (5xx, timeouts, connection errors: must be 0),
 and the latency of the requests that had a stage re-run against those that did not.
@@ -60,8 +60,8 @@ async def killer(app: str, every_s: float, until: float, rng: random.Random, kil
 
     while time.perf_counter() + every_s < until:
         await asyncio.sleep(every_s)
-        dep = rng.choice(STAGE_DEPLOYMENTS)
-        name = await asyncio.to_thread(kill_replica, app, dep, rng)
+        name = await asyncio.to_thread(kill_replica, app, STAGE_DEPLOYMENTS, rng)
+        dep = name.split("#")[1] if name else None
         kills.append({"t": round(time.perf_counter(), 2), "deployment": dep, "replica": name})
 
 
@@ -105,9 +105,9 @@ async def load_with_kills(url: str, app: str, rate: float, seconds: float, every
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--load-s", type=float, default=40)
+    ap.add_argument("--load-s", type=float, default=60)
     ap.add_argument("--factor", type=float, default=0.7)
-    ap.add_argument("--kill-every-s", type=float, default=4)
+    ap.add_argument("--kill-every-s", type=float, default=3)
     ap.add_argument("--measure-s", type=float, default=8)
     ap.add_argument("--req-timeout-s", type=float, default=120)
     ap.add_argument("--seed", type=int, default=0)

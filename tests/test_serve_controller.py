@@ -87,10 +87,16 @@ def test_a_submit_arriving_after_the_ingress_gave_up_is_ignored(published):
 
 def test_a_restarted_controller_keeps_the_published_counts(published):
     published.update({"encode-w1": 1, "diffuse-w1": 3, "decode-w1": 1})
-    trident = {**CFG, "policy": {"name": "trident"}}  # no forecast: its first plan is empty
+    trident = {**CFG, "policy": {"name": "trident", "options": {"models": []}}}  # no prior: first plan empty
     ctl = mod.Controller(trident)
     assert ctl.counts == {"encode-w1": 1, "diffuse-w1": 3, "decode-w1": 1}
     assert published["diffuse-w1"] == 3 and "restarted" in ctl.replans[-1]["reason"]
+
+
+def test_trident_gets_the_served_models_as_its_prior_and_plans_before_any_request(published):
+    ctl = mod.Controller({**CFG, "policy": {"name": "trident"}})
+    assert ctl.plan.groups and sum(published.values()) >= 3
+    assert {g.stages[0] for g in ctl.plan.groups} == {"encode", "diffuse", "decode"}
 
 
 def test_a_policy_that_raises_is_logged_and_the_controller_keeps_serving(published, monkeypatch):

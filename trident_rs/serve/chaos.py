@@ -7,6 +7,7 @@ its callers. Serve's controller notices and starts a replacement to keep the tar
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 SERVE_NAMESPACE = "serve"
 
@@ -20,11 +21,13 @@ def replica_actors(app: str, deployment: str) -> list[str]:
                   if a.get("namespace") == SERVE_NAMESPACE and a["name"].startswith(prefix))
 
 
-def kill_replica(app: str, deployment: str, rng: random.Random | None = None) -> str | None:
-    """Kill one replica of `deployment` (chosen by `rng`); its name, or None if none is alive."""
+def kill_replica(app: str, deployments: str | Iterable[str], rng: random.Random | None = None) -> str | None:
+    """Kill one replica, chosen uniformly (by `rng`) among the live replicas of `deployments`;
+    its name, or None if none is alive."""
     import ray
 
-    names = replica_actors(app, deployment)
+    deps = [deployments] if isinstance(deployments, str) else list(deployments)
+    names = [n for d in deps for n in replica_actors(app, d)]
     if not names:
         return None
     name = (rng or random.Random()).choice(names)

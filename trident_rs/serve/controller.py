@@ -60,11 +60,24 @@ def make_policy(cfg: AppConfig, cost: Any) -> Policy:
 
         cls = factory(cfg.policy.name)  # ConfigError for names it does not know
         if cls is not None and cost is not None:
-            return cls(cluster, cost, **cfg.policy.options)
+            return cls(cluster, cost, **_policy_options(cfg, cost))
         logger.warning("policy %r or the cost model is unavailable; using the greedy stage policy",
                        cfg.policy.name)
         return GreedyStagePolicy(cluster, cost, initial)
     return GreedyStagePolicy(cluster, cost, initial, **cfg.policy.options)
+
+
+def _policy_options(cfg: AppConfig, cost: Any) -> dict[str, Any]:
+    """The configured options; for `trident` without a forecast, the served models (those the
+    cost model knows) as its prior, so that its first plan is ready before the first request."""
+    options = dict(cfg.policy.options)
+    if cfg.policy.name == "trident" and not {"forecast", "workload", "models"} & options.keys():
+        known = set(cost.models())
+        served = [m for m in cfg.models if m in known]
+        if served:
+            options["models"] = served
+            options.setdefault("slo_scale", cfg.slo_scale)
+    return options
 
 
 class Controller:
