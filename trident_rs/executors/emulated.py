@@ -13,48 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from trident_rs.errors import TridentError
 from trident_rs.executors.base import StageExecutor, StagePayload
 from trident_rs.models.spec import get_spec
+from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
 from trident_rs.policy.types import Shape, Stage
 
 FRAME_SIDE = 16
 GRAY = 128
-
-
-def _default_cost() -> Any:
-    """The shared cost model when it is available (trident_rs.policy.cost_model), else None."""
-    try:
-        from trident_rs.policy.cost_model import CostModel
-
-        return CostModel.default()
-    except (ImportError, TridentError):  # no cost model or no shipped profile
-        return None
-
-
-def fallback_stage_time(model: str, stage: Stage, shape: Shape, width: int, batch: int, steps: int) -> float:
-    """A rough analytic stand-in used only when no cost model is installed (seconds)."""
-    spec = get_spec(model)
-    tokens = spec.tokens(shape.height, shape.width, shape.frames)
-    if stage == "encode":
-        return 0.02 * batch
-    if stage == "decode":
-        return 2e-7 * shape.pixels * batch
-    per_step = (2e-5 * tokens + 4e-10 * tokens**2) * batch
-    return steps * per_step / (width ** 0.85)
-
-
-def predict_stage_s(cost: Any, model: str, stage: Stage, shape: Shape, width: int = 1,
-                    batch: int = 1, steps: int = 1) -> float:
-    """`cost.stage_time` for the model (or the real family it stands in for), else the fallback."""
-    if cost is not None:
-        spec = get_spec(model)
-        for name in dict.fromkeys((model, spec.profile_model or spec.family)):
-            try:
-                return float(cost.stage_time(name, stage, shape, width=width, batch=batch, steps=steps))
-            except (KeyError, ValueError):  # ProfileError is a ValueError
-                continue
-    return fallback_stage_time(model, stage, shape, width, batch, steps)
 
 
 class EmulatedExecutor(StageExecutor):
@@ -66,7 +31,7 @@ class EmulatedExecutor(StageExecutor):
         self.width = width
         self.time_scale = time_scale
         self.spec = get_spec(model)
-        self.cost = cost if cost is not None else _default_cost()
+        self.cost = cost if cost is not None else default_cost_model()
 
     def predicted_s(self, shape: Shape, steps: int, batch: int) -> float:
         """Predicted wall time of one call on a batch of `batch` requests of `shape`."""

@@ -21,7 +21,7 @@ from trident_rs.errors import OverloadedError
 
 def cost_estimator(cfg: Any) -> Callable[[Any], float]:
     """params -> predicted seconds for all stages at width 1 (cost model, else the fallback)."""
-    from trident_rs.executors.emulated import predict_stage_s
+    from trident_rs.policy.stage_estimate import predict_stage_s
     from trident_rs.policy.types import STAGES
 
     cost: Any = "unloaded"

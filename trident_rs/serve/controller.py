@@ -22,14 +22,14 @@ from typing import Any
 
 from ray import serve
 
-from trident_rs.errors import TridentError, UnknownRequestError
-from trident_rs.executors.emulated import predict_stage_s
+from trident_rs.errors import UnknownRequestError
 from trident_rs.models.spec import get_spec
+from trident_rs.policy.greedy import GreedyStagePolicy
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
 from trident_rs.policy.types import STAGES, ClusterState, Launch, PlacementPlan, Request, Shape
 from trident_rs.request import RequestState
 from trident_rs.serve.config import AppConfig
-from trident_rs.serve.greedy_policy import GreedyStagePolicy
 from trident_rs.serve.metrics import ServeMetrics
 from trident_rs.serve.scaling import publish_counts, read_count
 
@@ -38,13 +38,10 @@ logger = logging.getLogger("ray.serve")
 
 def load_cost_model() -> Any:
     """The shipped cost model, or None (the fallback estimate) when it or its profiles are missing."""
-    try:
-        from trident_rs.policy.cost_model import CostModel
-
-        return CostModel.default()
-    except (ImportError, TridentError) as e:
-        logger.warning("no cost model (%s); using the rough fallback estimate", e)
-        return None
+    cost = default_cost_model()
+    if cost is None:
+        logger.warning("no cost model; using the rough fallback estimate")
+    return cost
 
 
 def make_policy(cfg: AppConfig, cost: Any) -> Policy:

@@ -1,4 +1,4 @@
-"""A simple stage-level policy the serve runtime falls back on (pure Python, no Ray).
+"""`GreedyStagePolicy`: a simple stage-level policy; the serve runtime falls back on it.
 
 Dispatch: earliest deadline first; each ready stage goes to the idle replica group of its
 stage whose width gives the shortest predicted time (ties: the narrower width).
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from trident_rs.executors.emulated import predict_stage_s
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.stage_estimate import predict_stage_s
 from trident_rs.policy.types import (
     STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request, SchedulerOutput, Stage,
 )
