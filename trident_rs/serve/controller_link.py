@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from trident_rs.request import GenerationParams, RequestState
 from trident_rs.serve.stage_retry import is_replica_failure
 
 logger = logging.getLogger("ray.serve")
+MAX_ROUTES = 4096
 
 
 class ControllerLink:
@@ -36,7 +38,8 @@ class ControllerLink:
         self.deployments = dict(deployments)
         self.counts = dict(counts)
         self.timeout_s, self.probe_s, self.clock = timeout_s, probe_s, clock
-        self.routes: dict[tuple[str, str, str], str] = {}  # (model, shape, stage) -> last granted deployment
+        # (model, shape, stage) -> the deployment last granted; least recently used dropped past MAX_ROUTES
+        self.routes: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         self.down_until: float | None = None
         self.local: set[str] = set()  # requests being dispatched here, not by the controller
         self.stats = {"controller_failures": 0, "local_requests": 0, "local_grants": 0}
@@ -80,7 +83,11 @@ class ControllerLink:
         if rid not in self.local:
             try:
                 grant = await watch(self.handle.acquire.remote(rid, stage))
-                self.routes[(params.model, params.shape.key, stage)] = grant["deployment"]
+                key = (params.model, params.shape.key, stage)
+                self.routes[key] = grant["deployment"]
+                self.routes.move_to_end(key)
+                if len(self.routes) > MAX_ROUTES:
+                    self.routes.popitem(last=False)
                 return grant
             except Exception as e:  # noqa: BLE001 - sorted just below
                 if isinstance(e, UnknownRequestError):  # a restarted controller: it lost our request
