@@ -1,9 +1,10 @@
 """How well the cost model predicts diffuse latency at shapes it has not seen.
 
 Leave-one-out on the shipped L20 table: for each measured (model, shape, width) point, build
-the cost model from all the other points and predict the held-out one. Prints per-model
-median / max relative error (also for the bare quadratic fit, for comparison) and writes
-benchmarks/results/cost_model_fit.json.
+the cost model from all the other points and predict the held-out one. Also leave-one-shape-out:
+hold out a shape at every width at once, so no other width's measurement of it helps (this
+tests the per-width token curves alone). Prints per-model median / max relative error (also for
+the bare quadratic fit, for comparison) and writes benchmarks/results/cost_model_fit.json.
 
     .venv/bin/python benchmarks/cost_model_fit.py [--tiny] [--no-loo]
 
@@ -26,22 +27,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def leave_one_out() -> dict:
+    """Per model: relative errors holding out one (shape, width) point ("model", "interior",
+    "quadratic") and holding out a shape at every width at once ("shape_out")."""
     base = load_profile(CostModel.default_path())
     diffuse = [p for p in base.points if p.stage == "diffuse" and p.batch == 1]
     errors: dict[str, dict[str, list[float]]] = {}
+
+    def rel(pred: float, meas: float) -> float:
+        return abs(pred - meas) / meas
+
     for held in diffuse:
         rest = [p for p in base.points if p.key != held.key]
         cm = CostModel([Profile(hardware=base.hardware, points=rest)])
         pred = cm.predict(held.model, "diffuse", held.shape, held.width_gpus).latency_s
         series = cm._series[(held.model, "diffuse", held.width_gpus, 1)]  # bare quadratic, for comparison
-        bare = series.latency.base(token_count(held.model, held.shape))
-        per = errors.setdefault(held.model, {"model": [], "quadratic": [], "interior": []})
-        err = abs(pred - held.latency_s) / held.latency_s
-        per["model"].append(err)
         tokens = token_count(held.model, held.shape)
-        if series.latency.knots[0] < tokens < series.latency.knots[-1]:
-            per["interior"].append(err)  # held-out point inside the remaining range: interpolation
-        per["quadratic"].append(abs(bare - held.latency_s) / held.latency_s)
+        per = errors.setdefault(held.model, {"model": [], "interior": [], "shape_out": [], "quadratic": []})
+        per["model"].append(rel(pred, held.latency_s))
+        measured = [token_count(held.model, s) for s in series.exact]
+        if min(measured) < tokens < max(measured):
+            per["interior"].append(rel(pred, held.latency_s))  # inside the width's remaining range
+        per["quadratic"].append(rel(series.latency.base(tokens), held.latency_s))
+    for model, shape in sorted({(p.model, p.shape) for p in diffuse}):
+        rest = [p for p in base.points if not (p.model == model and p.stage == "diffuse" and p.shape == shape)]
+        cm = CostModel([Profile(hardware=base.hardware, points=rest)])
+        for held in (p for p in diffuse if p.model == model and p.shape == shape):
+            pred = cm.predict(model, "diffuse", shape, held.width_gpus).latency_s
+            errors[model]["shape_out"].append(rel(pred, held.latency_s))
     out = {}
     for model, e in sorted(errors.items()):
         out[model] = {k: {"median": statistics.median(v), "max": max(v), "n": len(v)} for k, v in e.items()}
@@ -82,11 +94,12 @@ def main() -> int:
     if not args.no_loo:
         result["leave_one_out"] = loo = leave_one_out()
         print(f"{'model':14} {'n':>3} {'median %':>9} {'max %':>7} | {'interp n':>8} {'median %':>9} {'max %':>7}"
-              f" | {'quadratic only: median %':>24} {'max %':>7}")
+              f" | {'shape out: median %':>19} {'max %':>7} | {'quadratic: median %':>19} {'max %':>7}")
         for model, r in loo.items():
-            m, i, q = r["model"], r["interior"], r["quadratic"]
+            m, i, so, q = r["model"], r["interior"], r["shape_out"], r["quadratic"]
             print(f"{model:14} {m['n']:>3} {100*m['median']:9.1f} {100*m['max']:7.1f} | {i['n']:>8} "
-                  f"{100*i['median']:9.1f} {100*i['max']:7.1f} | {100*q['median']:24.1f} {100*q['max']:7.1f}")
+                  f"{100*i['median']:9.1f} {100*i['max']:7.1f} | {100*so['median']:19.1f} {100*so['max']:7.1f}"
+                  f" | {100*q['median']:19.1f} {100*q['max']:7.1f}")
     if args.tiny:
         result["tiny_sd3"] = tiny = tiny_check()
         print(f"\ntiny-sd3 on {tiny['hardware']}: profiled {tiny['profiled_sizes']} px "

@@ -102,6 +102,29 @@ def test_interpolates_between_points_within_neighbours():
     assert above > 4.0
 
 
+def test_size_missing_at_one_width_follows_the_speedup_of_the_nearest_width():
+    # FLUX-like: per-step time doubles from 128² to 256² (small-size costs that scale with the
+    # image), so no fixed-cost curve fitted on 256²..1024² predicts 128² (it said ~0.08 s, +45%).
+    # Width 2 measured 128²; the width-1 / width-2 speedup at 256² (0.987) carries it over.
+    w1 = {256: 0.1086, 512: 0.2217, 1024: 0.8403}
+    w2 = {128: 0.0550, 256: 0.1100, 512: 0.1949, 1024: 0.5376}
+    w8 = {128: 0.0463, 256: 0.0926, 512: 0.1212}  # farther than w2 from w1: not used for it
+    cm = table({**{(s, 1): t for s, t in w1.items()}, **{(s, 2): t for s, t in w2.items()},
+                **{(s, 8): t for s, t in w8.items()}})
+    tiny = Shape(128, 128)
+    assert cm.predict("flux", "diffuse", tiny, 1).latency_s == pytest.approx(0.0550 * 0.1086 / 0.1100)
+    # width 8 has no 1024²: width 2 (nearest that has it) x the w8/w2 speedup at 512²
+    assert cm.predict("flux", "diffuse", Shape(1024, 1024), 8).latency_s == pytest.approx(0.5376 * 0.1212 / 0.1949)
+    for width, rows in ((1, w1), (2, w2), (8, w8)):  # measured points exact, curve monotone
+        for size, t in rows.items():
+            assert cm.predict("flux", "diffuse", Shape(size, size), width).latency_s == t
+        times = [cm.predict("flux", "diffuse", Shape(s, s), width).latency_s for s in range(64, 2064, 16)]
+        assert all(a <= b * (1 + 1e-12) for a, b in zip(times, times[1:]))
+    assert cm.efficiency("flux", tiny, 2) == pytest.approx(0.1086 / 0.1100 / 2)
+    # a size no width measured still comes from the width's own curve, below its smallest point
+    assert cm.predict("flux", "diffuse", Shape(64, 64), 1).latency_s < cm.predict("flux", "diffuse", tiny, 1).latency_s
+
+
 def test_efficiency_and_best_width_on_hand_made_table():
     cm = table({(1024, 1): 8.0, (1024, 2): 4.2, (1024, 4): 2.4, (1024, 8): 2.0,
                 (256, 1): 1.0, (256, 2): 0.9, (256, 4): 0.9, (256, 8): 0.9})

@@ -13,14 +13,26 @@ c0 of the curve (its intercept), a batch of b same-shape requests costs
 so b x at large sizes, and much less at small ones where the fixed cost (kernel launches,
 weights streaming; weights for memory) dominates. A stage whose profile does not vary with
 size (encode) shows no fixed cost, so it is taken as linear in b (c0 = 0).
+
+Sizes profiled at another GPU width only (`_across_widths`): the width's curve also goes through
+t_w(T) = t_v(T) * s(T) for each token count T measured at a width v but not at w, where s is the
+speedup t_w / t_v at the sizes both widths measured, interpolated in log T (held constant beyond
+them) and v the nearest measured width in log2 (geometric mean on a tie). Why: the speedup between
+widths varies slowly with size, whereas the time itself has shape-specific parts that no token
+curve sees from other sizes, least of all below the smallest one (FLUX per step doubles from 128²
+to 256²; SD3 is flat there). Leave-one-out on the shipped L20 table (benchmarks/cost_model_fit.py):
+median error 8.1/10.6/8.0% -> 1.6/6.0/2.8% for CogVideoX/FLUX/SD3, 1.0 -> 3.0% for HunyuanVideo.
+Measured points stay exact (imputed points only fill holes); the curves stay monotone.
 """
 from __future__ import annotations
 
 import copy
-
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from trident_rs.errors import ConfigError, InvalidRequestError, ProfileError, UnknownModelError
 from trident_rs.models.spec import REGISTRY, get_spec, model_names
@@ -60,12 +72,37 @@ class _Series:
     memory: TokenCurve | None
 
 
-def _build_series(model: str, points: list[ProfilePoint]) -> _Series:
-    tokens = [token_count(model, p.shape) for p in points]
-    latency = TokenCurve.fit(tokens, [p.latency_s for p in points])
+def _build_series(model: str, points: list[ProfilePoint], imputed: dict[int, float] | None = None) -> _Series:
+    """Curves through `points`; the latency curve also through `imputed` {tokens: seconds}."""
+    imputed = imputed or {}
+    tokens = [token_count(model, p.shape) for p in points] + list(imputed)
+    latency = TokenCurve.fit(tokens, [p.latency_s for p in points] + list(imputed.values()))
+    tokens = tokens[: len(points)]
     with_mem = [(t, p.memory_gb) for t, p in zip(tokens, points) if p.memory_gb]
     memory = TokenCurve.fit(*zip(*with_mem)) if with_mem else None
     return _Series({p.shape: p for p in points}, latency, memory)
+
+
+def _across_widths(measured: dict[int, dict[int, float]]) -> dict[int, dict[int, float]]:
+    """{width: {tokens: log latency}} measured -> {width: {tokens: latency}} at token counts that
+    another width measured and this one did not: that width's time x the interpolated speedup
+    (see the module docstring). Only measured points are used, so the result is order-free."""
+    out: dict[int, dict[int, float]] = {}
+    for w, own in measured.items():
+        imputed: dict[int, float] = {}
+        for t in sorted(set().union(*measured.values()) - own.keys()):
+            guesses = []  # (log2 distance of the width, log of the guess)
+            for v, other in measured.items():
+                common = sorted(own.keys() & other.keys())
+                if v == w or t not in other or not common:
+                    continue
+                log_speedup = np.interp(math.log(t), np.log(common), [own[c] - other[c] for c in common])
+                guesses.append((abs(math.log2(v / w)), other[t] + float(log_speedup)))
+            if guesses:
+                nearest = min(d for d, _ in guesses)
+                imputed[t] = math.exp(float(np.mean([g for d, g in guesses if d == nearest])))
+        out[w] = imputed
+    return out
 
 
 class CostModel:
@@ -82,7 +119,17 @@ class CostModel:
         grouped: dict[tuple[str, str, int, int], list[ProfilePoint]] = {}
         for p in points.values():
             grouped.setdefault((p.model, p.stage, p.width_gpus, p.batch), []).append(p)
-        self._series = {k: _build_series(k[0], v) for k, v in grouped.items()}
+        measured: dict[tuple[str, str, int], dict[int, dict[int, list[float]]]] = {}
+        for (model, stage, w, b), pts in grouped.items():
+            by_tokens = measured.setdefault((model, stage, b), {}).setdefault(w, {})
+            for p in pts:
+                by_tokens.setdefault(token_count(model, p.shape), []).append(math.log(p.latency_s))
+        imputed: dict[tuple[str, str, int, int], dict[int, float]] = {}
+        for (model, stage, b), by_width in measured.items():  # repeated token counts: geometric mean
+            logs = {w: {t: sum(v) / len(v) for t, v in d.items()} for w, d in by_width.items()}
+            for w, extra in _across_widths(logs).items():
+                imputed[(model, stage, w, b)] = extra
+        self._series = {k: _build_series(k[0], v, imputed.get(k)) for k, v in grouped.items()}
         self._models = frozenset(k[0] for k in grouped)
         self._cache: dict[tuple, StageCost] = {}
         self.latency_scale = 1.0
