@@ -1,7 +1,8 @@
-"""End to end through Ray Serve: one local Ray (16 fake GPUs) for the module, two apps on it.
+"""End to end through Ray Serve: one local Ray (16 fake GPUs) for the module, three apps on it.
 
 - `/tiny`: deployments/tiny-cpu.yaml (real tiny SD3 executors on CPU);
-- `/emu`: emulated executors on fake GPUs, with a policy that re-plans as the mix shifts.
+- `/emu`: emulated executors on fake GPUs, with a policy that re-plans as the mix shifts;
+- `/jsq`: emulated, four diffuse replicas (no GPUs reserved), for replica routing.
 """
 import base64
 import concurrent.futures as cf
@@ -36,6 +37,14 @@ EMU_ARGS = {
     "policy": {"name": "greedy", "tick_s": 0.25, "options": {"replan_s": 1.0, "window_s": 3.0}},
 }
 
+JSQ_ARGS = {
+    "models": ["sd3"], "executor": "emulated", "time_scale": 0.25, "reserve_gpus": False,
+    "cluster": {"nodes": 1, "gpus_per_node": 8},
+    "deployments": [{"stage": "encode", "width": 1, "replicas": 1},
+                    {"stage": "diffuse", "width": 1, "replicas": 4},
+                    {"stage": "decode", "width": 1, "replicas": 1}],
+    "policy": {"name": "greedy", "options": {"replan": False}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +52,13 @@ def base_url():
     with private_serve(num_gpus=16) as port:
         tiny = yaml.safe_load(open("deployments/tiny-cpu.yaml"))["applications"][0]["args"]
         serve.run(build_app(tiny), name="tiny", route_prefix="/tiny", blocking=False)
-        serve.run(build_app(EMU_ARGS), name="emu", route_prefix="/emu")
+        serve.run(build_app(EMU_ARGS), name="emu", route_prefix="/emu", blocking=False)
+        serve.run(build_app(JSQ_ARGS), name="jsq", route_prefix="/jsq")
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 240
         while time.time() < deadline:  # the tiny app loads diffusers in three replicas
             st = serve.status().applications
-            if all(st[a].status == "RUNNING" for a in ("tiny", "emu")):
+            if all(a in st and st[a].status == "RUNNING" for a in ("tiny", "emu", "jsq")):
                 break
             time.sleep(1)
         yield url
@@ -173,3 +183,29 @@ def test_mix_shift_reshapes_replicas_and_loses_no_request(base_url):
     after = _running("emu")
     assert after != before, f"serve status still shows {before}"
     assert statuses == [200] * len(statuses), statuses  # nothing lost while replicas moved
+
+
+def test_a_short_request_goes_to_the_idle_replica_not_behind_a_long_one(base_url):
+    """Three 2048² requests hold three of four diffuse replicas (~9.5 s each): a short 256²
+    request must start on the fourth (trident_rs.serve.routing). Serve's default router samples
+    two replicas, so each short one would queue behind a long one half of the time."""
+    url = f"{base_url}/jsq"
+
+    def send(size):
+        return httpx.post(f"{url}/v1/images/generations", timeout=120,
+                          json={"model": "sd3", "prompt": "x", "size": size, "steps": 28})
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        longs = [pool.submit(send, "2048x2048") for _ in range(3)]
+        deadline = time.time() + 30
+        while httpx.get(f"{url}/v1/status", timeout=30).json()["queues"].get("diffuse-w1") != 3:
+            assert time.time() < deadline, "the long requests never reached diffuse"
+            time.sleep(0.1)
+        took = []
+        for _ in range(5):
+            t0 = time.time()
+            assert send("256x256").status_code == 200
+            took.append(time.time() - t0)
+        assert not any(f.done() for f in longs)  # the long ones held their replicas throughout
+        assert [f.result().status_code for f in longs] == [200] * 3
+    assert max(took) < 3.0, took

@@ -24,6 +24,7 @@ from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
 from trident_rs.policy.types import Stage
 from trident_rs.serve.config import AppConfig, StageDeploymentConfig
+from trident_rs.serve.routing import ROUTER_CLASS
 from trident_rs.serve.scaling import autoscaling_config
 
 logger = logging.getLogger("ray.serve")
@@ -139,6 +140,7 @@ def stage_options(cfg: AppConfig, dep: StageDeploymentConfig) -> dict[str, Any]:
         "max_ongoing_requests": max(8, 4 * dep.max_batch),
         "autoscaling_config": autoscaling_config(dep.replicas, cfg.max_replicas(dep)),
         "graceful_shutdown_timeout_s": 60,
+        "request_router_config": {"request_router_class": ROUTER_CLASS},  # an idle replica, if any
     }
     actor: dict[str, Any] = {"num_cpus": cfg.replica_cpus}
     if cfg.reserves_gpus(dep):
