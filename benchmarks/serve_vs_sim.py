@@ -51,9 +51,15 @@ def stats(lat: list[float], ok: list[bool], n: int) -> dict:
             "p95_latency_s": float(np.percentile(a, 95)) if len(a) else math.nan}
 
 
-def run_sim(requests: list[Request], cost, start_cost_s: float) -> dict:
+def policy_options(prior: bool) -> dict:
+    """trident's options on both sides. With `prior`, what the Serve controller gives it by
+    default (the served models: a first plan before any request); without, a cold first plan."""
+    return {"models": [MODEL] if prior else [], "slo_scale": 4.0}
+
+
+def run_sim(requests: list[Request], cost, start_cost_s: float, prior: bool = True) -> dict:
     cluster = Cluster(NODES, GPUS_PER_NODE, GPU_MEM)
-    policy = registry.make_policy("trident", cluster, cost)
+    policy = registry.make_policy("trident", cluster, cost, **policy_options(prior))
     res = simulate(cluster, policy, cost, requests, SimConfig(start_cost_s=start_cost_s))
     m = summarize(res).to_dict()
     lat = [res.finish[r.id] - r.arrival for r in requests if r.id in res.finish]
@@ -64,7 +70,7 @@ def run_sim(requests: list[Request], cost, start_cost_s: float) -> dict:
     return out
 
 
-def app_args(time_scale: float) -> dict:
+def app_args(time_scale: float, prior: bool = True) -> dict:
     return {
         "models": [MODEL], "executor": "emulated", "time_scale": time_scale, "reserve_gpus": True,
         "cluster": {"nodes": NODES, "gpus_per_node": GPUS_PER_NODE, "gpu_memory_gb": GPU_MEM, "gpu_name": "L20"},
@@ -76,7 +82,7 @@ def app_args(time_scale: float) -> dict:
             {"stage": "diffuse", "width": 8, "replicas": 0},
             {"stage": "decode", "width": 1, "replicas": 1, "max_replicas": 4},
         ],
-        "policy": {"name": "trident", "tick_s": 0.5},
+        "policy": {"name": "trident", "tick_s": 0.5, "options": policy_options(prior)},
         "slo_scale": 4.0,
         "limits": {"max_queue_per_model": 256},
     }
@@ -127,7 +133,7 @@ def wait_for_plan(app: str, timeout_s: float) -> tuple[dict, float]:
         time.sleep(0.25)
 
 
-def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Request]) -> dict:
+def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Request], prior: bool = True) -> dict:
     from ray import serve
 
     from trident_rs.serve.app import build_app
@@ -136,7 +142,7 @@ def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Requ
     with private_serve(num_gpus=NODES * GPUS_PER_NODE) as port:
         base = f"http://127.0.0.1:{port}"
         t = time.perf_counter()
-        serve.run(build_app(app_args(time_scale)), name="svs", route_prefix="/")
+        serve.run(build_app(app_args(time_scale, prior)), name="svs", route_prefix="/")
         start_s = time.perf_counter() - t
         # warm-up: one request per shape (no SLO) so the policy plans and Serve starts replicas
         with httpx.Client(base_url=base, timeout=300) as c:
@@ -166,13 +172,15 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.05)
     ap.add_argument("--slo-scale", type=float, default=4.0)
     ap.add_argument("--no-serve", action="store_true", help="simulator only")
+    ap.add_argument("--no-prior", action="store_true", help="trident without the served models as its prior")
     args = ap.parse_args()
     cost = CostModel.default()
     reqs = load_workload(args.workload, model=MODEL, rate_scale=args.rate_scale, slo_scale=args.slo_scale,
                          cost=cost)[: args.n]
     print(f"{args.workload} ×{args.rate_scale:g}, first {len(reqs)}: {describe(reqs)}; "
           f"{NODES}×{GPUS_PER_NODE} GPUs; time_scale {args.time_scale:g}")
-    sim20, sim0 = run_sim(reqs, cost, 20.0), run_sim(reqs, cost, 0.0)
+    prior = not args.no_prior
+    sim20, sim0 = run_sim(reqs, cost, 20.0, prior), run_sim(reqs, cost, 0.0, prior)
     warm = list({(r.shape, r.steps): r for r in reqs}.values())
     out = Path(__file__).parent / "results" / "serve_vs_sim.json"
     old = json.loads(out.read_text()) if out.exists() else {}
@@ -181,7 +189,7 @@ def main() -> None:
     runs = old.get("serve", {}) if same and isinstance(old.get("serve"), dict) and "requests" not in old["serve"] else {}
     runs.pop("scaled-policy", None)  # a benchmark-only patch from before the controller scaled its cost model
     if not args.no_serve:
-        runs["shipped"] = run_serve(reqs, args.time_scale, warm)
+        runs["shipped"] = run_serve(reqs, args.time_scale, warm, prior)
     rows = [("sim, start cost 20 s", sim20), ("sim, start cost 0 s", sim0)]
     rows += [(f"Serve ×{args.time_scale:g} {v}", r) for v, r in runs.items()]
     print(f"\n{'run':28s} {'attainment':>10s} {'mean s':>8s} {'P50 s':>8s} {'P95 s':>8s} {'done':>7s}")
