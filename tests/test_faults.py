@@ -147,3 +147,25 @@ def test_a_request_past_its_timeout_is_cancelled_with_504():
         assert inst.admission.per_model == {} and inst.inflight.states == {}
 
     run_http({**CFG, "limits": {"request_timeout_s": 0.3}}, scenario, gate=gate)
+
+
+def test_the_python_client_stops_polling_a_cancelled_video_job():
+    import httpx
+    import pytest
+
+    from trident_rs.client import TridentClient, TridentHTTPError
+
+    polls = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json={"id": "video_1", "status": "queued"})
+        polls.append(request.url.path)
+        return httpx.Response(200, json={"id": "video_1", "status": "cancelled",
+                                         "error": {"message": "request 'video_1' was cancelled"}})
+
+    client = TridentClient("http://t")
+    client.http = httpx.Client(base_url="http://t", transport=httpx.MockTransport(server))
+    with pytest.raises(TridentHTTPError) as e:
+        client.video("waves", model="tiny-cogvideox", poll_s=0.0)
+    assert e.value.status == 499 and "cancelled" in e.value.message and polls == ["/v1/videos/video_1"]

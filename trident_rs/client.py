@@ -71,9 +71,10 @@ class TridentClient:
     def video(self, prompt: str, model: str, poll_s: float = 0.5, **knobs: Any) -> bytes:
         """MP4 bytes: submits a job and polls it until it completes (raises if it failed)."""
         job = self._call("POST", "/v1/videos", json={"model": model, "prompt": prompt, **knobs})
-        while job["status"] not in ("completed", "failed"):
+        while job["status"] not in ("completed", "failed", "cancelled"):
             time.sleep(poll_s)
             job = self._call("GET", f"/v1/videos/{job['id']}")
-        if job["status"] == "failed":
-            raise TridentHTTPError(500, job.get("error", {}).get("message", "video job failed"))
+        if job["status"] != "completed":
+            code = 499 if job["status"] == "cancelled" else 500
+            raise TridentHTTPError(code, job.get("error", {}).get("message", f"video job {job['status']}"))
         return base64.b64decode(job["b64_json"])
