@@ -127,3 +127,148 @@ def test_exact_mode_serves_everyone_too():
     reqs = make_requests(COST, "img", 30, 0.5, 10, seed=3)
     res = run_loop(TridentPolicy(cluster, COST, mode="exact"), cluster, COST, reqs)
     assert set(res.finished) == {r.id for r in reqs}
+
+
+# ---- the optimized fast path decides exactly as a straightforward one ---------------------------
+import bisect  # noqa: E402
+import random  # noqa: E402
+
+from trident_rs.policy.dispatcher import StageTask  # noqa: E402
+from trident_rs.policy.types import STAGES  # noqa: E402
+
+
+class ReferenceDispatcher(Dispatcher):
+    """The rules of the dispatcher, written plainly: one list per (model, stage) sorted by
+    priority key, walked task by task, re-filtered after every call; batch companions are the
+    same-class tasks after the current one in that list."""
+
+    def __init__(self, cost, **kw):
+        super().__init__(cost, **kw)
+        self.queues: dict = {}
+
+    def add(self, request, stage="encode"):
+        task = StageTask(request, stage, next(self._seq), key=request.deadline)
+        bisect.insort(self.queues.setdefault((request.model, stage), []), (task.sort_key(), task))
+        self.unlaunched.add(request.id)
+        self.requests[request.id] = request
+
+    def _has_queued(self, qk):
+        return bool(self.queues.get(qk))
+
+    def ordered(self, qk):
+        return [t for _, t in self.queues.get(qk, [])]
+
+    def _dispatch_fast(self, now, qk, free, busy_end, all_widths):
+        queue, (model, stage) = self.queues[qk], qk
+        launches, taken, i = [], set(), 0
+        while i < len(queue) and any(free.values()):
+            task = queue[i][1]
+            if task.seq in taken:
+                i += 1
+                continue
+            r = task.request
+            need = self.min_width(model, stage, r.shape)
+            times = {w: self.time(model, stage, r.shape, w, r.steps) for w in all_widths[qk] if w >= need}
+            rest = self.remaining_after(r, stage, all_widths)
+            late_before = now + min(times.values(), default=float("inf")) + rest
+            if not task.late and late_before > r.deadline:
+                # it and every other on-time task of its class that is late too
+                demoted = [e for e in queue[i:] if not e[1].late and e[1].request.deadline < late_before
+                           and (e[1].request.shape, e[1].request.steps) == (r.shape, r.steps)]
+                queue[:] = [e for e in queue if e not in demoted]
+                for _, t in demoted:
+                    self._mark_late(t)
+                    bisect.insort(queue, (t.sort_key(), t))
+                continue
+            usable = sorted(w for w, gs in free.items() if gs and w >= need)
+            if not usable:
+                i += 1
+                continue
+            width = None
+            if not task.late:
+                width = next((w for w in usable if now + times[w] + rest <= r.deadline), None)
+                if width is None and any(end + times[w] + rest <= r.deadline
+                                         for w, end in busy_end.items() if w in times):
+                    i += 1
+                    continue
+            if width is None and self.late_width == "best":
+                width = self._late_best(now, usable, times, busy_end)
+                if width is not None and stage == "diffuse" and now < r.deadline:
+                    ideal_w, ideal_t = self.ideal_diffuse(r)
+                    if max(times) < ideal_w and times[width] > 1.5 * ideal_t:
+                        width = None
+                if width is None:
+                    i += 1
+                    continue
+            if width is None:
+                key = (lambda w: (times[w], w)) if self.late_width == "fastest" else (lambda w: (w * times[w], w))
+                width = min(usable, key=key)
+            batch = [task]
+            size = self.best_batch(model, stage, r.shape, width, r.steps)
+            t_batch = self.time(model, stage, r.shape, width, r.steps, size)
+            if size > 1 and (task.late or now + t_batch + rest <= r.deadline):
+                for _, o in queue[i + 1:]:
+                    if len(batch) == size:
+                        break
+                    if (o.seq not in taken and (o.request.shape, o.request.steps) == (r.shape, r.steps)
+                            and (o.late or now + t_batch + rest <= o.request.deadline)):
+                        batch.append(o)
+            taken.update(t.seq for t in batch)
+            launches.append(self._launch(batch, stage, free[width].pop()))
+            i += 1
+        self.queues[qk] = [e for e in queue if e[1].seq not in taken]
+        return launches
+
+
+def _random_groups(rng):
+    groups = []
+    for model in ("img", "vid"):
+        for stage in STAGES:
+            widths = ([1] if stage == "encode" else rng.sample([1, 2, 4, 8], rng.randint(1, 4))
+                      if stage == "diffuse" else [1, 2] if model == "vid" else [1])
+            for w in widths:
+                for k in range(rng.randint(1, 3)):
+                    node = len(groups)
+                    groups.append(ReplicaGroup(f"{model}:{stage}-w{w}@n{node}", model, (stage,), w, node,
+                                               tuple(range(w))))
+    return groups
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**9), st.sampled_from(["best", "efficient", "fastest"]), st.sampled_from([1, 4, 8]),
+       st.sampled_from([None, 0.0, 5.0]))
+def test_fast_path_decides_like_the_reference_on_random_queues(seed, late_width, max_batch, late_delay_s):
+    """Random queues (several classes and stages, on-time, tight and hopeless deadlines), random
+    plans (widths, several groups each), random free/busy groups and unready groups, over a run
+    of calls with completions in between: both make the same launches, in the same order, and
+    leave the same queues (order, keys, late flags)."""
+    rng = random.Random(seed)
+    kw = dict(late_width=late_width, max_batch=max_batch, late_delay_s=late_delay_s)
+    fast, ref = Dispatcher(COST, **kw), ReferenceDispatcher(COST, **kw)
+    groups = _random_groups(rng)
+    now, n, running = 0.0, 0, []
+    for step in range(12):
+        for _ in range(rng.randint(0, 40)):
+            model = rng.choice(["img", "vid"])
+            shape = rng.choice(COST.shapes(model))
+            steps = rng.choice([10, 28])
+            slo = COST.stage_time(model, "diffuse", shape, 1, 1, steps) * rng.choice([0.05, 0.3, 1.0, 2.0, 4.0])
+            arrival = now - rng.uniform(0, slo)
+            r = Request(f"r{n}", model, shape, steps, arrival, arrival + slo)
+            n += 1
+            stage = rng.choice(STAGES)
+            fast.add(r, stage)
+            ref.add(r, stage)
+        offered = [g for g in groups if rng.random() < 0.8]
+        free_gpus = {g.node: frozenset(range(g.width)) for g in groups if rng.random() < 0.9}
+        a, b = fast.dispatch(now, offered, free_gpus), ref.dispatch(now, offered, free_gpus)
+        assert a == b, f"step {step}"
+        for qk in set(fast._classes) | set(ref.queues):
+            fa, rb = fast.ordered(qk), ref.ordered(qk)
+            assert [(t.request.id, t.key, t.late) for t in fa] == [(t.request.id, t.key, t.late) for t in rb]
+        running += a
+        rng.shuffle(running)
+        for launch in running[: rng.randint(0, len(running))]:
+            assert fast.on_done(launch) == ref.on_done(launch)
+            running.remove(launch)
+        now += rng.uniform(0.0, 30.0)

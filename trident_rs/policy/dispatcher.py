@@ -3,11 +3,15 @@
 Holds one queue per (model, stage). On every arrival, completion and tick, `dispatch()` looks
 at the free replica groups of the plan and decides which queued stage-tasks start now, at
 which width, batched with whom; everything else stays queued (nothing is promised ahead).
+A queue is kept as one sorted list per request class (shape, steps) and tier (on time, late),
+so that a decision works per class and per launch rather than per queued task (see
+`_dispatch_fast`); the order of decisions is that of one queue sorted by priority key.
 
 Rules (the fast path):
 - **Order.** Tasks are served by priority key: a task that can still make its deadline has
   key = deadline (EDF). A task that cannot (even at the fastest width in the plan) is *late*:
-  it drops to the best-effort tier with key = deadline + `late_delay` (default: its own SLO).
+  when the decision reaches it, it and the other late tasks of its class drop to the
+  best-effort tier with key = deadline + `late_delay` (default: its own SLO).
   Late tasks are never dropped and never starved: every newer request has a key of at least
   its arrival + its SLO, so a late task overtakes all new arrivals after a bounded wait.
 - **Width.** An on-time task takes the *smallest* free width whose predicted finish (this
@@ -17,9 +21,9 @@ Rules (the fast path):
   with parallel efficiency >= 0.8 (waiting if a busy one finishes earlier), so a late request
   neither wastes GPUs nor holds one GPU for hours; `"efficient"` the free width with the least
   GPU-seconds; `"fastest"` the fastest free width.
-- **Batching.** Same-shape, same-steps small requests (<= `batch_max_pixels`) share a launch,
-  up to the batch size with the best throughput, as long as every batched on-time task still
-  meets its deadline.
+- **Batching.** Same-shape, same-steps small requests (<= `batch_max_pixels`) share a launch:
+  the next tasks of the class in priority order, up to the batch size with the best
+  throughput, as long as every batched on-time task still meets its deadline.
 
 `mode="exact"` instead assigns the first `exact_max_tasks` tasks of each queue to free groups
 with CP-SAT (one task per group, maximise on-time starts, then narrow widths, then EDF rank),
@@ -27,8 +31,9 @@ to compare the fast path against on small instances.
 """
 from __future__ import annotations
 
-import bisect
+import heapq
 import itertools
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Literal
 
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
     from trident_rs.policy.cost_model import CostModel
 
 QueueKey = tuple[str, Stage]  # (model, stage)
+_NONE: frozenset[int] = frozenset()
 
 
 @dataclass(eq=False)
@@ -53,6 +59,35 @@ class StageTask:
 
     def sort_key(self) -> tuple[float, int]:
         return (self.key, self.seq)
+
+
+class _Tier:
+    """The queued tasks of one class in one tier (on time, late): `entries`, (key, seq, task)
+    sorted by priority. The rest is where the current `dispatch` call's walk is: `entries[ptr]`
+    is the next task to decide; `stamp` tells its heap entry from stale ones; `parked`: the
+    tasks from the last one decided up to `ptr` were passed over only until the next launch;
+    `stopped`: no free group fits the class any more in this call."""
+
+    __slots__ = ("entries", "cls", "ptr", "stamp", "parked", "stopped")
+
+    def __init__(self, cls: "_Class"):
+        self.entries: list[tuple[float, int, StageTask]] = []
+        self.cls = cls
+        self.ptr, self.stamp = 0, -1
+        self.parked = self.stopped = False
+
+
+class _Class:
+    """The queued tasks of one request class (shape, steps) of one queue (model, stage), and its
+    predictions for the widths the plan had at the last call (`sig`: widths of this and the
+    later stages; `info`: min width, time of the later stages, {width: time}, fastest time)."""
+
+    __slots__ = ("on_time", "late", "sig", "info")
+
+    def __init__(self):
+        self.on_time, self.late = _Tier(self), _Tier(self)
+        self.sig: tuple | None = None
+        self.info: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -74,12 +109,17 @@ class Dispatcher:
             raise ConfigError(f"late_width must be 'best', 'efficient' or 'fastest', got {late_width!r}")
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if late_delay_s is not None and late_delay_s < 0:
+            raise ConfigError(f"late_delay_s must be >= 0 (a late task never moves forward), got {late_delay_s}")
         self.cost, self.gpu_memory_gb, self.mode, self.late_width = cost, gpu_memory_gb, mode, late_width
         self.late_delay_s, self.max_batch, self.batch_max_pixels = late_delay_s, max_batch, batch_max_pixels
         self.exact_max_tasks, self.exact_time_limit_s = exact_max_tasks, exact_time_limit_s
         self.max_width = max_width
         self._ideal: dict[tuple, tuple[int, float]] = {}
-        self.queues: dict[QueueKey, list[tuple[tuple[float, int], StageTask]]] = {}
+        # the queues: per (model, stage), per class (shape, steps), two sorted tiers
+        self._classes: dict[QueueKey, dict[tuple[Shape, int], _Class]] = {}
+        self._infos: dict[tuple, tuple] = {}
+        self._stamps = itertools.count()
         self.running: dict[str, RunningLaunch] = {}  # group id -> what runs there
         self.unlaunched: set[str] = set()  # requests whose decode has not started
         self.requests: dict[str, Request] = {}  # requests not finished yet
@@ -92,8 +132,11 @@ class Dispatcher:
     def add(self, request: Request, stage: Stage = "encode") -> None:
         """Queue `stage` of `request` (encode on arrival; later stages on completion)."""
         task = StageTask(request, stage, next(self._seq), key=request.deadline)
-        q = self.queues.setdefault((request.model, stage), [])
-        bisect.insort(q, (task.sort_key(), task))
+        classes = self._classes.setdefault((request.model, stage), {})
+        c = classes.get((request.shape, request.steps))
+        if c is None:
+            c = classes[(request.shape, request.steps)] = _Class()
+        insort(c.on_time.entries, (task.key, task.seq, task))
         self.unlaunched.add(request.id)
         self.requests[request.id] = request
 
@@ -114,7 +157,23 @@ class Dispatcher:
         return len(self.unlaunched)
 
     def queued(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return sum(len(c.on_time.entries) + len(c.late.entries) for cs in self._classes.values() for c in cs.values())
+
+    def ordered(self, qk: QueueKey) -> list[StageTask]:
+        """The tasks of queue `qk` in priority order (key, then arrival in the queue)."""
+        tiers = [t.entries for c in self._classes.get(qk, {}).values() for t in (c.on_time, c.late) if t.entries]
+        return [e[2] for e in heapq.merge(*tiers)]
+
+    def class_heads(self) -> Iterable[StageTask]:
+        """The first task of each queued class (model, stage, shape, steps) and tier (on time, late)."""
+        for classes in self._classes.values():
+            for c in classes.values():
+                for t in (c.on_time, c.late):
+                    if t.entries:
+                        yield t.entries[0][2]
+
+    def _has_queued(self, qk: QueueKey) -> bool:
+        return any(c.on_time.entries or c.late.entries for c in self._classes.get(qk, {}).values())
 
     def busy_groups(self) -> frozenset[str]:
         return frozenset(self.running)
@@ -173,11 +232,14 @@ class Dispatcher:
 
     def remaining_after(self, request: Request, stage: Stage, widths: dict[QueueKey, list[int]]) -> float:
         """Fastest possible time of the stages after `stage`, on widths the plan has."""
+        return self._rest(request.model, stage, request.shape, request.steps, widths)
+
+    def _rest(self, model: str, stage: Stage, shape: Shape, steps: int, widths: dict[QueueKey, list[int]]) -> float:
         total = 0.0
         for s in STAGES[STAGES.index(stage) + 1:]:
-            ws = [w for w in widths.get((request.model, s), ()) if w >= self.min_width(request.model, s, request.shape)]
+            ws = [w for w in widths.get((model, s), ()) if w >= self.min_width(model, s, shape)]
             if ws:
-                total += min(self.time(request.model, s, request.shape, w, request.steps) for w in ws)
+                total += min(self.time(model, s, shape, w, steps) for w in ws)
         return total
 
     # ---- decision ----------------------------------------------------------------------
@@ -195,12 +257,11 @@ class Dispatcher:
             if run is not None:
                 ends = busy_end.setdefault(qk, {})
                 ends[g.width] = min(ends.get(g.width, float("inf")), run.expected_end)
-            elif all(i in free_gpus.get(g.node, ()) for i in g.gpus):
+            elif free_gpus.get(g.node, _NONE).issuperset(g.gpus):
                 free.setdefault(qk, {}).setdefault(g.width, []).append(g)
         launches: list[Launch] = []
         for qk in sorted(free):
-            queue = self.queues.get(qk)
-            if not queue:
+            if not self._has_queued(qk):
                 continue
             for gs in free[qk].values():
                 gs.sort(key=lambda g: g.id, reverse=True)  # pop() takes the lowest id
@@ -224,54 +285,119 @@ class Dispatcher:
 
     def _mark_late(self, task: StageTask) -> None:
         task.late = True
-        delay = self.late_delay_s if self.late_delay_s is not None else max(task.request.slo_s, 1.0)
-        task.key = task.request.deadline + delay
+        r = task.request
+        delay = self.late_delay_s if self.late_delay_s is not None else max(r.deadline - r.arrival, 1.0)
+        task.key = r.deadline + delay
 
-    def _class_info(self, memo: dict, model: str, stage: Stage, r: Request, all_widths) -> tuple:
-        """(min width, time of the later stages, {width: time}, fastest time) for r's class."""
-        k = (r.shape, r.steps)
-        info = memo.get(k)
+    def _class_info(self, model: str, stage: Stage, shape: Shape, steps: int, all_widths,
+                    sig: tuple) -> tuple:
+        """(min width, fastest time of the later stages, {width: time}, fastest time) of one class,
+        on the widths `sig` of this and the later stages (cached across calls)."""
+        k = (model, stage, shape, steps, sig)
+        info = self._infos.get(k)
         if info is None:
-            need = self.min_width(model, stage, r.shape)
-            times = {w: self.time(model, stage, r.shape, w, r.steps) for w in all_widths[(model, stage)] if w >= need}
-            info = memo[k] = (need, self.remaining_after(r, stage, all_widths), times,
-                              min(times.values(), default=float("inf")))
+            if len(self._infos) > 4096:
+                self._infos.clear()
+            need = self.min_width(model, stage, shape)
+            times = {w: self.time(model, stage, shape, w, steps) for w in sig[0] if w >= need}
+            rest = self._rest(model, stage, shape, steps, all_widths)
+            info = self._infos[k] = (need, rest, times, min(times.values(), default=float("inf")))
         return info
 
     def _dispatch_fast(self, now, qk, free, busy_end, all_widths) -> list[Launch]:
-        queue = self.queues[qk]
+        """The rules of the module docstring, walking the queue in priority order.
+
+        The queue is one sorted list per class (shape, steps) and tier (on time, late), and the
+        walk merges their heads with a heap, so it visits tasks in the order one sorted queue
+        would. Runs of tasks whose decision is known to be "wait" are passed over at once, not
+        one by one: a class once no free group is wide enough for it (free groups only get
+        fewer during a call); the on-time tasks of a class that a busy group will serve on time
+        but no free one does (up to the first deadline a free width meets); and, until the next
+        launch changes the free groups, a tier whose tasks wait for an efficient busy width.
+        A decision therefore costs per class and per launch, not per queued task."""
         model, stage = qk
+        classes = self._classes[qk]
+        sig = tuple(tuple(sorted(all_widths.get((model, s), ()))) for s in STAGES[STAGES.index(stage):])
+        free_widths = sorted(free)
+        widest = free_widths[-1]
+        nfree = sum(len(gs) for gs in free.values())
+        heap: list = []
+        stamps = self._stamps
+        for (shape, steps), c in classes.items():
+            on_time, late = c.on_time, c.late
+            a, b = on_time.entries, late.entries
+            if not a and not b:
+                continue
+            if c.sig != sig:
+                c.info, c.sig = self._class_info(model, stage, shape, steps, all_widths, sig), sig
+            need, rest, _, fastest = c.info
+            on_time.ptr = late.ptr = 0
+            on_time.parked = late.parked = False
+            on_time.stamp = late.stamp = -1
+            if need > widest:
+                # no free group fits the class: only its late on-time tasks have anything to do
+                # (be demoted, when the walk reaches them)
+                late.stopped = True
+                on_time.stopped = not (a and now + fastest + rest > a[0][0])
+                b = None
+            else:
+                on_time.stopped = late.stopped = False
+            if a and not on_time.stopped:
+                on_time.stamp = stamp = next(stamps)
+                heap.append((a[0][0], a[0][1], stamp, on_time))
+            if b:
+                late.stamp = stamp = next(stamps)
+                heap.append((b[0][0], b[0][1], stamp, late))
+        heapq.heapify(heap)
+        push = self._push
         launches: list[Launch] = []
-        taken: set[int] = set()  # seq of tasks launched this call
-        memo: dict = {}
-        i = 0
-        while i < len(queue) and any(free.values()):
-            task = queue[i][1]
-            if task.seq in taken:
-                i += 1
-                continue
+        parked: list[_Tier] = []  # tiers passed over until the next launch
+        heappop = heapq.heappop
+        while heap and nfree:
+            key, seq, stamp, tier = heappop(heap)
+            if stamp != tier.stamp or tier.stopped:
+                continue  # a stale head
+            entries = tier.entries
+            task = entries[tier.ptr][2]
+            tier.parked = False
+            c = tier.cls
+            need, rest, times, fastest = c.info
             r = task.request
-            need, rest, times, fastest = self._class_info(memo, model, stage, r, all_widths)
             if not task.late and now + fastest + rest > r.deadline:
-                # demote and re-insert further back; revisit it there
-                queue.pop(i)
-                self._mark_late(task)
-                bisect.insort(queue, (task.sort_key(), task))
+                # demote it, and the other on-time tasks of its class that are late too, to the
+                # late tier (further back); visit them there
+                end = bisect_left(entries, (now + fastest + rest,), tier.ptr + 1)
+                demoted = entries[tier.ptr:end]
+                del entries[tier.ptr:end]
+                self._demote(heap, c.late, demoted, (key, seq))
+                push(heap, tier)
                 continue
-            usable = sorted(w for w, gs in free.items() if gs and w >= need)
+            usable = [x for x in free_widths if free[x] and x >= need]
             if not usable:
-                i += 1
+                tier.stopped = True  # no free group fits this class for the rest of the call
                 continue
             width = None
             if not task.late:
-                width = next((w for w in usable if now + times[w] + rest <= r.deadline), None)
-                if width is None and any(end + times[w] + rest <= r.deadline
-                                         for w, end in busy_end.items() if w in times):
-                    i += 1  # a busy group will make it: wait
+                width = next((x for x in usable if now + times[x] + rest <= r.deadline), None)
+                if width is None and any(end + times[x] + rest <= r.deadline for x, end in busy_end.items()
+                                         if x in times):
+                    # a busy group will make it: wait; so do the later on-time tasks of the class
+                    # up to the first deadline a free width meets (it only gets later)
+                    self._skip_to_free_fit(heap, tier, now, usable, times, rest)
                     continue
             if width is None and self.late_width == "best":
                 width = self._late_best(now, usable, times, busy_end)
-                if width is not None and stage == "diffuse" and now < r.deadline:
+                if width is None:
+                    # an efficient busy width finishes earlier: wait; so does the rest of this
+                    # tier (up to the first deadline a free width meets) until the next launch
+                    if task.late:
+                        tier.ptr, tier.stamp = len(entries), -1
+                    else:
+                        self._skip_to_free_fit(heap, tier, now, usable, times, rest)
+                    tier.parked = True
+                    parked.append(tier)
+                    continue
+                if stage == "diffuse" and now < r.deadline:
                     # no dispatchable group is as wide as the request's ideal width (draining,
                     # starting, or a re-plan on its way) and the free one is much slower: wait
                     # for a fitting one rather than hold a narrow group for far longer — until
@@ -280,21 +406,68 @@ class Dispatcher:
                     if max(times) < ideal_w and times[width] > 1.5 * ideal_t:
                         width = None
                 if width is None:
-                    i += 1  # an efficient width frees up soon enough to finish earlier: wait
+                    tier.ptr += 1
+                    push(heap, tier)
                     continue
             if width is None:
                 if self.late_width == "fastest":
-                    width = min(usable, key=lambda w: (times[w], w))
+                    width = min(usable, key=lambda x: (times[x], x))
                 else:
-                    width = min(usable, key=lambda w: (w * times[w], w))
-            batch = self._companions(now, queue, i, task, width, rest, taken)
+                    width = min(usable, key=lambda x: (x * times[x], x))
+            del entries[tier.ptr]
+            batch = self._companions(now, task, width, rest, c)
             group = free[width].pop()
-            taken.update(t.seq for t in batch)
+            nfree -= 1
             launches.append(self._launch(batch, stage, group))
-            i += 1
-        if taken:
-            self.queues[qk] = [e for e in queue if e[1].seq not in taken]
+            push(heap, c.on_time)
+            push(heap, c.late)
+            # the free groups changed: parked tiers decide again from here on
+            for p in parked:
+                if p.parked and not p.stopped:
+                    p.parked = False
+                    back = bisect_left(p.entries, (key, seq))
+                    if back < p.ptr:
+                        p.ptr = back
+                        push(heap, p)
+            parked.clear()
+        if launches:
+            for ck in [ck for ck, c in classes.items() if not c.on_time.entries and not c.late.entries]:
+                del classes[ck]
         return launches
+
+    def _push(self, heap: list, tier: _Tier) -> None:
+        """The head of `tier` changed: (re-)enter it in the merge (its older entries go stale)."""
+        if not tier.stopped and tier.ptr < len(tier.entries):
+            e = tier.entries[tier.ptr]
+            tier.stamp = stamp = next(self._stamps)
+            heapq.heappush(heap, (e[0], e[1], stamp, tier))
+        else:
+            tier.stamp = -1
+
+    def _demote(self, heap: list, late: _Tier, entries: list, cur: tuple) -> None:
+        """Mark the tasks of `entries` late and merge them into their class's `late` tier, where
+        the walk (now at `cur`) is to meet them: after `cur`, unless they fall among the tasks
+        the tier passes over until the next launch."""
+        es = late.entries
+        head = es[late.ptr] if late.parked and late.ptr < len(es) else None
+        delay = self.late_delay_s
+        for _, seq, task in entries:  # as _mark_late
+            r = task.request
+            task.late = True
+            task.key = key = r.deadline + (delay if delay is not None else max(r.deadline - r.arrival, 1.0))
+            es.append((key, seq, task))
+        es.sort()
+        if late.parked:
+            late.ptr = bisect_left(es, head) if head is not None else len(es)
+        else:
+            late.ptr = bisect_left(es, cur)
+        self._push(heap, late)
+
+    def _skip_to_free_fit(self, heap, tier: _Tier, now, usable, times, rest) -> None:
+        """Move on-time `tier` past its current task to the first deadline a free width meets."""
+        fit = min(now + times[x] + rest for x in usable)
+        tier.ptr = bisect_left(tier.entries, (fit,), tier.ptr + 1)
+        self._push(heap, tier)
 
     def _late_best(self, now, usable, times, busy_end, threshold: float = 0.8) -> int | None:
         """For a task that cannot make its deadline on a free width: the width with the earliest
@@ -311,8 +484,10 @@ class Dispatcher:
             return None
         return min(finish, key=lambda w: (finish[w], w))
 
-    def _companions(self, now, queue, i, task, width, rest, taken) -> list[StageTask]:
-        """`task` plus same-shape tasks after it that can share its launch."""
+    def _companions(self, now, task, width, rest, c: _Class) -> list[StageTask]:
+        """`task` plus the tasks of its class (same model, stage, shape, steps) after it in priority
+        order that can share its launch: late ones, and on-time ones the batch still finishes in
+        time for. Takes them out of their tiers."""
         r = task.request
         model, stage = r.model, task.stage
         size = self.best_batch(model, stage, r.shape, width, r.steps)
@@ -322,15 +497,27 @@ class Dispatcher:
         t_batch = self.time(model, stage, r.shape, width, r.steps, size)
         if not task.late and now + t_batch + rest > r.deadline:
             return batch
-        for _, other in queue[i + 1: i + 1 + 64]:
-            if len(batch) == size:
+        cur = (task.key, task.seq)
+        a, b = c.on_time.entries, c.late.entries
+        i = max(bisect_left(a, cur), bisect_left(a, (now + t_batch + rest,)))
+        j = bisect_left(b, cur)
+        took_a, took_b = [], []
+        while len(batch) < size:
+            if i < len(a) and (j >= len(b) or a[i] < b[j]):
+                batch.append(a[i][2])
+                took_a.append(i)
+                i += 1
+            elif j < len(b):
+                batch.append(b[j][2])
+                took_b.append(j)
+                j += 1
+            else:
                 break
-            o = other.request
-            if other.seq in taken or o.shape != r.shape or o.steps != r.steps:
-                continue
-            if not other.late and now + t_batch + rest > o.deadline:
-                continue
-            batch.append(other)
+        for tier, took in ((c.on_time, took_a), (c.late, took_b)):
+            for k in reversed(took):
+                del tier.entries[k]
+                if k < tier.ptr:
+                    tier.ptr -= 1
         return batch
 
     def _launch(self, batch: list[StageTask], stage: Stage, group: ReplicaGroup) -> Launch:
@@ -341,8 +528,7 @@ class Dispatcher:
         from ortools.sat.python import cp_model
 
         model_name, stage = qk
-        queue = self.queues[qk]
-        tasks = [e[1] for e in queue[: self.exact_max_tasks]]
+        tasks = self.ordered(qk)[: self.exact_max_tasks]
         groups = [g for w in sorted(free) for g in sorted(free[w], key=lambda g: g.id)]
         m = cp_model.CpModel()
         x, reward = {}, {}
@@ -367,11 +553,20 @@ class Dispatcher:
         solver.parameters.num_workers = 1
         if solver.solve(m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return []
-        launches, taken = [], set()
+        launches = []
         for (j, gi), v in sorted(x.items()):
             if solver.value(v):
                 launches.append(self._launch([tasks[j]], stage, groups[gi]))
-                taken.add(tasks[j].seq)
+                self._remove(tasks[j])
                 free[groups[gi].width].remove(groups[gi])
-        self.queues[qk] = [e for e in queue if e[1].seq not in taken]
         return launches
+
+    def _remove(self, task: StageTask) -> None:
+        r = task.request
+        c = self._classes[(r.model, task.stage)][(r.shape, r.steps)]
+        tier = (c.late if task.late else c.on_time).entries
+        i = bisect_left(tier, (task.key, task.seq))
+        assert tier[i][2] is task
+        del tier[i]
+        if not c.on_time.entries and not c.late.entries:
+            del self._classes[(r.model, task.stage)][(r.shape, r.steps)]

@@ -112,8 +112,7 @@ class TridentPolicy(Policy):
             pending = self.dispatcher.requests.values()
             if not self._unserved_seen and self.dispatcher.queued() and not self.dispatcher.running:
                 # nothing runs but work waits: make sure each queued class still has its groups
-                self._unserved_seen = not all(self._can_serve(t.request) for q in self.dispatcher.queues.values()
-                                              for _, t in q[:64])
+                self._unserved_seen = not all(self._can_serve(t.request) for t in self.dispatcher.class_heads())
             if self._unserved_seen:
                 self.transition = self.controller.replan(now, self.plan, "a request class has no group", pending)
                 self._unserved_seen, self._served = False, set()
