@@ -169,3 +169,25 @@ def test_the_python_client_stops_polling_a_cancelled_video_job():
     with pytest.raises(TridentHTTPError) as e:
         client.video("waves", model="tiny-cogvideox", poll_s=0.0)
     assert e.value.status == 499 and "cancelled" in e.value.message and polls == ["/v1/videos/video_1"]
+
+
+def test_progress_events_stream_each_change_and_end_with_the_final_state(monkeypatch):
+    import json
+
+    from trident_rs.serve import ingress
+
+    monkeypatch.setattr(ingress, "EVENTS_POLL_S", 0.0)
+    script = ["queued", "queued", "encoding", "queued", "diffusing", "diffusing", "decoding", "done", "done"]
+
+    async def scenario(c, inst):
+        states = iter(script)
+
+        async def status(rid):
+            return {"id": rid, "state": next(states), "stage": None, "retries": 0}
+        inst.controller.request_status = _Method(status, eager=True)
+        r = await c.get("/v1/requests/r9/events")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        got = [json.loads(x[6:])["state"] for x in r.text.splitlines() if x.startswith("data: ")]
+        assert got == ["queued", "encoding", "queued", "diffusing", "decoding", "done"]
+
+    run_http(CFG, scenario)

@@ -3,6 +3,7 @@
 Requests of known outcome go in (on time, late, rejected); the Prometheus text must count them
 exactly, with one stage-latency observation per request per stage deployment.
 """
+import json
 import time
 import uuid
 
@@ -108,3 +109,13 @@ def test_request_progress_is_polled_by_id(served):
     assert got["stages_done"] == ["encode", "diffuse", "decode"]
     assert httpx.get(f"{url}/v1/requests/{ids[-1]}", timeout=30).json()["on_time"] is False
     assert httpx.get(f"{url}/v1/requests/nope", timeout=30).status_code == 404
+
+
+def test_progress_streams_as_server_sent_events_through_serve(served):
+    url, ids = served
+    with httpx.stream("GET", f"{url}/v1/requests/{ids[0]}/events", timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        body = "".join(r.iter_text())
+    events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    assert [e["state"] for e in events] == ["done"]  # finished: one event, then the stream ends
+    assert httpx.get(f"{url}/v1/requests/nope/events", timeout=30).status_code == 404

@@ -11,14 +11,16 @@ the decoded frames come back here. A stage whose replica dies is re-run from tha
 """
 import asyncio
 import base64
+import json
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -37,6 +39,7 @@ from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as 
 from trident_rs.serve.stage_retry import is_replica_failure, run_stage
 
 api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
+EVENTS_POLL_S = 0.1  # how often the progress stream looks at the controller
 api.add_middleware(GuardMiddleware)  # API key, body size, JSON syntax (trident_rs.serve.limits)
 
 
@@ -332,6 +335,32 @@ class Ingress:
         if prog is None:
             return _error(404, f"no request {request_id!r} (recent ones are kept)", "NotFoundError", "request_id")
         return prog
+
+    @api.get("/v1/requests/{request_id}/events")
+    async def request_events(self, request_id: str) -> Any:
+        """Server-sent events: the request's progress each time its state or stage changes,
+        ending with its final state (`done`, `failed`, `cancelled`, `timed_out`)."""
+        first = await self.request_progress(request_id)
+        if not isinstance(first, dict):
+            return first  # 404 or 503, as for GET /v1/requests/{id}
+        return StreamingResponse(self._events(request_id, first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _events(self, request_id: str, prog: dict) -> AsyncIterator[str]:
+        deadline = time.monotonic() + self.cfg.limits.request_timeout_s
+        last = None
+        while True:
+            key = (prog.get("state"), prog.get("stage"), prog.get("retries"))
+            if key != last:
+                last = key
+                yield f"event: progress\ndata: {json.dumps(prog, default=str)}\n\n"
+            if RequestState(prog["state"]).final or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(EVENTS_POLL_S)
+            nxt = await self._ask_controller(self.controller.request_status.remote(request_id))
+            if not isinstance(nxt, dict):  # forgotten or the controller is restarting: stop here
+                return
+            prog = nxt
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
