@@ -69,6 +69,35 @@ def test_no_launch_on_a_new_group_that_reuses_a_ready_id():
     assert [launch.gpus for launch in out.launches] == [(4, 6)]
 
 
+def test_waits_for_a_busy_wide_group_the_runtime_does_not_report_ready():
+    """The runtime reports only idle groups as ready; the policy still shows the dispatcher the
+    groups running its launches, so a request that only a busy wide group still serves on time
+    waits for it (before: the dispatcher saw only the idle narrow group, judged the request
+    late and ran it there, 46 s on one GPU past its deadline)."""
+    cluster = Cluster(2, 8)
+    policy = TridentPolicy(cluster, FAKE, replan=False)
+    shape = Shape(2048, 2048)
+    narrow = ReplicaGroup("img:diffuse-w1@n0g0", "img", ("diffuse",), 1, 0, (0,))
+    wide = ReplicaGroup("img:diffuse-w8@n1g0", "img", ("diffuse",), 8, 1, tuple(range(8)))
+    decode = ReplicaGroup("img:decode-w1@n0g1", "img", ("decode",), 1, 0, (1,))
+    policy.plan = PlacementPlan((narrow, wide, decode))
+    all_free = {0: frozenset(range(8)), 1: frozenset(range(8))}
+    policy.dispatcher.add(Request("b", "img", shape, 20, 0.0, 1e6), "diffuse")
+    [first] = policy.schedule(ClusterState(0.0, all_free, frozenset({wide.id, decode.id}))).launches
+    assert first.group_id == wide.id  # busy until 20 steps at width 8: 25.6 s
+    t1, t8 = (FAKE.stage_time("img", "diffuse", shape, w, steps=10) for w in (1, 8))
+    r = Request("r", "img", shape, 10, 0.0, 60.0)  # its SLO fits width 1 (46 s), but it waited
+    policy.dispatcher.add(r, "diffuse")
+    now = 20.0
+    assert now + t1 > r.deadline and 25.6 + t8 < r.deadline
+    state = ClusterState(now, {0: frozenset(range(8)), 1: frozenset()}, frozenset({narrow.id, decode.id}))
+    assert policy.schedule(state).launches == ()
+    policy.on_launch_done(first, 25.6)
+    out = policy.schedule(ClusterState(25.6, all_free, frozenset({narrow.id, wide.id, decode.id})))
+    assert {(launch.request_ids, launch.group_id) for launch in out.launches} == {(("r",), wide.id),
+                                                                                   (("b",), decode.id)}
+
+
 def test_replan_keeps_groups_for_classes_with_pending_work():
     """The window forecast lacks a class whose requests still wait (e.g. for decode); the
     re-plan's forecast adds it, so the plan keeps a group that fits it."""

@@ -137,8 +137,11 @@ class TridentPolicy(Policy):
         # *and* that this call leaves unchanged: a new group may reuse the id of a removed idle
         # one (same model, stage, width, node and first GPU; other GPUs), and that id is in
         # `ready_groups` although the new group is only starting.
-        groups = [g for g in self.plan.groups
-                  if g.id not in draining and g.id in state.ready_groups and before.get(g.id) == g]
+        # Groups running our launches go to the dispatcher too (it never launches on them): it
+        # needs them to tell when a busy wide group would still serve a task on time.
+        running = self.dispatcher.running
+        groups = [g for g in self.plan.groups if g.id not in draining and before.get(g.id) == g
+                  and (g.id in state.ready_groups or g.id in running)]
         launches = self.dispatcher.dispatch(now, groups, state.free_gpus)
         return SchedulerOutput(tuple(launches), new_plan, reason if new_plan is not None else "")
 
