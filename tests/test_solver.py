@@ -123,3 +123,21 @@ def test_1024_gpus_solve_under_a_second():
     plan = PlacementSolver(Cluster(128, 8), COST, time_limit_s=0.5).solve(forecast)
     assert time.perf_counter() - start < 1.5  # 1 s target; slack for a shared CI machine
     plan.check(Cluster(128, 8))
+
+
+def test_encode_and_decode_keep_up_with_diffuse_at_full_use():
+    """Diffuse is planned at `utilization` of its groups but runs late work back to back, and all
+    of it goes on to decode: encode and decode are sized for the served rate / utilization."""
+    from trident_rs.policy.types import Shape
+
+    shape = Shape(256, 256)  # decode is a third of diffuse at one step
+    cls = RequestClass("img", shape, 1, slo_of(COST, "img", shape, 1))
+    solver = PlacementSolver(Cluster(1, 8), COST)
+    u = solver.utilization
+    for rate in (10.0, 20.0, 30.0, 60.0):
+        f = Forecast({cls: rate})
+        [cc] = solver.class_costs(f)
+        deployments = sorted({cc.encode, cc.decode} | {Deployment("img", "diffuse", w) for w in cc.t_diffuse})
+        counts, served, _ = solver._solve_counts(f, [cc], deployments, {}, 0.0)
+        for dep, t in ((cc.encode, cc.t_encode), (cc.decode, cc.t_decode)):
+            assert served[cls] / u * t <= u * counts[dep] * 1.001, (rate, dep)
