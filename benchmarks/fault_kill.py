@@ -13,16 +13,13 @@ and the latency of the requests that had a stage re-run against those that did n
 """
 import argparse
 import asyncio
-import json
-import os
 import random
 import statistics
-import sys
 import time
 
 import httpx
 
-from load_2x import measure
+from load_2x import finish, measure
 
 STAGE_DEPLOYMENTS = ("encode-w1", "diffuse-w1", "decode-w1")
 ARGS = {
@@ -115,17 +112,16 @@ def main() -> None:
     a = ap.parse_args()
     from ray import serve
 
-    import load_2x
     from trident_rs.serve.app import build_app
     from trident_rs.serve.local import private_serve
 
-    load_2x.BODY = {"model": "sd3", "prompt": "warm", "size": "512x512", "steps": 28}  # what `measure` sends
+    warm = {"model": "sd3", "prompt": "warm", "size": "512x512", "steps": 28}  # BODY on the images endpoint
     app = "chaos"
     with private_serve(num_gpus=8, log_to_driver=False) as port:
         serve.run(build_app(ARGS), name=app, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(measure(url, 2, 2.0))  # warm-up
-        cap = asyncio.run(measure(url, 8, a.measure_s))
+        asyncio.run(measure(url, 2, 2.0, warm))  # warm-up
+        cap = asyncio.run(measure(url, 8, a.measure_s, warm))
         res = asyncio.run(load_with_kills(url, app, a.factor * cap, a.load_s, a.kill_every_s, a.req_timeout_s,
                                           a.seed))
         health = httpx.get(f"{url}/healthz", timeout=30).status_code
@@ -133,12 +129,8 @@ def main() -> None:
     res = {"capacity_rps": round(cap, 2), "factor": a.factor, "offered_rps": round(a.factor * cap, 2),
            "kill_every_s": a.kill_every_s, "healthz_after": health,
            "controller_stats": status.get("stats"), "config": ARGS, "body": BODY, **res}
-    print(json.dumps({k: v for k, v in res.items() if k not in ("config", "kills")}, indent=1))
     print(f"{len(res['kills'])} kills: " + ", ".join(f"{k['t']}s {k['deployment']}" for k in res["kills"]))
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
-    sys.exit(0 if res["lost"] == 0 and health == 200 else 1)
+    finish(res, a.out, ok=res["lost"] == 0 and health == 200, hide=("config", "kills"))
 
 
 if __name__ == "__main__":

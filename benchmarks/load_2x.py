@@ -58,14 +58,16 @@ async def _one(c: httpx.AsyncClient, out: collections.Counter, lat: list, retry_
         out[f"other_{r.status_code}"] += 1
 
 
-async def measure(url: str, concurrency: int, seconds: float) -> float:
+async def measure(url: str, concurrency: int, seconds: float, body: dict | None = None) -> float:
+    """Completions/s of a closed loop of `concurrency` clients sending `body` (default BODY)."""
+    body = body or BODY
     done = 0
     stop = time.perf_counter() + seconds
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         async def worker():
             nonlocal done
             while time.perf_counter() < stop:
-                r = await c.post("/v1/images/generations", json=BODY)
+                r = await c.post("/v1/images/generations", json=body)
                 done += r.status_code == 200
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -125,11 +127,16 @@ def main() -> None:
         health = httpx.get(f"{url}/healthz", timeout=30).status_code
     res = {"capacity_rps": round(cap, 2), "factor": a.factor, "admission": a.admission, "startup_s": round(startup_s, 1),
            "healthz_after": health, "config": ARGS, "body": BODY, **res}
-    print(json.dumps({k: v for k, v in res.items() if k not in ("config",)}, indent=1))
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
+    finish(res, a.out, ok=res["lost"] == 0 and health == 200)
+
+
+def finish(res: dict, out: str, ok: bool, hide: tuple[str, ...] = ("config",)) -> None:
+    """Print the result (without `hide`), write it as JSON to `out`, exit 0 if `ok` else 1."""
+    print(json.dumps({k: v for k, v in res.items() if k not in hide}, indent=1))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
         json.dump(res, f, indent=1)
-    sys.exit(0 if res["lost"] == 0 and health == 200 else 1)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
