@@ -7,7 +7,7 @@ from policy_fakes import FakeCost, make_requests, run_loop, slo_of
 from trident_rs.policy.controller import Controller, ControllerConfig, Transition, mix_distance
 from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.trident import TridentPolicy
-from trident_rs.policy.types import Cluster, Request, Shape
+from trident_rs.policy.types import Cluster, PlacementPlan, Request, Shape
 from trident_rs.policy.workload import Forecast, RequestClass
 
 COST = FakeCost()
@@ -152,3 +152,24 @@ def test_sampling_noise_is_not_a_mix_shift():
     for i in range(60):
         ctl.observe_arrival(Request(f"t{i}", "img", classes[0].shape, 10, 60 + i, 110 + i), 60.0 + i)
     assert ctl.shift_reason(120.0).startswith("mix shift")
+
+
+def test_a_prior_plan_is_replaced_after_a_few_arrivals_even_at_a_low_rate():
+    """At 0.1 req/s a 60 s window never holds `min_arrivals` (20): the prior, sized for every
+    profiled shape, must still give way to what the first few requests show."""
+    from trident_rs.policy.workload import Forecast as F
+
+    cluster = Cluster(1, 8)
+    ctl = Controller(PlacementSolver(cluster, COST), ControllerConfig(window_s=60, check_interval_s=5))
+    prior = F({c: 0.05 for c in CLASSES})
+    ctl.planned(prior, PlacementPlan(()), 0.0, provisional=True)
+    now = arrivals(ctl, [Shape(256, 256)], 0.1, 0, 39)  # 4 arrivals
+    assert ctl.check(now, None) is None
+    now = arrivals(ctl, [Shape(256, 256)], 0.1, 40, 51, seed=1)  # 6 in the window
+    t = ctl.check(now, None)
+    assert t is not None and "replacing the prior" in t.reason
+    assert set(ctl.planned_for.rates) == {c for c in ctl.planned_for.rates if c.shape == Shape(256, 256)}
+    assert not ctl.provisional
+    # from here on the usual rule: a few more arrivals of the same kind change nothing
+    now = arrivals(ctl, [Shape(256, 256)], 0.1, now + 5, now + 60, seed=2)
+    assert ctl.check(now, t.target) is None

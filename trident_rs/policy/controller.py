@@ -43,14 +43,17 @@ class ControllerConfig:
     # a mix shift must also exceed what sampling alone gives a window of n arrivals this many
     # standard deviations out (13 classes and 60 arrivals differ by ~0.2 from their true mix)
     mix_noise_sigmas: float = 2.0
+    # a prior (provisional) plan is replaced once the window holds this many real arrivals: at a
+    # low rate a window may never hold `min_arrivals`, and a handful already beats the prior
+    prior_min_arrivals: int = 5
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.check_interval_s <= 0 or self.cooldown_s < 0:
             raise ConfigError("controller window_s and check_interval_s must be > 0, cooldown_s >= 0")
         if not 0 < self.mix_threshold <= 1 or self.rate_ratio <= 1 or self.persist_checks < 1:
             raise ConfigError("controller needs 0 < mix_threshold <= 1, rate_ratio > 1, persist_checks >= 1")
-        if self.mix_noise_sigmas < 0:
-            raise ConfigError("controller mix_noise_sigmas must be >= 0")
+        if self.mix_noise_sigmas < 0 or self.prior_min_arrivals < 1:
+            raise ConfigError("controller needs mix_noise_sigmas >= 0 and prior_min_arrivals >= 1")
 
 
 def mix_distance(a: dict, b: dict) -> float:
@@ -199,7 +202,7 @@ class Controller:
         # rates over at least one check interval: the first arrival alone is not 1,000 req/s
         self.window = ArrivalWindow(self.config.window_s, self.config.check_interval_s)
         self.planned_for: Forecast | None = None  # the forecast behind the current plan
-        self.provisional = False  # planned_for is a prior, not measured: replace it at the first window
+        self.provisional = False  # planned_for is a prior, not measured: replace it after a few arrivals
         self.predicted_attainment: float | None = None
         self.last_replan: float = float("-inf")
         self.last_check: float = float("-inf")
@@ -214,8 +217,8 @@ class Controller:
 
     def planned(self, forecast: Forecast, plan: PlacementPlan, now: float, provisional: bool = False) -> None:
         """Record that `plan` (built for `forecast`) is now the target. A `provisional` forecast
-        (a prior, see `workload.prior_forecast`) is re-planned at the first full window, without
-        waiting for persistence or the cooldown."""
+        (a prior, see `workload.prior_forecast`) is re-planned once `prior_min_arrivals` real
+        arrivals are in the window, without waiting for persistence or the cooldown."""
         self.planned_for = forecast
         self.provisional = provisional
         self.predicted_attainment = plan.predicted_attainment
@@ -225,11 +228,14 @@ class Controller:
     def shift_reason(self, now: float) -> str:
         """Why the window differs from the plan's forecast ('' = it does not)."""
         cfg = self.config
-        observed = self.window.forecast(now)
-        if len(self.window.arrivals) < cfg.min_arrivals:
+        n = len(self.window.arrivals)
+        if self.provisional:
+            return "first arrivals (replacing the prior)" if n >= min(cfg.prior_min_arrivals, cfg.min_arrivals) else ""
+        if n < cfg.min_arrivals:
             return ""
-        if self.planned_for is None or not self.planned_for.rates or self.provisional:
+        if self.planned_for is None or not self.planned_for.rates:
             return "first window"
+        observed = self.window.forecast(now)
         planned_mix = self.planned_for.mix()
         d = mix_distance(observed.mix(), planned_mix)
         noise = cfg.mix_noise_sigmas * mix_noise(planned_mix, len(self.window.arrivals))
@@ -254,8 +260,8 @@ class Controller:
         if not reason:
             self.strikes = 0
             return None
+        first = self.provisional or self.planned_for is None or not self.planned_for.rates
         self.strikes += 1
-        first = reason == "first window"
         if not first and (self.strikes < cfg.persist_checks or now - self.last_replan < cfg.cooldown_s):
             return None
         return self.replan(now, current, reason, pending)
