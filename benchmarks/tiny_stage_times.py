@@ -1,9 +1,10 @@
 """Per-stage CPU wall times of each tiny model at two sizes, through the stage executors.
 
-    .venv/bin/python benchmarks/tiny_stage_times.py [--steps 4] [--repeats 3]
+    .venv/bin/python benchmarks/tiny_stage_times.py [--steps 4] [--repeats 3] [--models tiny-flux ...]
 
-Prints a markdown table and writes benchmarks/results/tiny_stage_times.json. Each figure is the
-median of `repeats` runs after one warm-up run (first calls pay one-off costs).
+Prints a markdown table and writes benchmarks/results/tiny_stage_times.json (with --models, only
+those models' rows are replaced; the others stay). Each figure is the median of `repeats` runs
+after one warm-up run (first calls pay one-off costs).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CASES = [  # (model, height, width, frames)
     ("tiny-sd3", 64, 64, 1), ("tiny-sd3", 128, 128, 1),
     ("tiny-flux", 64, 64, 1), ("tiny-flux", 128, 128, 1),
     ("tiny-cogvideox", 64, 64, 9), ("tiny-cogvideox", 128, 128, 9),
+    ("tiny-hunyuanvideo", 64, 64, 9), ("tiny-hunyuanvideo", 128, 128, 9),
 ]
 
 
@@ -41,11 +43,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=None, help="only these models (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tiny_stage_times.json"))
     args = parser.parse_args()
+    models = args.models or sorted({c[0] for c in CASES})
 
     rows, runners = [], {}
     for model, height, width, frames in CASES:
+        if model not in models:
+            continue
         if model not in runners:
             start = time.perf_counter()
             runners[model] = LocalPipeline(model)
@@ -61,8 +67,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['width']}x{r['height']} | {r['frames']} | {r['encode_ms']:.0f} | "
               f"{r['diffuse_ms']:.0f} | {r['decode_ms']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    out = Path(args.out)
+    if args.models and out.is_file():  # keep the rows of models not measured this time
+        kept = [r for r in json.loads(out.read_text())["rows"] if r["model"] not in models]
+        rows = sorted(kept + rows, key=lambda r: [c[:3] for c in CASES].index((r["model"], r["height"], r["width"])))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "repeats": args.repeats, "rows": rows}, indent=2))

@@ -20,6 +20,7 @@ MODELS = {  # model -> extra request fields
     "tiny-sd3": {},
     "tiny-flux": {},
     "tiny-cogvideox": {"num_frames": 9},
+    "tiny-hunyuanvideo": {"num_frames": 9},
 }
 
 
@@ -61,7 +62,7 @@ def _float_frames(runner: LocalPipeline, params: list[GenerationParams]) -> list
 @pytest.mark.parametrize("variant", [
     {},
     {"negative_prompt": "a blue cat", "seed": 3},
-    {"guidance_scale": 1.0},  # guidance <= 1 turns CFG off in every pipeline
+    {"guidance_scale": 1.0},  # guidance <= 1 turns CFG off (FLUX, HunyuanVideo: embedded guidance 1)
 ])
 def test_split_equals_monolithic(model, pipelines, variant):
     runner, pipe = pipelines

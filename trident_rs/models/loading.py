@@ -117,11 +117,25 @@ def load_pipeline(
         keep = STAGE_COMPONENTS[spec.family][stage]
         expected, _ = cls._get_signature_keys(cls)
         kwargs.update({name: None for name in expected if name not in keep})
+    if spec.family == "hunyuanvideo" and kwargs.get("tokenizer", "load") is not None:
+        kwargs["tokenizer"] = _llama3_tokenizer(path)
     pipe = cls.from_pretrained(path, **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "vae", None) is None:
         _restore_vae_derived(pipe, spec.family, path)
     return pipe
+
+
+def _llama3_tokenizer(path: str):
+    """HunyuanVideo's Llama 3 tokenizer, loaded from its tokenizer.json as it is.
+
+    The model index names it `LlamaTokenizerFast`, and in transformers 5 that class rebuilds a
+    Llama-2-style (Metaspace) tokenizer from the vocabulary, dropping tokenizer.json's byte-level
+    pre-tokenizer: newlines vanish and words split into letters, with no error. The generic
+    backend (what `AutoTokenizer` also picks for a byte-level file) keeps the file's pipeline."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path, subfolder="tokenizer")
 
 
 def _restore_vae_derived(pipe, family: str, path: str) -> None:

@@ -122,6 +122,9 @@ _TINY = [
     ModelSpec("tiny-cogvideox", "cogvideox", "", "video", 16, 8, 2, (64, 64), 256, 4, 100, 6.0,
               default_frames=9, max_frames=49, frame_rule=(8, 1), temporal_compression=4,
               widths={"encode": (1,), "diffuse": (1,), "decode": (1,)}, profile_model="cogvideox"),
+    ModelSpec("tiny-hunyuanvideo", "hunyuanvideo", "", "video", 16, 8, 2, (64, 64), 256, 4, 100, 6.0,
+              default_frames=9, max_frames=33, frame_rule=(4, 1), temporal_compression=4,
+              widths={"encode": (1,), "diffuse": (1,), "decode": (1,)}, profile_model="hunyuanvideo"),
 ]
 
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _REAL + _TINY}

@@ -33,6 +33,8 @@ SEED = 0
 CLIP_HIDDEN = 32
 T5_DIM = 64
 CLIP_MAX_LENGTH = 77
+LLAMA_DIM = 64
+LLAMA_MAX_POSITIONS = 512  # HunyuanVideo encodes 95 template + 256 prompt tokens
 
 
 def cache_root() -> Path:
@@ -74,6 +76,50 @@ def build_t5_tokenizer(max_length: int):
     pieces += [("▁" + w, -1.0) for w in _WORDS]
     pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+# Llama 3's pre-tokenizer split (byte-level BPE); HunyuanVideo's text encoder is a Llama 3.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>", "<pad>")
+
+
+def build_llama3_tokenizer(template: str):
+    """A Llama-3-style byte-level BPE tokenizer (Llama 3's split regex, `<|begin_of_text|>` prepended,
+    header/eot special tokens, right padding) whose vocabulary has every word of `template` and of
+    a few prompt words as one token, like the real 128k vocabulary does. HunyuanVideo's prompt
+    template then takes as many tokens as with the real tokenizer (its `crop_start`, 95), so
+    cropping the template off the encoder output removes exactly the template."""
+    import re
+
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for segment in re.split("|".join(map(re.escape, _LLAMA3_SPECIAL)), template.replace("{}", "")):
+        for piece, _ in pre.pre_tokenize_str(segment):
+            vocab.setdefault(piece, len(vocab))
+    for word in _WORDS:  # a prompt's first word has no leading space ("Ġ" in byte-level), the others do
+        vocab.setdefault(word, len(vocab))
+        vocab.setdefault("Ġ" + word, len(vocab))
+    # ignore_merges (as Llama 3): a pre-token in the vocabulary is one token; others fall back to bytes.
+    backend = Tokenizer(BPE(vocab=vocab, merges=[], ignore_merges=True))
+    backend.pre_tokenizer = pre
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(_LLAMA3_SPECIAL))
+    bos = _LLAMA3_SPECIAL[0]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token="<|end_of_text|>", pad_token="<pad>",
+        padding_side="right", model_max_length=LLAMA_MAX_POSITIONS,
+    )
 
 
 def _clip_config(tokenizer):
@@ -189,11 +235,49 @@ def _build_cogvideox():
                              transformer=transformer, scheduler=scheduler)
 
 
+def _build_hunyuanvideo():
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+    from transformers import CLIPTextModel, LlamaConfig, LlamaModel
+
+    llama_tok = build_llama3_tokenizer(DEFAULT_PROMPT_TEMPLATE["template"])
+    clip_tok = build_clip_tokenizer()
+    torch.manual_seed(SEED)
+    # 3 layers: the pipeline takes the hidden states 2 layers before the last (hidden_states[-3]).
+    llama = LlamaModel(LlamaConfig(
+        vocab_size=len(llama_tok), hidden_size=LLAMA_DIM, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LLAMA_MAX_POSITIONS,
+        bos_token_id=llama_tok.bos_token_id, eos_token_id=llama_tok.eos_token_id,
+        pad_token_id=llama_tok.pad_token_id, rms_norm_eps=1e-5,
+    ))
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=32, num_layers=2,
+        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=LLAMA_DIM, pooled_projection_dim=CLIP_HIDDEN, rope_axes_dim=(8, 12, 12),
+    )
+    vae = AutoencoderKLHunyuanVideo(  # real ratios: ×8 spatial, ×4 temporal, 16 latent channels
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1, norm_num_groups=8, scaling_factor=0.476986,
+        spatial_compression_ratio=8, temporal_compression_ratio=4,
+    )
+    return HunyuanVideoPipeline(
+        text_encoder=llama, tokenizer=llama_tok, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),  # HunyuanVideo's scheduler shift
+        text_encoder_2=CLIPTextModel(_clip_config(clip_tok)), tokenizer_2=clip_tok,
+    )
+
+
 TINY_BUILDERS: dict[str, Callable[[], Any]] = {
     "tiny-sd3": _build_sd3,
     "tiny-flux": _build_flux,
     "tiny-cogvideox": _build_cogvideox,
+    "tiny-hunyuanvideo": _build_hunyuanvideo,
 }
+
+# Written into model_index.json after saving, as the real model's index names them (the saved
+# class of a tokenizer built in code is the generic backend).
+_INDEX_CLASSES = {"tiny-hunyuanvideo": {"tokenizer": ["transformers", "LlamaTokenizerFast"]}}
 
 
 def build_tiny_pipeline(name: str):
@@ -229,6 +313,10 @@ def ensure_tiny_model(name: str, root: Path | None = None) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             build_tiny_pipeline(name).save_pretrained(staging)
+            if name in _INDEX_CLASSES:
+                index = json.loads((staging / "model_index.json").read_text())
+                index.update(_INDEX_CLASSES[name])
+                (staging / "model_index.json").write_text(json.dumps(index, indent=2))
             (staging / _MARKER).write_text(json.dumps({"name": name, "version": BUILD_VERSION}))
             if target.exists():  # stale version
                 shutil.rmtree(target)

@@ -1,4 +1,4 @@
-"""Per-family stage code: how SD3, FLUX and CogVideoX split into encode, diffuse and decode
+"""Per-family stage code: how SD3, FLUX, CogVideoX and HunyuanVideo split into encode, diffuse and decode
 using each diffusers pipeline's own helpers."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ _MODULES = {
     "sd3": "trident_rs.executors.families.sd3",
     "flux": "trident_rs.executors.families.flux",
     "cogvideox": "trident_rs.executors.families.cogvideox",
+    "hunyuanvideo": "trident_rs.executors.families.hunyuanvideo",
 }
 
 
