@@ -11,6 +11,7 @@ the decoded frames come back here. A stage whose replica dies is re-run from tha
 """
 import asyncio
 import base64
+import functools
 import json
 import time
 import uuid
@@ -177,6 +178,8 @@ class Ingress:
             state = RequestState.DONE
             return result
         except asyncio.TimeoutError:
+            if time.perf_counter() - t0 < self.cfg.limits.request_timeout_s:
+                raise  # a stage's own timeout, not the request's
             state = RequestState.TIMED_OUT
             raise RequestTimedOutError(rid, self.cfg.limits.request_timeout_s) from None
         except (RequestCancelled, asyncio.CancelledError):
@@ -193,11 +196,12 @@ class Ingress:
         await self.link.submit(rid, params)
         out: Any = StagePayload(params, {}, {"request_id": rid})
         retries = 0
+        watch = functools.partial(self.inflight.watch, rid)  # awaits that the cancel endpoint can interrupt
         for stage in STAGES:
-            grant = await self.link.acquire(rid, stage, params, lambda aw: self.inflight.watch(rid, aw))
+            grant = await self.link.acquire(rid, stage, params, watch)
             out, n = await run_stage(
                 lambda prev=out, g=grant: self.inflight.add(rid, self.stages[g["deployment"]].run.remote(prev, g)),
-                lambda aw: self.inflight.watch(rid, aw), stage=stage, last=stage == STAGES[-1],
+                watch, stage=stage, last=stage == STAGES[-1],
                 retries=faults.stage_retries, backoff_s=faults.retry_backoff_s,
                 on_retry=lambda attempt, e, g=grant: self.link.stage_retry(rid, g, attempt, e))
             retries += n
