@@ -21,7 +21,7 @@ from trident_rs.errors import OverloadedError
 
 def cost_estimator(cfg: Any) -> Callable[[Any], float]:
     """params -> predicted seconds for all stages at width 1 (cost model, else the fallback)."""
-    from trident_rs.policy.stage_estimate import predict_stage_s
+    from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
     from trident_rs.policy.types import STAGES
 
     cost: Any = "unloaded"
@@ -29,10 +29,8 @@ def cost_estimator(cfg: Any) -> Callable[[Any], float]:
 
     def estimate(params: Any) -> float:
         nonlocal cost
-        if cost == "unloaded":
-            from trident_rs.serve.controller import load_cost_model
-
-            cost = load_cost_model()
+        if cost == "unloaded":  # the controller warns when there is none
+            cost = default_cost_model()
         return scale * sum(predict_stage_s(cost, params.model, s, params.shape, 1, 1, params.steps or 1)
                            for s in STAGES)
 
