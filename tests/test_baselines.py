@@ -7,9 +7,8 @@ from hypothesis import strategies as st
 from test_sim_engine import FakeCost
 
 from trident_rs.policy import registry
-from trident_rs.policy.baselines import (
-    BoundPolicy, DynamicPipelinePolicy, StaticPipelinePolicy, StaticStagePolicy, assign_models,
-)
+from trident_rs.policy.baselines import DynamicPipelinePolicy, StaticPipelinePolicy, StaticStagePolicy, assign_models
+from trident_rs.policy.bound import BoundPolicy
 from trident_rs.policy.types import Cluster, Request, Shape
 from trident_rs.sim import simulate, summarize
 from trident_rs.sim.runner import run_policy
@@ -100,8 +99,14 @@ def test_registry_builds_baselines_and_static_best_picks_the_best_width():
     assert registry.make_policy("static-pipeline", cluster, COST, width=4).width == 4
     reqs = workload(200, 0.2, 2)
     best = run_policy("static-best", reqs, cluster, COST)
-    per_width = best.detail["attainment_by_width"]
-    assert best.metrics["slo_attainment"] == pytest.approx(max(per_width.values()))
-    w = best.detail["width"]
-    single = summarize(simulate(cluster, StaticPipelinePolicy(cluster, COST, width=w), COST, reqs))
+    by_variant = best.detail["attainment_by_variant"]
+    # every static variant ran: pipeline and stage, FCFS and EDF, at every width that fits
+    assert {"static-pipeline-w1", "static-pipeline-w8-edf", "static-stage-w1", "static-stage-w4-edf"} <= set(by_variant)
+    assert best.metrics["slo_attainment"] == pytest.approx(max(by_variant.values()))
+    w, order = best.detail["width"], best.detail["order"]
+    cls = StaticPipelinePolicy if best.detail["variant"].startswith("static-pipeline") else StaticStagePolicy
+    single = summarize(simulate(cluster, cls(cluster, COST, width=w, order=order, models={"flux": 1.0}), COST, reqs))
     assert single.slo_attainment == pytest.approx(best.metrics["slo_attainment"])
+    fcfs = run_policy("static-best-fcfs", reqs, cluster, COST)
+    assert set(fcfs.detail["attainment_by_variant"]) == {f"static-pipeline-w{w}" for w in (1, 2, 4, 8)}
+    assert fcfs.metrics["slo_attainment"] <= best.metrics["slo_attainment"] + 1e-12

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from policy_fakes import FakeCost, make_requests, run_loop
 from trident_rs.errors import ConfigError
-from trident_rs.policy.paper import PaperPolicy
+from trident_rs.policy.paper import PaperPolicy, authors_min_width
 from trident_rs.policy.types import Cluster, ClusterState, Request, Shape
 
 COST = FakeCost()
@@ -25,14 +25,20 @@ def test_every_request_is_served_on_free_gpus_with_pruned_widths(w):
     res = run_loop(policy, cluster, COST, reqs)  # asserts free GPUs and stage order
     assert set(res.finished) == {r.id for r in reqs}
     by_id = {r.id: r for r in reqs}
+    solves = []
     for t, launch in res.launches:
         r = by_id[launch.request_ids[0]]
+        assert len({by_id[i].shape for i in launch.request_ids}) == 1  # batches share a shape
         if launch.stages == ("encode", "diffuse"):
-            need = COST.min_width(model, "diffuse", r.shape)
+            need = max(COST.min_width(model, "diffuse", r.shape), authors_min_width(r.shape))
+            assert launch.width >= need
             assert launch.width == need or COST.efficiency(model, r.shape, launch.width) >= 0.8
-            assert abs(t / 0.5 - round(t / 0.5)) < 1e-6  # starts only on 0.5 s ticks
+            if not solves or solves[-1] != t:
+                solves.append(t)
         else:
             assert launch.stages == ("decode",)
+    # solves happen at least 0.5 s apart (the authors' cadence), not on fixed ticks
+    assert all(b - a >= 0.5 - 1e-9 for a, b in zip(solves, solves[1:]))
 
 
 def test_on_time_start_beats_idle_gpus_and_late_ones_prefer_more_lateness():
@@ -67,3 +73,17 @@ def test_bad_options_raise():
         PaperPolicy(Cluster(1, 8), COST, bogus=True)
     with pytest.raises(ConfigError):  # 720x1280x65 needs 2 GPUs; nodes have 1
         PaperPolicy(Cluster(4, 1), COST).add_request(Request("x", "vid", Shape(720, 1280, 65), 10, 0, 100), 0.0)
+
+
+def test_authors_minimum_widths_and_same_shape_batching():
+    assert authors_min_width(Shape(2048, 2048)) == 2 and authors_min_width(Shape(1024, 1024)) == 1
+    assert [authors_min_width(Shape(720, 1280, f)) for f in (17, 33, 65, 129)] == [1, 2, 4, 8]
+    policy = PaperPolicy(Cluster(1, 8), COST)
+    small = Shape(256, 256)
+    for i in range(5):
+        policy.add_request(Request(f"s{i}", "img", small, 10, 0.0, 100.0 + i), 0.0)
+    size = policy._best_batch(policy.requests["s0"])
+    assert size > 1  # the fake cost model batches small images well
+    assert [len(j.requests) for j in policy.queue] == [min(size, 5)] + ([5 - size] if size < 5 else [])
+    out = policy.schedule(ClusterState(0.0, {0: frozenset(range(8))}))
+    assert sorted(i for l in out.launches for i in l.request_ids) == [f"s{i}" for i in range(5)]

@@ -117,7 +117,7 @@ def test_metrics_on_hand_computed_scenario():
     reqs = [Request("a", "flux", shape, 1, 0.0, 2.0), Request("b", "flux", shape, 1, 0.5, 2.0),
             Request("c", "flux", shape, 1, 10.0, 10.5)]
     cluster, cost = Cluster(1, 1), FakeCost()
-    m = summarize(simulate(cluster, StaticPipelinePolicy(cluster, cost, width=1), cost, reqs))
+    m = summarize(simulate(cluster, StaticPipelinePolicy(cluster, cost, width=1), cost, reqs, SimConfig.ideal()))
     # finishes: a 1.3 (met), b 2.6 (latency 2.1, missed), c 11.3 (latency 1.3, missed)
     assert m.slo_attainment == pytest.approx(1 / 3)
     assert m.mean_latency_s == pytest.approx((1.3 + 2.1 + 1.3) / 3)
@@ -173,10 +173,10 @@ def test_transfer_between_nodes_adds_time():
     cluster, cost = Cluster(3, 1), FakeCost()
     compute = 0.1 + 1024 * 1024 / 1e6 + 0.2
     same = simulate(cluster, StaticPipelinePolicy(cluster, cost, width=1), cost, reqs,
-                    SimConfig(inter_node_gbps=0.001))
+                    SimConfig.ideal(inter_node_gbps=0.001))
     assert same.finish["a"] == pytest.approx(compute)
     # stage-level on 3 one-GPU nodes: encode, diffuse and decode each on another node (two hops)
     policy = StaticStagePolicy(cluster, cost, width=1, encode_gpus=1, decode_gpus=1)
-    hops = simulate(cluster, policy, cost, reqs, SimConfig(inter_node_gbps=0.001))
+    hops = simulate(cluster, policy, cost, reqs, SimConfig.ideal(inter_node_gbps=0.001))
     embeddings, latent = 512 * 4096 * 2, 128 * 128 * 16 * 2
     assert hops.finish["a"] == pytest.approx(compute + (embeddings + latent) / 1e6)

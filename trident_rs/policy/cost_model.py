@@ -41,6 +41,8 @@ from trident_rs.policy.token_curve import TokenCurve
 from trident_rs.policy.types import STAGES, Shape
 
 DEFAULT_PROFILE = "l20.json"
+# Host <-> GPU bandwidth for offloaded weights: PCIe 4.0 x16 moves ~20 GB/s in practice.
+HOST_LINK_GBPS = 20.0
 
 
 class DoesNotFitError(ConfigError):
@@ -278,6 +280,61 @@ class CostModel:
             if self.efficiency(model, shape, w) >= threshold:
                 best = w
         return best
+
+    def stage_width(self, model: str, stage: str, width: int) -> int:
+        """The widest degree `stage` runs at within a launch of `width` GPUs (encode: 1)."""
+        return max([w for w in self.widths(model, stage) if w <= width] or [1])
+
+    def weights_gb(self, model: str, stage: str) -> float:
+        """Memory per GPU that a stage's weights hold: its peak at the smallest profiled shape
+        (width 1, batch 1). Sequence-parallel ranks each hold a full copy."""
+        pmodel = self.profile_model(model)
+        key = ("weights", pmodel, stage)
+        cached = self._cache.get(key)
+        if cached is None:
+            series = self._series.get((pmodel, stage, 1, 1))
+            if series is None:
+                raise ProfileError(f"no width-1 profile data for {model!r} stage {stage!r}")
+            mems = [p.memory_gb for p in series.exact.values() if p.memory_gb]
+            cached = self._cache[key] = StageCost(0.0, min(mems) if mems else 0.0)
+        return cached.memory_gb
+
+    def launch_memory(self, model: str, stages: tuple[str, ...] | list[str], shape: Shape, width: int,
+                      batch: int = 1, offload: tuple[str, ...] = ()) -> float:
+        """Peak memory per GPU of one launch running `stages` back to back on `width` GPUs.
+
+        A launch of one stage needs that stage's predicted peak. A launch of several (a
+        pipeline-level worker) keeps every stage's weights resident and adds the largest
+        stage's activations (peak minus weights): the stages run one after the other, so their
+        activations never coexist, but their weights do. A stage in `offload` keeps its weights
+        in host memory and loads them only while it runs (diffusers' model CPU offload), so
+        they coexist with the resident weights during that stage only."""
+        peaks = {s: self.predict(model, s, shape, self.stage_width(model, s, width), batch).memory_gb
+                 for s in stages}
+        if len(peaks) == 1:
+            return next(iter(peaks.values()))
+        weights = {s: min(self.weights_gb(model, s), peaks[s]) for s in stages}
+        resident = [s for s in stages if s not in offload]
+        base = sum(weights[s] for s in resident)
+        need = base + max((peaks[s] - weights[s] for s in resident), default=0.0)
+        for s in stages:
+            if s in offload:
+                need = max(need, base + peaks[s])
+        return need
+
+    def offload_s(self, model: str, stages: tuple[str, ...] | list[str]) -> float:
+        """Seconds a launch spends moving the weights of offloaded `stages` to the GPU and back."""
+        return sum(2.0 * self.weights_gb(model, s) / HOST_LINK_GBPS for s in stages)
+
+    def pipeline_offload(self, model: str, shape: Shape, width: int, gpu_memory_gb: float,
+                         stages: tuple[str, ...] = STAGES) -> tuple[str, ...] | None:
+        """How a pipeline-level launch of `stages` fits on `width` GPUs: () if all weights stay
+        resident, ("encode",) if the text encoders must be offloaded between requests, None if
+        it does not fit either way."""
+        for offload in ((), ("encode",)):
+            if self.launch_memory(model, stages, shape, width, 1, offload) <= gpu_memory_gb:
+                return offload
+        return None
 
     def min_width(self, model: str, stage: str, shape: Shape, gpu_memory_gb: float) -> int:
         """Smallest width of `stage` whose predicted peak memory per GPU fits; DoesNotFitError if none."""

@@ -123,6 +123,7 @@ class Dispatcher:
         self.running: dict[str, RunningLaunch] = {}  # group id -> what runs there
         self.unlaunched: set[str] = set()  # requests whose decode has not started
         self.requests: dict[str, Request] = {}  # requests not finished yet
+        self.demoted: set[str] = set()  # requests with a stage demoted to the late tier (for timelines)
         self._seq = itertools.count()
         self._times: dict[tuple, float] = {}
         self._min_width: dict[tuple, int] = {}
@@ -152,6 +153,13 @@ class Dispatcher:
             else:
                 self.add(self.requests[rid], STAGES[nxt])
         return finished
+
+    def on_refused(self, launch: Launch) -> None:
+        """The runtime refused `launch` (memory): its group is free, its requests failed."""
+        self.running.pop(launch.group_id, None)
+        for rid in launch.request_ids:
+            self.requests.pop(rid, None)
+            self.unlaunched.discard(rid)
 
     def pending(self) -> int:
         return len(self.unlaunched)
@@ -285,6 +293,7 @@ class Dispatcher:
 
     def _mark_late(self, task: StageTask) -> None:
         task.late = True
+        self.demoted.add(task.request.id)
         r = task.request
         delay = self.late_delay_s if self.late_delay_s is not None else max(r.deadline - r.arrival, 1.0)
         task.key = r.deadline + delay
@@ -454,6 +463,7 @@ class Dispatcher:
         for _, seq, task in entries:  # as _mark_late
             r = task.request
             task.late = True
+            self.demoted.add(r.id)
             task.key = key = r.deadline + (delay if delay is not None else max(r.deadline - r.arrival, 1.0))
             es.append((key, seq, task))
         es.sort()

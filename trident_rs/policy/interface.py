@@ -7,7 +7,8 @@ Ray Serve) calls it on every arrival, every finished launch, and at `next_wakeup
 Contract, checked by the runtimes and by property tests:
 - a launch only uses GPUs listed free in the `ClusterState` it was given;
 - a request's stages run in order encode -> diffuse -> decode, each exactly once;
-- every request added is eventually launched to completion (never dropped).
+- every request added is eventually launched to completion (never dropped), unless the
+  runtime refuses a launch of it for memory (`on_launch_refused`): then it failed, visibly.
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ class Policy(ABC):
     @abstractmethod
     def on_launch_done(self, launch: Launch, now: float) -> None:
         """All stages of `launch` finished; its GPUs are free again."""
+
+    def on_launch_refused(self, launch: Launch, now: float) -> None:
+        """The runtime refused `launch` because it does not fit in GPU memory (it would OOM):
+        its requests failed and are never launched again. Forget them."""
+        raise NotImplementedError(f"{self.name}: a launch was refused for memory and the policy cannot forget it")
 
     @abstractmethod
     def schedule(self, state: ClusterState) -> SchedulerOutput:

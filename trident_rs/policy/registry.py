@@ -1,8 +1,10 @@
 """Policy names -> factories `(cluster, cost, **options) -> Policy`.
 
 `paper` and `trident` are imported lazily (and skipped with a warning where not installed).
-`static-best` is not a policy of its own: the runtime runs `static-pipeline` at every width in
-`STATIC_BEST_WIDTHS` and reports the best. `bound` is analytic (`BoundPolicy.evaluate`).
+`static-best` is not a policy of its own: the runtime runs every variant in `STATIC_VARIANTS`
+(static-pipeline and static-stage, FCFS and EDF, at every width in `STATIC_BEST_WIDTHS`) and
+reports the best; `static-best-fcfs` is the best FCFS static-pipeline width, the xDiT-style
+baseline the paper compares against. `bound` is analytic (`BoundPolicy.evaluate`).
 """
 from __future__ import annotations
 
@@ -13,19 +15,23 @@ from typing import Callable
 from trident_rs.errors import ConfigError
 
 STATIC_BEST_WIDTHS = (1, 2, 4, 8)
+# (policy, queue order) pairs that static-best sweeps at every width
+STATIC_VARIANTS = (("static-pipeline", "fcfs"), ("static-pipeline", "edf"),
+                   ("static-stage", "fcfs"), ("static-stage", "edf"))
 
 # name -> (module, class)
 _FACTORIES: dict[str, tuple[str, str]] = {
     "static-pipeline": ("trident_rs.policy.baselines", "StaticPipelinePolicy"),
     "static-best": ("trident_rs.policy.baselines", "StaticPipelinePolicy"),
+    "static-best-fcfs": ("trident_rs.policy.baselines", "StaticPipelinePolicy"),
     "dynamic-pipeline": ("trident_rs.policy.baselines", "DynamicPipelinePolicy"),
     "static-stage": ("trident_rs.policy.baselines", "StaticStagePolicy"),
     "paper": ("trident_rs.policy.paper", "PaperPolicy"),
     "trident": ("trident_rs.policy.trident", "TridentPolicy"),
-    "bound": ("trident_rs.policy.baselines", "BoundPolicy"),
+    "bound": ("trident_rs.policy.bound", "BoundPolicy"),
 }
 ANALYTIC = frozenset({"bound"})  # evaluated, not simulated
-SWEPT = frozenset({"static-best"})  # run at every width, best reported
+SWEPT = frozenset({"static-best", "static-best-fcfs"})  # run at every width (and variant), best reported
 
 
 def policy_names() -> list[str]:

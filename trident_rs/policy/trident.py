@@ -101,6 +101,14 @@ class TridentPolicy(Policy):
         for rid in self.dispatcher.on_done(launch):
             self.controller.observe_finish(requests[rid], now)
 
+    def on_launch_refused(self, launch: Launch, now: float) -> None:
+        self.dispatcher.on_refused(launch)
+
+    @property
+    def demoted(self) -> set[str]:
+        """Requests whose stage the dispatcher demoted to the late tier."""
+        return self.dispatcher.demoted
+
     def schedule(self, state: ClusterState) -> SchedulerOutput:
         now = state.now
         reason = ""

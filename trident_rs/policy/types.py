@@ -123,7 +123,9 @@ class Launch:
     """Start `stages` of a batch of same-shape requests now on `gpus` of `node`.
 
     `group_id` names the plan's replica group when the policy has a plan; dynamic policies
-    (shared GPU pool) leave it empty and pick GPUs directly.
+    (shared GPU pool) leave it empty and pick GPUs directly. `offload` names stages of a
+    multi-stage launch whose weights are loaded only while they run (see
+    `CostModel.launch_memory`); the runtime charges the transfer.
     """
 
     request_ids: tuple[str, ...]
@@ -133,6 +135,11 @@ class Launch:
     node: int
     gpus: tuple[int, ...]
     group_id: str = ""
+    offload: tuple[Stage, ...] = ()  # stages whose weights stay in host memory between uses
+
+    @property
+    def batch(self) -> int:
+        return len(self.request_ids)
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,30 @@ class PolicyViolation(TridentError, RuntimeError):
     """A policy returned a decision that breaks the Policy contract."""
 
 
+# Runtime overheads measured on the Serve runtime (benchmarks/RESULTS.md, "Serve runtime
+# overhead"): a stage call through a DeploymentHandle costs ~13 ms more than the stage itself,
+# and a request pays ~30 ms more at the ingress (validation, admission, the controller's submit
+# and finish) on top of its stage hops (69 ms for a zero-work request with three hops).
+SERVE_HOP_OVERHEAD_S = 0.013
+SERVE_REQUEST_OVERHEAD_S = 0.030
+# A shared-pool launch on a sequence-parallel group its GPUs did not last form pays for the
+# switch: Hetu-DiT runs `switch_parallel_env` (pre-built communicators) and `hotspa_model`
+# (re-wrapping the model for the new degree) before the request. Not measured here (no GPU):
+# 1 s is a stated guess; `benchmarks/suite.py --regroup-s` varies it.
+DEFAULT_REGROUP_S = 1.0
+
+
 @dataclass(frozen=True)
 class SimConfig:
-    """Physical knobs of the simulated cluster."""
+    """Physical knobs of the simulated cluster.
+
+    Every policy is charged the same: stage times drawn around the cost model's prediction
+    (`noise`, lognormal, mean 1; policies only ever see predictions), GPU memory (a launch that
+    would not fit is refused, as it would OOM: its requests fail), the Serve runtime's overhead
+    per stage hop and per request, transfers between stages on different GPUs, the start of a
+    new replica group (`start_cost_s`) and, for shared-pool launches (no replica group),
+    regrouping GPUs into a new sequence-parallel group (`regroup_s`) or loading another model
+    onto them (`model_load_s`, default the start cost)."""
 
     noise: float = 0.0  # sigma of a mean-1 lognormal factor on every launch's compute time
     seed: int = 0
@@ -37,6 +58,41 @@ class SimConfig:
     start_cost_s: float = 20.0  # seconds until a replica group added by a new plan is ready
     until: float | None = None  # stop at this virtual time (unfinished requests stay unfinished)
     max_idle_wakeups: int = 10_000  # empty periodic wakeups with nothing else to do -> stall
+    enforce_memory: bool = True  # refuse launches whose predicted peak exceeds GPU memory
+    hop_overhead_s: float = SERVE_HOP_OVERHEAD_S  # added to every launch
+    request_overhead_s: float = SERVE_REQUEST_OVERHEAD_S  # added to every request's latency
+    regroup_s: float = DEFAULT_REGROUP_S
+    model_load_s: float | None = None  # None: start_cost_s
+
+    @classmethod
+    def ideal(cls, **overrides) -> "SimConfig":
+        """No noise, no overheads, no regroup cost, memory unchecked: the engine before the
+        fair yardstick (for before/after comparisons and for exact-timing tests)."""
+        base = dict(enforce_memory=False, hop_overhead_s=0.0, request_overhead_s=0.0, regroup_s=0.0,
+                    model_load_s=0.0)
+        return cls(**{**base, **overrides})
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One launch of one request, for its timeline: when it could start, when it ran, where."""
+
+    stages: tuple[str, ...]
+    ready: float  # arrival, or the end of the previous launch
+    start: float
+    end: float
+    width: int
+    node: int
+    batch: int
+    extra_s: float = 0.0  # transfer, overhead, regroup and offload time inside [start, end]
+
+    @property
+    def queued_s(self) -> float:
+        return self.start - self.ready
+
+    @property
+    def run_s(self) -> float:
+        return self.end - self.start
 
 
 @dataclass
@@ -56,6 +112,17 @@ class SimResult:
     wall_time_s: float
     in_flight_at_end: int
     replan_reasons: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> why (memory refusal)
+    memory_refusals: int = 0  # launches refused
+    timeline: dict[str, list[StageRecord]] = field(default_factory=dict)
+    demoted: frozenset[str] = frozenset()  # requests the policy demoted as late (if it says)
+
+    def request_timeline(self, request_id: str) -> dict:
+        """Queue and run time per launch, width, and whether the policy demoted the request."""
+        recs = self.timeline.get(request_id, [])
+        return {"stages": [{"stages": list(r.stages), "queued_s": r.queued_s, "run_s": r.run_s, "width": r.width,
+                            "node": r.node, "batch": r.batch, "extra_s": r.extra_s} for r in recs],
+                "demoted": request_id in self.demoted, "failed": self.failed.get(request_id, "")}
 
 
 def latent_bytes(model: str, height: int, width: int, frames: int) -> float:
@@ -108,6 +175,13 @@ class Simulator:
         self.decision_time = 0.0
         self.replan_reasons: list[str] = []
         self.now = 0.0
+        self.failed: dict[str, str] = {}
+        self.memory_refusals = 0
+        self.timeline: dict[str, list[StageRecord]] = {}
+        self.ready_at: dict[str, float] = {}  # request -> when its next launch could start
+        self.last_model: dict[_GPU, str] = {}  # GPU -> model of its last pool launch
+        self.last_group: dict[_GPU, tuple[int, ...]] = {}  # GPU -> its last sequence-parallel group
+        self.running: dict[int, tuple[Launch, float, float]] = {}  # seq -> launch, start, extra
 
     # ---- event plumbing -------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: object) -> None:
@@ -283,6 +357,8 @@ class Simulator:
                 self._fail(f"launch names request {rid!r}, which has not arrived")
             if rid in self.in_flight:
                 self._fail(f"request {rid} is already running")
+            if rid in self.failed:
+                self._fail(f"request {rid} failed earlier ({self.failed[rid]})")
             i = self.next_stage[rid]
             if tuple(launch.stages) != STAGES[i:i + len(launch.stages)] or not launch.stages:
                 self._fail(f"request {rid} next needs {STAGES[i:]}, launch runs {launch.stages}")
@@ -292,7 +368,11 @@ class Simulator:
                 first = req
             elif req.shape != first.shape:
                 self._fail(f"batch mixes shapes {first.shape.key} and {req.shape.key}")
+        if not set(launch.offload) <= set(launch.stages):
+            self._fail(f"launch offloads {launch.offload}, which it does not run")
         batch = len(launch.request_ids)
+        if self.config.enforce_memory and self._refuse_for_memory(launch, first, batch):
+            return
         steps = max(self.by_id[r].steps for r in launch.request_ids)
         compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps)
                       for s in launch.stages)
@@ -300,23 +380,66 @@ class Simulator:
             sigma = self.config.noise
             compute *= self.rng.lognormvariate(-sigma * sigma / 2, sigma)
         transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
-        duration = compute + transfer
+        extra = transfer + self.config.hop_overhead_s + self._regroup_time(launch)
+        if launch.offload:
+            extra += self.cost.offload_s(launch.model, launch.offload)
+        duration = compute + extra
         for rid in launch.request_ids:
             self.in_flight.add(rid)
         self._take(node, gpus)
         self.busy_gpu_seconds += duration * launch.width
         self.launches += 1
+        self.running[id(launch)] = (launch, self.now, extra)
         self._push(self.now + duration, _DONE, launch)
+
+    def _refuse_for_memory(self, launch: Launch, first: Request, batch: int) -> bool:
+        """Refuse (and fail its requests) a launch whose predicted peak per GPU exceeds memory."""
+        fn = getattr(self.cost, "launch_memory", None)
+        if fn is None:  # a cost model without memory predictions: nothing to enforce
+            return False
+        need = fn(launch.model, launch.stages, first.shape, launch.width, batch, launch.offload)
+        if need <= self.cluster.gpu_memory_gb + 1e-9:
+            return False
+        why = (f"out of memory: {'+'.join(launch.stages)} of {first.shape.key} on {launch.width} GPU(s) "
+               f"needs {need:.1f} GB per GPU of {self.cluster.gpu_memory_gb:g}")
+        self.memory_refusals += 1
+        for rid in launch.request_ids:
+            self.failed[rid] = why
+        self.policy.on_launch_refused(launch, self.now)
+        return True
+
+    def _regroup_time(self, launch: Launch) -> float:
+        """Shared-pool launches (no replica group): loading another model onto a GPU costs a
+        model load; running sequence-parallel on a set of GPUs that did not last form that
+        group costs a regroup. Replica groups pay their start cost instead."""
+        if launch.group_id:
+            return 0.0
+        keys = [(launch.node, g) for g in launch.gpus]
+        cost = 0.0
+        if any(self.last_model.get(k, launch.model) != launch.model for k in keys):
+            cost = self.config.start_cost_s if self.config.model_load_s is None else self.config.model_load_s
+        elif launch.width > 1 and any(self.last_group.get(k, launch.gpus) != launch.gpus for k in keys):
+            cost = self.config.regroup_s
+        for k in keys:
+            self.last_model[k] = launch.model
+            if launch.width > 1:
+                self.last_group[k] = launch.gpus
+        return cost
 
     def _launch_done(self, launch: Launch) -> None:
         n = len(launch.stages)
+        _, start, extra = self.running.pop(id(launch))
         for rid in launch.request_ids:
             self.in_flight.discard(rid)
+            self.timeline.setdefault(rid, []).append(StageRecord(
+                launch.stages, self.ready_at.get(rid, start), start, self.now, launch.width, launch.node,
+                len(launch.request_ids), extra))
+            self.ready_at[rid] = self.now
             i = self.next_stage[rid] + n
             self.next_stage[rid] = i
             self.where[rid] = (launch.node, launch.gpus)
             if i == len(STAGES):
-                self.finish[rid] = self.now
+                self.finish[rid] = self.now + self.config.request_overhead_s
                 del self.where[rid]
         self._release(launch.node, launch.gpus)
         self.policy.on_launch_done(launch, self.now)
@@ -360,6 +483,7 @@ class Simulator:
             while i < n and arrivals[i].arrival == t:
                 req = arrivals[i]
                 self.next_stage[req.id] = 0
+                self.ready_at[req.id] = t
                 self.policy.add_request(req, t)
                 i += 1
                 only_wakeup = False
@@ -383,16 +507,18 @@ class Simulator:
             else:
                 idle_wakeups = 0
         arrived = len(self.next_stage)
-        unfinished = arrived - len(self.finish)
+        unfinished = arrived - len(self.finish) - len(self.failed)
         if self.config.until is None and unfinished and not self.in_flight:
             self._fail(f"{unfinished} requests never completed and nothing is running (dropped or starved)")
-        assert len(self.finish) + unfinished == arrived
+        assert len(self.finish) + len(self.failed) + unfinished == arrived
         return SimResult(
             policy=self.policy.name, cluster=self.cluster, requests=self.requests[:arrived],
             finish=self.finish, busy_gpu_seconds=self.busy_gpu_seconds, end_time=self.now,
             launches=self.launches, plan_changes=self.plan_changes, schedule_calls=self.schedule_calls,
             decision_time_s=self.decision_time, wall_time_s=time.perf_counter() - wall0,
-            in_flight_at_end=unfinished, replan_reasons=self.replan_reasons,
+            in_flight_at_end=unfinished, replan_reasons=self.replan_reasons, failed=dict(self.failed),
+            memory_refusals=self.memory_refusals, timeline=self.timeline,
+            demoted=frozenset(getattr(self.policy, "demoted", ()) or ()),
         )
 
 

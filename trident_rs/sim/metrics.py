@@ -24,6 +24,8 @@ class Metrics:
     plan_changes: int
     decision_time_s: float  # wall time inside policy.schedule()
     sim_wall_s: float
+    failed: int = 0  # requests that failed (launch refused for memory)
+    memory_refusals: int = 0  # launches refused for memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,4 +63,6 @@ def summarize(result: SimResult) -> Metrics:
         plan_changes=result.plan_changes,
         decision_time_s=result.decision_time_s,
         sim_wall_s=result.wall_time_s,
+        failed=len(result.failed),
+        memory_refusals=result.memory_refusals,
     )

@@ -1,7 +1,12 @@
 """Run named policies (from the registry) on a workload and collect their metrics.
 
-Handles the two names that are not a single simulated policy: `static-best` (static-pipeline at
-every width, the best by SLO attainment then mean latency) and `bound` (analytic).
+Handles the names that are not a single simulated policy: `static-best` (every static variant,
+FCFS and EDF, pipeline and stage, at every width; the best by SLO attainment then mean
+latency), `static-best-fcfs` (the best FCFS static-pipeline width) and `bound` (analytic).
+
+No policy gets the future: the static policies and trident's first plan are told each model's
+share of GPU time from `history` (past traffic of the same service, e.g. the previous day) or,
+without one, equal shares of the models served (a prior). Never from the requests being run.
 """
 from __future__ import annotations
 
@@ -10,12 +15,12 @@ from dataclasses import dataclass, field
 
 from trident_rs.policy import registry
 from trident_rs.policy.types import Cluster, Request
-from trident_rs.sim.engine import SimConfig, simulate
+from trident_rs.sim.engine import SimConfig, SimResult, simulate
 from trident_rs.sim.metrics import Metrics, summarize
 
 # policies told which models the workload serves and their shares of GPU time, as a deployment
 # config would (trident uses them for its first plan, before any request has arrived)
-_TAKES_MODELS = {"static-pipeline", "static-best", "static-stage", "trident"}
+_TAKES_MODELS = {"static-pipeline", "static-best", "static-best-fcfs", "static-stage", "trident"}
 _TAKES_WIDTH = {"static-pipeline", "static-stage"}
 
 
@@ -26,16 +31,23 @@ class PolicyRun:
     name: str
     metrics: dict
     detail: dict = field(default_factory=dict)
+    result: SimResult | None = None  # the simulation (per-request timelines), when one ran
 
 
 def model_shares(requests: list[Request], cost) -> dict[str, float]:
-    """Share of single-GPU diffuse GPU-seconds demanded per model (how static policies split GPUs)."""
+    """Share of single-GPU diffuse GPU-seconds demanded per model in `requests` (past traffic)."""
     demand: dict[str, float] = {}
     for r in requests:
         t = cost.stage_time(r.model, "diffuse", r.shape, width=1, steps=r.steps)
         demand[r.model] = demand.get(r.model, 0.0) + t
     total = sum(demand.values()) or 1.0
     return {m: d / total for m, d in sorted(demand.items())} or {"flux": 1.0}
+
+
+def prior_shares(requests: list[Request]) -> dict[str, float]:
+    """Equal shares of the models served (which models a deployment serves is its config)."""
+    models = sorted({r.model for r in requests}) or ["flux"]
+    return {m: 1.0 / len(models) for m in models}
 
 
 def _better(a: Metrics, b: Metrics | None) -> bool:
@@ -46,15 +58,22 @@ def _better(a: Metrics, b: Metrics | None) -> bool:
     return (a.slo_attainment, -mean_a) > (b.slo_attainment, -mean_b)
 
 
+def static_variants(name: str, cluster: Cluster) -> list[tuple[str, str, int]]:
+    """(policy, order, width) triples that the swept name `name` runs."""
+    variants = registry.STATIC_VARIANTS if name == "static-best" else (("static-pipeline", "fcfs"),)
+    return [(p, o, w) for p, o in variants for w in registry.STATIC_BEST_WIDTHS if w <= cluster.gpus_per_node]
+
+
 def run_policy(name: str, requests: list[Request], cluster: Cluster, cost,
                config: SimConfig | None = None, width: int | None = None, progress=None,
+               history: list[Request] | None = None, keep_result: bool = False,
                **options) -> PolicyRun | None:
     """Simulate policy `name`; None if the registry cannot build it (not installed)."""
     if registry.factory(name) is None:
         return None
     opts = dict(options)
     if name in _TAKES_MODELS:
-        opts.setdefault("models", model_shares(requests, cost))
+        opts.setdefault("models", model_shares(history, cost) if history else prior_shares(requests))
     if name in _TAKES_WIDTH and width is not None:
         opts["width"] = width
     if name in registry.ANALYTIC:
@@ -65,26 +84,32 @@ def run_policy(name: str, requests: list[Request], cluster: Cluster, cost,
             "slo_attainment": bound.attainment, "mean_latency_s": sum(lat) / max(len(lat), 1),
             "p50_latency_s": pct(0.50), "p95_latency_s": pct(0.95), "p99_latency_s": pct(0.99),
             "requests": len(requests), "completed": len(requests), "gpu_utilisation": math.nan,
-        }, {"alone_attainment": bound.alone_attainment, "fluid_attainment": bound.fluid_attainment})
+        }, {"alone_attainment": bound.alone_attainment, "fluid_attainment": bound.fluid_attainment,
+            "energetic_attainment": bound.energetic_attainment,
+            "time_indexed_attainment": bound.time_indexed_attainment})
     if name in registry.SWEPT:
-        best, best_w, per_width = None, None, {}
-        for w in registry.STATIC_BEST_WIDTHS:
-            if w > cluster.gpus_per_node:
+        best, best_key, best_res, by_variant = None, None, None, {}
+        for policy_name, order, w in static_variants(name, cluster):
+            try:
+                policy = registry.make_policy(policy_name, cluster, cost, **{**opts, "width": w, "order": order})
+            except ValueError:  # e.g. static-stage with no room for a diffuse group of this width
                 continue
-            policy = registry.make_policy("static-pipeline", cluster, cost, **{**opts, "width": w})
-            m = summarize(simulate(cluster, policy, cost, requests, config, progress))
-            per_width[w] = m.slo_attainment
+            res = simulate(cluster, policy, cost, requests, config, progress)
+            m = summarize(res)
+            by_variant[policy.name] = m.slo_attainment
             if _better(m, best):
-                best, best_w = m, w
-        return PolicyRun(name, best.to_dict(), {"width": best_w, "attainment_by_width": per_width})
+                best, best_key, best_res = m, (policy.name, w, order), res
+        detail = {"variant": best_key[0], "width": best_key[1], "order": best_key[2], "attainment_by_variant": by_variant}
+        return PolicyRun(name, best.to_dict(), detail, best_res if keep_result else None)
     policy = registry.make_policy(name, cluster, cost, **opts)
-    m = summarize(simulate(cluster, policy, cost, requests, config, progress))
-    return PolicyRun(name, m.to_dict(), {"width": width} if width else {})
+    res = simulate(cluster, policy, cost, requests, config, progress)
+    m = summarize(res)
+    return PolicyRun(name, m.to_dict(), {"width": width} if width else {}, res if keep_result else None)
 
 
 def expand(names: list[str]) -> list[str]:
-    """`all` -> every registered policy name."""
+    """`all` -> every registered policy name (static-pipeline needs a width: not in `all`)."""
     out: list[str] = []
     for n in names:
-        out.extend(registry.policy_names() if n == "all" else [n])
+        out.extend([p for p in registry.policy_names() if p != "static-pipeline"] if n == "all" else [n])
     return list(dict.fromkeys(out))
