@@ -88,7 +88,7 @@ def run_policy(name: str, requests: list[Request], cluster: Cluster, cost,
             "energetic_attainment": bound.energetic_attainment,
             "time_indexed_attainment": bound.time_indexed_attainment})
     if name in registry.SWEPT:
-        best, best_key, best_res, by_variant = None, None, None, {}
+        best, best_key, best_res, by_variant, metrics = None, None, None, {}, {}
         for policy_name, order, w in static_variants(name, cluster):
             try:
                 policy = registry.make_policy(policy_name, cluster, cost, **{**opts, "width": w, "order": order})
@@ -97,14 +97,29 @@ def run_policy(name: str, requests: list[Request], cluster: Cluster, cost,
             res = simulate(cluster, policy, cost, requests, config, progress)
             m = summarize(res)
             by_variant[policy.name] = m.slo_attainment
+            metrics[policy.name] = m.to_dict()
             if _better(m, best):
                 best, best_key, best_res = m, (policy.name, w, order), res
-        detail = {"variant": best_key[0], "width": best_key[1], "order": best_key[2], "attainment_by_variant": by_variant}
+        detail = {"variant": best_key[0], "width": best_key[1], "order": best_key[2], "attainment_by_variant": by_variant,
+                  "metrics_by_variant": metrics}
         return PolicyRun(name, best.to_dict(), detail, best_res if keep_result else None)
     policy = registry.make_policy(name, cluster, cost, **opts)
     res = simulate(cluster, policy, cost, requests, config, progress)
     m = summarize(res)
     return PolicyRun(name, m.to_dict(), {"width": width} if width else {}, res if keep_result else None)
+
+
+def best_of(metrics_by_variant: dict[str, dict], names) -> tuple[str, dict]:
+    """The best (by attainment, then mean latency) of the named variants' metrics."""
+    best_name, best = None, None
+    for n in names:
+        m = metrics_by_variant.get(n)
+        if m is None:
+            continue
+        key = (m["slo_attainment"], -(m["mean_latency_s"] if not math.isnan(m["mean_latency_s"]) else math.inf))
+        if best is None or key > best[0]:
+            best_name, best = n, (key, m)
+    return best_name, best[1] if best else {}
 
 
 def expand(names: list[str]) -> list[str]:
