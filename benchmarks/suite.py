@@ -193,6 +193,19 @@ def requests_for(point: SuitePoint, cost: CostModel, seed: int | None = None) ->
 
 
 # ---- running --------------------------------------------------------------------------------
+def parse_variant(name: str) -> tuple[str, dict]:
+    """`trident:on_time_width=narrowest,latency_aware=0` -> ("trident", options) (ablations)."""
+    base, _, rest = name.partition(":")
+    options: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key == "prior_weight":  # a controller option
+            options.setdefault("controller", {})[key] = float(value)
+        else:
+            options[key] = {"0": False, "1": True}.get(value, value)
+    return base, options
+
+
 _COST: CostModel | None = None
 
 
@@ -213,7 +226,9 @@ def run_point(args: tuple[SuitePoint, tuple[str, ...], bool]) -> dict:
         if name == "static-best-fcfs":
             continue  # derived from static-best's sweep below
         t0 = time.perf_counter()
-        run = run_policy(name, reqs, cluster, cost, config, history=history, keep_result=timelines and name == "trident")
+        base, options = parse_variant(name)
+        run = run_policy(base, reqs, cluster, cost, config, history=history,
+                         keep_result=timelines and name == "trident", **options)
         row = {**run.metrics, "wall_s": time.perf_counter() - t0}
         if name == "static-best":
             mbv = run.detail["metrics_by_variant"]

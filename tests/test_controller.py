@@ -1,10 +1,11 @@
 """Controller: shift detection with hysteresis; transitions that never over-commit a node."""
+import pytest
 import random
 
 from hypothesis import given, settings, strategies as st
 
 from policy_fakes import FakeCost, make_requests, run_loop, slo_of
-from trident_rs.policy.controller import Controller, ControllerConfig, Transition, mix_distance
+from trident_rs.policy.controller import Controller, ControllerConfig, Transition, mix_distance, with_prior
 from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.trident import TridentPolicy
 from trident_rs.policy.types import Cluster, PlacementPlan, Request, Shape
@@ -173,3 +174,18 @@ def test_a_prior_plan_is_replaced_after_a_few_arrivals_even_at_a_low_rate():
     # from here on the usual rule: a few more arrivals of the same kind change nothing
     now = arrivals(ctl, [Shape(256, 256)], 0.1, now + 5, now + 60, seed=2)
     assert ctl.check(now, t.target) is None
+
+
+def test_a_replan_keeps_the_priors_classes_until_evidence_outweighs_them():
+    img = [c for c in CLASSES if c.model == "img"]
+    prior = Forecast({c: 1.0 for c in img})  # every image class equally likely
+    seen = img[0]
+    observed = Forecast({seen: 0.5})
+    few = with_prior(observed, prior, 5, 20.0)
+    assert few.total_rate == pytest.approx(0.5)  # the observed rate
+    mix = few.mix()
+    assert set(mix) == {c.key for c in img}  # unseen classes keep a share
+    assert mix[seen.key] == pytest.approx((5 + 20 / len(img)) / 25)
+    many = with_prior(observed, prior, 2000, 20.0).mix()
+    assert many[seen.key] > 0.99  # evidence outweighs the prior
+    assert with_prior(observed, None, 5, 20.0) is observed and with_prior(observed, prior, 5, 0.0) is observed

@@ -27,8 +27,22 @@ def req(i, shape, deadline, arrival=0.0, steps=28, model="img"):
     return Request(f"r{i}", model, shape, steps, arrival, deadline)
 
 
+def test_widest_efficient_width_that_meets_the_deadline():
+    # width 2 is efficient for the big image (>= 0.8 of width 1's GPU-seconds), width 8 is not:
+    # a roomy task takes width 2 (done sooner for little more GPU time), a tight one width 8
+    d = Dispatcher(COST, on_time_width="efficient")
+    groups = [group("diffuse", 1, 0, 0), group("diffuse", 2, 0, 2), group("diffuse", 8, 1, 0), group("decode", 1, 0, 1)]
+    t = {w: COST.stage_time("img", "diffuse", BIG, w, 1, 28) for w in (1, 2, 8)}
+    assert t[1] >= 0.8 * 2 * t[2] and t[1] < 0.8 * 8 * t[8]
+    dec = COST.stage_time("img", "decode", BIG)
+    d.add(req(0, BIG, t[1] + dec + 1), "diffuse")
+    d.add(req(1, BIG, t[8] + dec + 1), "diffuse")
+    launches = {l.request_ids[0]: l.width for l in d.dispatch(0.0, groups, free_all())}
+    assert launches == {"r1": 8, "r0": 2}
+
+
 def test_smallest_width_that_meets_the_deadline():
-    d = Dispatcher(COST)
+    d = Dispatcher(COST)  # on_time_width="narrowest", the default
     groups = [group("diffuse", 1, 0, 0), group("diffuse", 2, 0, 2), group("diffuse", 8, 1, 0), group("decode", 1, 0, 1)]
     t = {w: COST.stage_time("img", "diffuse", BIG, w, 1, 28) for w in (1, 2, 8)}
     dec = COST.stage_time("img", "decode", BIG)

@@ -46,14 +46,18 @@ class ControllerConfig:
     # a prior (provisional) plan is replaced once the window holds this many real arrivals: at a
     # low rate a window may never hold `min_arrivals`, and a handful already beats the prior
     prior_min_arrivals: int = 5
+    # how many arrivals the prior's class mix counts as (Dirichlet pseudo-counts): a re-plan
+    # plans for (observed counts + prior_weight x prior mix) / (n + prior_weight) at the observed
+    # rate, so a class not seen yet in a short window keeps its share until evidence outweighs it
+    prior_weight: float = 20.0
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.check_interval_s <= 0 or self.cooldown_s < 0:
             raise ConfigError("controller window_s and check_interval_s must be > 0, cooldown_s >= 0")
         if not 0 < self.mix_threshold <= 1 or self.rate_ratio <= 1 or self.persist_checks < 1:
             raise ConfigError("controller needs 0 < mix_threshold <= 1, rate_ratio > 1, persist_checks >= 1")
-        if self.mix_noise_sigmas < 0 or self.prior_min_arrivals < 1:
-            raise ConfigError("controller needs mix_noise_sigmas >= 0 and prior_min_arrivals >= 1")
+        if self.mix_noise_sigmas < 0 or self.prior_min_arrivals < 1 or self.prior_weight < 0:
+            raise ConfigError("controller needs mix_noise_sigmas >= 0, prior_min_arrivals >= 1, prior_weight >= 0")
 
 
 def mix_distance(a: dict, b: dict) -> float:
@@ -104,6 +108,23 @@ def mix_noise(mix: dict, n: int) -> float:
     if n <= 0:
         return 1.0
     return 0.5 * sum(math.sqrt(p * (1.0 - p) / n) for p in mix.values())
+
+
+def with_prior(observed: Forecast, prior: Forecast | None, n: int, weight: float) -> Forecast:
+    """The posterior mean class mix of `n` observed arrivals under a Dirichlet prior that counts
+    `weight` arrivals of `prior`'s mix, at the observed total rate. Classes match by key (model,
+    shape, steps); a class only the prior has keeps the prior's SLO."""
+    if prior is None or not prior.rates or weight <= 0 or observed.total_rate <= 0:
+        return observed
+    total = observed.total_rate
+    obs_mix, prior_mix = observed.mix(), prior.mix()
+    by_key = {c.key: c for c in prior.rates} | {c.key: c for c in observed.rates}
+    rates: dict[RequestClass, float] = {}
+    for key, c in by_key.items():
+        share = (n * obs_mix.get(key, 0.0) + weight * prior_mix.get(key, 0.0)) / (n + weight)
+        if share > 0:
+            rates[c] = total * share
+    return Forecast(rates)
 
 
 def with_backlog(forecast: Forecast, pending: Iterable[Request], horizon_s: float) -> Forecast:
@@ -202,6 +223,7 @@ class Controller:
         # rates over at least one check interval: the first arrival alone is not 1,000 req/s
         self.window = ArrivalWindow(self.config.window_s, self.config.check_interval_s)
         self.planned_for: Forecast | None = None  # the forecast behind the current plan
+        self.prior: Forecast | None = None  # the prior mix re-plans blend with (see `with_prior`)
         self.provisional = False  # planned_for is a prior, not measured: replace it after a few arrivals
         self.predicted_attainment: float | None = None
         self.last_replan: float = float("-inf")
@@ -221,6 +243,8 @@ class Controller:
         arrivals are in the window, without waiting for persistence or the cooldown."""
         self.planned_for = forecast
         self.provisional = provisional
+        if provisional:
+            self.prior = forecast
         self.predicted_attainment = plan.predicted_attainment
         self.last_replan = now
         self.strikes = 0
@@ -235,14 +259,16 @@ class Controller:
             return ""
         if self.planned_for is None or not self.planned_for.rates:
             return "first window"
-        observed = self.window.forecast(now)
+        observed = with_prior(self.window.forecast(now), self.prior, n, cfg.prior_weight)
         planned_mix = self.planned_for.mix()
         d = mix_distance(observed.mix(), planned_mix)
         noise = cfg.mix_noise_sigmas * mix_noise(planned_mix, len(self.window.arrivals))
         if d >= max(cfg.mix_threshold, noise):
             return f"mix shift (distance {d:.2f})"
         ratio = observed.total_rate / max(self.planned_for.total_rate, 1e-9)
-        if not 1 / cfg.rate_ratio <= ratio <= cfg.rate_ratio:
+        # a window of n Poisson arrivals measures the rate to about 1/sqrt(n) (relative)
+        limit = max(math.log(cfg.rate_ratio), cfg.mix_noise_sigmas / math.sqrt(max(n, 1)))
+        if abs(math.log(max(ratio, 1e-9))) > limit:
             return f"rate change (x{ratio:.2f})"
         att = self.window.attainment()
         if (att is not None and self.predicted_attainment is not None and len(self.window.finishes) >= cfg.min_arrivals
@@ -271,10 +297,20 @@ class Controller:
         """Re-solve for the window's forecast plus the backlog: every class with a request still
         unfinished (`pending`) is in the forecast, so the new plan keeps a group for it (else
         its queued stages would wait forever for a group the plan dropped)."""
-        forecast = with_backlog(self.window.forecast(now), pending, self.config.window_s)
+        pending = list(pending)
+        observed = self.window.forecast(now)
+        blended = with_prior(observed, self.prior, len(self.window.arrivals), self.config.prior_weight)
+        forecast = with_backlog(blended, pending, self.config.window_s)
         if not forecast.rates:  # no recent arrival and no backlog: nothing to plan for
             return None
-        plan = self.solver.solve(forecast, current, sticky=not self.provisional)
+        try:
+            plan = self.solver.solve(forecast, current, sticky=not self.provisional)
+        except ConfigError:
+            if blended is observed:
+                raise
+            # the prior's classes do not all fit beside the observed ones: plan for what was seen
+            forecast = with_backlog(observed, pending, self.config.window_s)
+            plan = self.solver.solve(forecast, current, sticky=not self.provisional)
         self.planned(forecast, plan, now)
         self.replans += 1
         return Transition(plan, reason, gpus_per_node=self.solver.cluster.gpus_per_node)

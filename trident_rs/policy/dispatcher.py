@@ -15,7 +15,9 @@ Rules (the fast path):
   Late tasks are never dropped and never starved: every newer request has a key of at least
   its arrival + its SLO, so a late task overtakes all new arrivals after a bounded wait.
 - **Width.** An on-time task takes the *smallest* free width whose predicted finish (this
-  stage plus the remaining stages) meets its deadline. If no free width does but a busy group
+  stage plus the remaining stages) meets its deadline (`on_time_width="efficient"`: the
+  widest efficient one among those, parallel efficiency >= 0.8 relative to the narrowest —
+  a shorter tail for a little attainment under load; see RESULTS.md). If no free width does but a busy group
   would when it frees up, the task waits for it. Otherwise (and for late tasks) it takes, by
   `late_width`: `"best"` (default) the width with the earliest predicted finish among those
   with parallel efficiency >= 0.8 (waiting if a busy one finishes earlier), so a late request
@@ -102,7 +104,8 @@ class Dispatcher:
     def __init__(self, cost: "CostModel", *, gpu_memory_gb: float = 48.0, mode: Literal["fast", "exact"] = "fast",
                  late_width: Literal["best", "efficient", "fastest"] = "best", late_delay_s: float | None = None,
                  max_batch: int = 8, batch_max_pixels: int = 512 * 512, exact_max_tasks: int = 16,
-                 exact_time_limit_s: float = 0.05, max_width: int = 8):
+                 exact_time_limit_s: float = 0.05, max_width: int = 8,
+                 on_time_width: Literal["efficient", "narrowest"] = "narrowest", efficient_threshold: float = 0.8):
         if mode not in ("fast", "exact"):
             raise ConfigError(f"dispatcher mode must be 'fast' or 'exact', got {mode!r}")
         if late_width not in ("best", "efficient", "fastest"):
@@ -115,6 +118,9 @@ class Dispatcher:
         self.late_delay_s, self.max_batch, self.batch_max_pixels = late_delay_s, max_batch, batch_max_pixels
         self.exact_max_tasks, self.exact_time_limit_s = exact_max_tasks, exact_time_limit_s
         self.max_width = max_width
+        if on_time_width not in ("efficient", "narrowest"):
+            raise ConfigError(f"on_time_width must be 'efficient' or 'narrowest', got {on_time_width!r}")
+        self.on_time_width, self.efficient_threshold = on_time_width, efficient_threshold
         self._ideal: dict[tuple, tuple[int, float]] = {}
         # the queues: per (model, stage), per class (shape, steps), two sorted tiers
         self._classes: dict[QueueKey, dict[tuple[Shape, int], _Class]] = {}
@@ -387,7 +393,7 @@ class Dispatcher:
                 continue
             width = None
             if not task.late:
-                width = next((x for x in usable if now + times[x] + rest <= r.deadline), None)
+                width = self._on_time_width(now, r.deadline, usable, times, rest)
                 if width is None and any(end + times[x] + rest <= r.deadline for x, end in busy_end.items()
                                          if x in times):
                     # a busy group will make it: wait; so do the later on-time tasks of the class
@@ -443,6 +449,21 @@ class Dispatcher:
             for ck in [ck for ck, c in classes.items() if not c.on_time.entries and not c.late.entries]:
                 del classes[ck]
         return launches
+
+    def _on_time_width(self, now, deadline, usable, times, rest) -> int | None:
+        """The free width an on-time task takes: of the widths that meet its deadline, the
+        widest efficient one (parallel efficiency >= `efficient_threshold` relative to the
+        narrowest width the plan has), else the narrowest that meets it. An efficient width
+        costs little more GPU time than the narrowest and finishes much sooner (the tail, and
+        the GPUs come back sooner); only inefficient widths are worth saving for others."""
+        fits = [x for x in usable if now + times[x] + rest <= deadline]
+        if not fits:
+            return None
+        if self.on_time_width == "narrowest":
+            return fits[0]
+        w0 = min(times)
+        eff = [x for x in fits if times[w0] * w0 >= self.efficient_threshold * times[x] * x]
+        return eff[-1] if eff else fits[0]
 
     def _push(self, heap: list, tier: _Tier) -> None:
         """The head of `tier` changed: (re-)enter it in the merge (its older entries go stale)."""
@@ -537,6 +558,8 @@ class Dispatcher:
     def _dispatch_exact(self, now, qk, free, all_widths) -> list[Launch]:
         from ortools.sat.python import cp_model
 
+        from trident_rs.policy.cpsat import limited_solver
+
         model_name, stage = qk
         tasks = self.ordered(qk)[: self.exact_max_tasks]
         groups = [g for w in sorted(free) for g in sorted(free[w], key=lambda g: g.id)]
@@ -558,9 +581,7 @@ class Dispatcher:
         for gi in range(len(groups)):
             m.add_at_most_one(v for (_, gg), v in x.items() if gg == gi)
         m.maximize(sum(reward[k] * v for k, v in x.items()))
-        solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = self.exact_time_limit_s
-        solver.parameters.num_workers = 1
+        solver = limited_solver(self.exact_time_limit_s)
         if solver.solve(m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return []
         launches = []

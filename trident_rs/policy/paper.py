@@ -32,8 +32,9 @@ Where this differs, and which way it cuts:
   starved).
 - The best batch size is the one with the highest throughput in our cost model (the authors
   take the largest whose batch time grows by less than a profiled proportion). Neutral.
-- CP-SAT with a time limit (`time_limit_s`, one worker) replaces CBC's exact solve; with the
-  whole queue a solve can stop at a feasible, not optimal, assignment. Can cut either way.
+- CP-SAT with a deterministic work limit (`time_limit_s`, one worker; `policy/cpsat.py`)
+  replaces CBC's exact solve; a solve can stop at a feasible, not optimal, assignment. Can
+  cut either way.
 - Solves happen at runtime events (arrival, completion) and at `next_wakeup`, not in a polling
   loop; with the wakeup at last solve + `tick_s`, no solve is later than the authors' would be.
 GPUs are one shared pool: `initial_plan` returns None.
@@ -47,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from ortools.sat.python import cp_model
 
 from trident_rs.errors import ConfigError
+from trident_rs.policy.cpsat import limited_solver
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.types import Cluster, ClusterState, Launch, PlacementPlan, Request, SchedulerOutput, Shape
 
@@ -309,10 +311,7 @@ class PaperPolicy(Policy):
             idle[n] = m.new_int_var(0, len(free[n]), f"idle{n}")
             m.add(sum(by_node.get(n, [])) + idle[n] == len(free[n]))
         m.maximize(sum(reward[key] * v for key, v in x.items()) - sum(idle.values()))
-        solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = self.time_limit_s
-        solver.parameters.num_workers = 1
-        solver.parameters.random_seed = self.seed
+        solver = limited_solver(self.time_limit_s, self.seed)
         status = solver.solve(m)
         self.solve_stats.append(solver.wall_time)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

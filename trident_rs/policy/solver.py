@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from ortools.sat.python import cp_model
 
 from trident_rs.errors import ConfigError
+from trident_rs.policy.cpsat import limited_solver
 from trident_rs.policy.packing import Deployment, deployment_of, group_id, pack, plan_counts
 from trident_rs.policy.types import Cluster, PlacementPlan
 from trident_rs.policy.workload import Forecast, RequestClass
@@ -218,10 +219,7 @@ class PlacementSolver:
             changes.append(d.width * delta)
         weight = 2 * total + 1
         model.maximize(weight * sum(x.values()) - sum(changes))
-        solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = self.time_limit_s
-        solver.parameters.num_workers = self.num_workers
-        solver.parameters.random_seed = self.seed
+        solver = limited_solver(self.time_limit_s, self.seed, self.num_workers)
         status = solver.solve(model)
         stats = {"status": solver.status_name(status), "solver_wall_s": solver.wall_time,
                  "objective": None, "fallback": False, "variables": len(n) + len(x)}

@@ -30,7 +30,8 @@ from trident_rs.policy.workload import Forecast, forecast_from_trace, prior_fore
 if TYPE_CHECKING:
     from trident_rs.policy.cost_model import CostModel
 
-_DISPATCH_OPTIONS = ("mode", "late_width", "late_delay_s", "max_batch", "batch_max_pixels", "exact_max_tasks")
+_DISPATCH_OPTIONS = ("mode", "late_width", "late_delay_s", "max_batch", "batch_max_pixels", "exact_max_tasks",
+                     "on_time_width")
 
 
 class TridentPolicy(Policy):
