@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.0, help="lognormal sigma on stage times")
     parser.add_argument("--start-cost", type=float, default=20.0, help="seconds to start a replica group")
+    parser.add_argument("--ideal", action="store_true",
+                        help="the engine before the fair yardstick: no memory check, no runtime overheads or regroup costs")
     parser.add_argument("--json", default=None, help="write results here")
 
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, cost=cost)
     console = Console(width=max(Console().width, 110))
     console.print(f"{args.workload}: {describe(requests)} on {args.gpus} GPUs ({cluster.nodes} × {args.gpus_per_node})")
-    config = SimConfig(noise=args.noise, seed=args.seed, start_cost_s=args.start_cost)
+    config = (SimConfig.ideal if args.ideal else SimConfig)(noise=args.noise, seed=args.seed, start_cost_s=args.start_cost)
     results = {}
     for name in expand(args.policy):
         bar = tqdm(total=len(requests), desc=name, leave=False, disable=len(requests) < 5000, mininterval=0.5)
@@ -66,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
         if out is not None:
             results[name] = {**out.metrics, **({"detail": out.detail} if out.detail else {})}
     table = Table(title=f"{args.workload}, {args.gpus} GPUs, SLO scale {args.slo_scale:g}, rate ×{args.rate_scale:g}")
-    for col in ("policy", "SLO attainment", "mean s", "P50 s", "P95 s", "P99 s", "GPU util", "requests"):
+    for col in ("policy", "SLO attainment", "mean s", "P50 s", "P95 s", "P99 s", "GPU util", "done/failed/sent"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for name, m in results.items():
-        label = name + (f" (w{m['detail']['width']})" if name == "static-best" else "")
+        label = name + (f" ({m['detail']['variant']})" if name.startswith("static-best") else "")
         table.add_row(label, _fmt(m["slo_attainment"], 3), _fmt(m["mean_latency_s"]), _fmt(m["p50_latency_s"]),
                       _fmt(m["p95_latency_s"]), _fmt(m["p99_latency_s"]), _fmt(m.get("gpu_utilisation"), 3),
-                      f"{m['completed']}/{m['requests']}")
+                      f"{m['completed']}/{m.get('failed', 0)}/{m['requests']}")
     console.print(table)
     if args.json:
         doc = {"workload": args.workload, "gpus": args.gpus, "gpus_per_node": args.gpus_per_node,
