@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trident_rs.executors.base import StagePayload  # noqa: E402
 from trident_rs.executors.diffusers_stages import DiffusersStageExecutor  # noqa: E402
 from trident_rs.policy.profile_format import Hardware, Profile, ProfilePoint, save_profile  # noqa: E402
-from trident_rs.policy.types import Shape  # noqa: E402
 from trident_rs.request import GenerationParams  # noqa: E402
+from trident_rs.vocab import Shape  # noqa: E402
 
 # --- published architectures (stabilityai/stable-diffusion-3-medium-diffusers, black-forest-labs/FLUX.1-dev)
 

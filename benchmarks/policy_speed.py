@@ -23,6 +23,7 @@ from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import Cluster, Launch, Request
 from trident_rs.policy.traces import read_named_trace
 from trident_rs.policy.workload import Forecast, forecast_from_trace
+from trident_rs.vocab import percentile
 
 OUT = Path(__file__).parent / "results" / "policy_speed.json"
 
@@ -59,8 +60,7 @@ def _warm(d: Dispatcher, warm: Dispatcher) -> Dispatcher:
 
 
 def _row(queued: int, wall: list[float], cpu: list[float], calls: int, **extra) -> dict:
-    wall, cpu = sorted(wall), sorted(cpu)
-    q = lambda xs, p: 1e3 * xs[int(p * (len(xs) - 1))]  # noqa: E731
+    q = lambda xs, p: 1e3 * percentile(xs, 100 * p)  # noqa: E731
     return {"queued": queued, "p50_ms": q(wall, 0.5), "p99_ms": q(wall, 0.99), "cpu_p50_ms": q(cpu, 0.5),
             "cpu_p99_ms": q(cpu, 0.99), "calls": calls, **extra}
 

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
-from trident_rs.policy.types import STAGES
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import STAGES
 
 
 @dataclass

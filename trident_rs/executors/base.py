@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from trident_rs.errors import ConfigError
-from trident_rs.policy.types import Stage
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import Stage
 
 
 @dataclass

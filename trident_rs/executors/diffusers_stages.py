@@ -16,8 +16,8 @@ from trident_rs.executors.base import StageExecutor, StagePayload
 from trident_rs.executors.families import get_family
 from trident_rs.executors.families.base import StepCallback, gather, to_uint8
 from trident_rs.models.spec import get_spec
-from trident_rs.policy.types import STAGES, Stage
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import STAGES, Stage
 
 
 def batch_key(params: GenerationParams) -> tuple:

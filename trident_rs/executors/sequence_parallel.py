@@ -32,7 +32,7 @@ from typing import Any
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload
 from trident_rs.models.spec import get_spec
-from trident_rs.policy.types import Stage
+from trident_rs.vocab import Stage
 
 # family -> xfuser pipeline class, and whether the family batches CFG (so CFG parallel fits).
 XFUSER_PIPELINES = {

@@ -18,7 +18,7 @@ import torch
 
 from trident_rs.errors import ConfigError
 from trident_rs.models.spec import ModelSpec, get_spec
-from trident_rs.policy.types import Stage
+from trident_rs.vocab import Stage
 
 PIPELINE_CLASSES = {
     "sd3": "StableDiffusion3Pipeline",

@@ -8,9 +8,6 @@ from dataclasses import dataclass, field
 
 from trident_rs.errors import InvalidRequestError, UnknownModelError
 
-STAGES = ("encode", "diffuse", "decode")
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     name: str

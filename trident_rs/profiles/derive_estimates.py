@@ -35,7 +35,7 @@ from pathlib import Path
 
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.profile_format import Hardware, Profile, ProfilePoint, save_profile
-from trident_rs.policy.types import Shape
+from trident_rs.vocab import Shape
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MEASURED = HERE.parent.parent.parent / "shared" / "profiles" / "diffuse_per_step_l20.json"

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trident_rs.errors import ConfigError
 from trident_rs.models.spec import REGISTRY, get_spec
-from trident_rs.policy.types import Cluster, Stage
+from trident_rs.policy.types import Cluster
+from trident_rs.vocab import STAGES, DeploymentKey, Stage
 
 
 class StageDeploymentConfig(BaseModel):
@@ -29,7 +30,7 @@ class StageDeploymentConfig(BaseModel):
 
     @property
     def name(self) -> str:
-        return f"{self.stage}-w{self.width}"
+        return DeploymentKey(self.stage, self.width).name
 
 
 class ClusterConfig(BaseModel):
@@ -107,7 +108,7 @@ class AppConfig(BaseModel):
     )
     time_scale: float = Field(1.0, gt=0, description="emulated executors sleep predicted time × this")
     deployments: list[StageDeploymentConfig] = Field(
-        default_factory=lambda: [StageDeploymentConfig(stage=s) for s in ("encode", "diffuse", "decode")]
+        default_factory=lambda: [StageDeploymentConfig(stage=s) for s in STAGES]
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     reserve_gpus: bool = Field(
@@ -130,7 +131,7 @@ class AppConfig(BaseModel):
         names = [d.name for d in self.deployments]
         if len(set(names)) != len(names):
             raise ValueError(f"deployments listed twice: {sorted(n for n in names if names.count(n) > 1)}")
-        for stage in ("encode", "diffuse", "decode"):
+        for stage in STAGES:
             if not any(d.stage == stage for d in self.deployments):
                 raise ValueError(f"no deployment for stage {stage!r}")
         for d in self.deployments:
