@@ -78,7 +78,7 @@ def build_full_pipeline(family: str, device: str, dtype: torch.dtype):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from trident_rs.models.tiny import build_clip_tokenizer, build_t5_tokenizer
+    from trident_rs.models.tiny_parts import build_clip_tokenizer, build_t5_tokenizer
 
     arch = ARCHITECTURES[family]
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer(arch["t5_max_length"])

@@ -11,7 +11,7 @@ width k > 1 is `SequenceParallelDiffuseExecutor`:
   `xfuser_cpu.apply_cpu_patches()` makes xfuser run), rendezvous on a free port of rank 0.
 - Each rank wraps the diffuse-only diffusers pipeline in xfuser's pipeline class (Ulysses degree
   k, or CFG parallel 2 × Ulysses k/2 for true-CFG families) and runs the family's own diffuse
-  call (`trident_rs.executors.families`), so inputs and outputs are those of width 1.
+  call (`trident_rs.models.families`), so inputs and outputs are those of width 1.
 - Every request goes to all ranks in the same order; the last rank holds the latents and its
   payloads are returned.
 
@@ -31,15 +31,10 @@ from typing import Any
 
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload
+from trident_rs.models.families import FAMILIES, get_family
 from trident_rs.models.spec import get_spec
 from trident_rs.vocab import Stage
 
-# family -> xfuser pipeline class, and whether the family batches CFG (so CFG parallel fits).
-XFUSER_PIPELINES = {
-    "sd3": ("xFuserStableDiffusion3Pipeline", True),
-    "flux": ("xFuserFluxPipeline", False),
-    "cogvideox": ("xFuserCogVideoXPipeline", True),
-}
 _RANK_OPTIONS = ("source", "dtype")  # single-device executor options the ranks take over
 # options that only width > 1 (or the decode executor) takes; the width-1 executor drops them
 _GROUP_OPTIONS = ("cfg_parallel", "gpus_per_rank", "timeout_s", "place_timeout_s", "gpu_memory_gb")
@@ -58,10 +53,11 @@ class ParallelLayout:
     def choose(cls, family: str, width: int, heads: int, cfg_parallel: bool | None = None) -> "ParallelLayout":
         """CFG parallel (2) for true-CFG families at even widths unless `cfg_parallel` is False;
         the rest is Ulysses over as many ranks as divide the heads, ring over the remainder."""
-        if family not in XFUSER_PIPELINES:
-            raise ConfigError(f"no sequence-parallel pipeline for family {family!r}; "
-                              f"have {sorted(XFUSER_PIPELINES)}")
-        batches_cfg = XFUSER_PIPELINES[family][1]
+        xfuser_pipeline = get_family(family).xfuser
+        if xfuser_pipeline is None:
+            have = sorted(name for name, f in FAMILIES.items() if f.xfuser is not None)
+            raise ConfigError(f"no sequence-parallel pipeline for family {family!r}; have {have}")
+        batches_cfg = xfuser_pipeline.batches_cfg
         if cfg_parallel and not batches_cfg:
             raise ConfigError(f"{family} has no CFG batch to split; set cfg_parallel to false")
         use_cfg = batches_cfg and width % 2 == 0 and cfg_parallel is not False
@@ -160,9 +156,9 @@ class RankWorker:
             use_cfg_parallel=layout.cfg == 2,
         ).create_config()
         engine_config.runtime_config.dtype = pipe.transformer.dtype  # xfuser defaults to fp16
-        class_name, batches_cfg = XFUSER_PIPELINES[get_spec(model).family]
-        wrapped = getattr(xfuser, class_name)(pipe, engine_config)  # no prepare_run: it needs encoders
-        return _XFuserCallAdapter(wrapped, batches_cfg)
+        xfuser_pipeline = get_family(get_spec(model).family).xfuser
+        wrapped = getattr(xfuser, xfuser_pipeline.class_name)(pipe, engine_config)  # no prepare_run: it needs encoders
+        return _XFuserCallAdapter(wrapped, xfuser_pipeline.batches_cfg)
 
     def run(self, batch: list[StagePayload]) -> list[StagePayload | None]:
         return self.executor.run(batch)

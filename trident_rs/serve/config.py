@@ -197,14 +197,15 @@ class AppConfig(BaseModel):
             raise ConfigError(
                 f"{names} run(s) one request on several GPUs with xfuser (xDiT), which is not installed: "
                 "pip install 'trident_rs[gpu]' (or pip install xfuser), or drop the width > 1 deployments")
-        from trident_rs.executors.sequence_parallel import XFUSER_PIPELINES
+        from trident_rs.models.families import FAMILIES
 
+        with_xfuser = sorted(name for name, f in FAMILIES.items() if f.xfuser is not None)
         for d in multi:
-            unsupported = [m for m in self.models if d.stage == "diffuse" and get_spec(m).family not in XFUSER_PIPELINES]
+            unsupported = [m for m in self.models if d.stage == "diffuse" and get_spec(m).family not in with_xfuser]
             if unsupported:
                 raise ConfigError(
                     f"{d.name}: no sequence-parallel (xfuser) pipeline for {unsupported} (families with one: "
-                    f"{sorted(XFUSER_PIPELINES)}); serve them at width 1 or with the emulated executor")
+                    f"{with_xfuser}); serve them at width 1 or with the emulated executor")
         if gpus_per_node is None:
             return
         most = max(gpus_per_node, default=0)
