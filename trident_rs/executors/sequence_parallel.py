@@ -1,8 +1,7 @@
 """Diffuse at width k: one request on k devices with xDiT's (xfuser) sequence parallelism.
 
-`build_executor("xfuser", model, stage, width=k)`. Encode, and diffuse at width 1, are the
-single-device diffusers executor; decode is `vae_decode` (tiled or patch-parallel); diffuse at
-width k > 1 is `SequenceParallelDiffuseExecutor`:
+`build_executor("xfuser", model, "diffuse", width=k)` with k > 1 (`trident_rs.executors.parallel`
+picks it) is `SequenceParallelDiffuseExecutor`:
 
 - k rank actors (Ray), one per device. Inside a Serve replica they land in the replica's
   placement group, rank r in bundle r. Each rank is its own process because xfuser keeps its
@@ -36,8 +35,6 @@ from trident_rs.models.spec import get_spec
 from trident_rs.vocab import Stage
 
 _RANK_OPTIONS = ("source", "dtype")  # single-device executor options the ranks take over
-# options that only width > 1 (or the decode executor) takes; the width-1 executor drops them
-_GROUP_OPTIONS = ("cfg_parallel", "gpus_per_rank", "timeout_s", "place_timeout_s", "gpu_memory_gb")
 
 
 @dataclass(frozen=True)
@@ -370,19 +367,3 @@ def _attention_heads(model: str, source: str | None) -> int:
 
         local = Path(hf_hub_download(path, "transformer/config.json"))
     return int(json.loads(local.read_text())["num_attention_heads"])
-
-
-def make_executor(model: str, stage: Stage, width: int = 1, **options: Any) -> StageExecutor:
-    """Executor kind "xfuser": sequence-parallel diffuse and patch-parallel decode at width > 1;
-    memory-aware (tiled when needed) decode and the single-device diffusers executor at width 1."""
-    if stage == "diffuse" and width > 1:
-        return SequenceParallelDiffuseExecutor(model, width, **options)
-    if stage == "decode":
-        from trident_rs.executors.vae_decode import make_decode_executor
-
-        return make_decode_executor(model, width, **options)
-    if width > 1:
-        raise ConfigError(f"{stage} runs at width 1 only, got width {width}")
-    from trident_rs.executors.diffusers_stages import DiffusersStageExecutor
-
-    return DiffusersStageExecutor(model, stage, **{k: v for k, v in options.items() if k not in _GROUP_OPTIONS})
