@@ -1,4 +1,6 @@
-"""Run the three stage executors one after another, in process (CLI, demo, tests)."""
+"""The one local-generation path: the three stage executors one after another, in process.
+
+Used by `trident generate` (the CLI), the tests and the benchmarks; the served path is `trident_rs.serve`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
