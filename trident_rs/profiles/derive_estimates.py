@@ -122,8 +122,9 @@ def build(measured_path: Path) -> Profile:
                                            memory_gb=round(memory, 3), kind="estimated", source=SOURCE_ESTIMATE))
     return Profile(
         hardware=Hardware(name="NVIDIA L20 48GB PCIe", memory_gb=GPU_MEMORY_GB),
-        description="Diffuse per-step latency measured (Ulysses degree = width_gpus); encode/decode latency "
-                    "and all memory estimated by trident_rs/profiles/derive_estimates.py (see its docstring).",
+        description="Diffuse per-step latency measured (Ulysses degree = width_gpus) where the source table has "
+                    "the family, else estimated; encode/decode latency and all memory estimated by "
+                    "trident_rs/profiles/derive_estimates.py (see its docstring). Every point says its kind.",
         sources={SOURCE_MEASURED: table["source"],
                  SOURCE_ESTIMATE: "roofline estimate, trident_rs/profiles/derive_estimates.py"},
         points=points,
