@@ -21,7 +21,7 @@ from pathlib import Path
 
 from trident_rs.policy.cost_model import CostModel, token_count
 from trident_rs.policy.profile_format import Profile, load_profile
-from trident_rs.policy.types import Shape
+from trident_rs.vocab import Shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

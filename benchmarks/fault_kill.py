@@ -19,9 +19,11 @@ import time
 
 import httpx
 
+from trident_rs.vocab import STAGES, DeploymentKey, percentile
+
 from load_2x import finish, measure
 
-STAGE_DEPLOYMENTS = ("encode-w1", "diffuse-w1", "decode-w1")
+STAGE_DEPLOYMENTS = tuple(DeploymentKey(s, 1).name for s in STAGES)
 ARGS = {
     "models": ["sd3"],
     "executor": "emulated",
@@ -85,7 +87,7 @@ async def load_with_kills(url: str, app: str, rate: float, seconds: float, every
     clean = sorted(r["latency_s"] for r in done if r["retries"] == 0)
 
     def pct(vals, q):
-        return round(vals[min(len(vals) - 1, int(q * len(vals)))], 3) if vals else None
+        return round(percentile(vals, 100 * q), 3) if vals else None
 
     lost = [r for r in rows if r["status"] == "lost" or (isinstance(r["status"], int) and r["status"] >= 500)]
     return {

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trident_rs.executors.base import StagePayload  # noqa: E402
 from trident_rs.executors.diffusers_stages import DiffusersStageExecutor  # noqa: E402
 from trident_rs.policy.profile_format import Hardware, Profile, ProfilePoint, save_profile  # noqa: E402
-from trident_rs.policy.types import Shape  # noqa: E402
 from trident_rs.request import GenerationParams  # noqa: E402
+from trident_rs.vocab import Shape  # noqa: E402
 
 # --- published architectures (stabilityai/stable-diffusion-3-medium-diffusers, black-forest-labs/FLUX.1-dev)
 
@@ -78,7 +78,7 @@ def build_full_pipeline(family: str, device: str, dtype: torch.dtype):
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from trident_rs.models.tiny import build_clip_tokenizer, build_t5_tokenizer
+    from trident_rs.models.tiny_parts import build_clip_tokenizer, build_t5_tokenizer
 
     arch = ARCHITECTURES[family]
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer(arch["t5_max_length"])

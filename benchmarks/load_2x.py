@@ -19,6 +19,8 @@ import time
 
 import httpx
 
+from trident_rs.vocab import percentile
+
 ARGS = {
     "models": ["sd3"],
     "executor": "emulated",
@@ -92,7 +94,7 @@ async def load(url: str, rate: float, seconds: float, timeout: float, seed: int 
         await asyncio.gather(*tasks)
         drain_s = time.perf_counter() - t0 - send_s
     lat.sort()
-    pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None)
+    pct = (lambda q: round(percentile(lat, 100 * q), 3) if lat else None)
     return {"sent": len(tasks), "completed": out["completed"], "rejected_429": out["rejected_429"],
             "lost": out["lost"], "detail": dict(out), "offered_rps": round(len(tasks) / send_s, 2),
             "goodput_rps": round(out["completed"] / (send_s + drain_s), 2), "send_s": round(send_s, 1),

@@ -23,6 +23,7 @@ from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import Cluster, Launch, Request
 from trident_rs.policy.traces import read_named_trace
 from trident_rs.policy.workload import Forecast, forecast_from_trace
+from trident_rs.vocab import STAGES, percentile
 
 OUT = Path(__file__).parent / "results" / "policy_speed.json"
 
@@ -59,8 +60,7 @@ def _warm(d: Dispatcher, warm: Dispatcher) -> Dispatcher:
 
 
 def _row(queued: int, wall: list[float], cpu: list[float], calls: int, **extra) -> dict:
-    wall, cpu = sorted(wall), sorted(cpu)
-    q = lambda xs, p: 1e3 * xs[int(p * (len(xs) - 1))]  # noqa: E731
+    q = lambda xs, p: 1e3 * percentile(xs, 100 * p)  # noqa: E731
     return {"queued": queued, "p50_ms": q(wall, 0.5), "p99_ms": q(wall, 0.99), "cpu_p50_ms": q(cpu, 0.5),
             "cpu_p99_ms": q(cpu, 0.99), "calls": calls, **extra}
 
@@ -86,7 +86,7 @@ def dispatch_times(cost, forecast, queued_list=(10, 100, 1000), calls=300) -> li
                 c = classes[(i * 7 + call) % len(classes)]
                 arrival = i * 0.01
                 d.add(Request(f"r{i}", c.model, c.shape, c.steps, arrival, arrival + c.slo_s),
-                      ("encode", "diffuse", "decode")[i % 3])
+                      STAGES[i % 3])
             c0, w0 = time.thread_time(), time.perf_counter()
             d.dispatch(10.0, free_groups, free)
             wall.append(time.perf_counter() - w0)
@@ -110,7 +110,7 @@ def dispatch_backlog_times(cost, forecast, queued_list=(1000, 10000), calls=100)
                 c = classes[rng.randrange(len(classes))]
                 arrival = now - rng.uniform(0, 2 * c.slo_s)
                 d.add(Request(f"r{i}", c.model, c.shape, c.steps, arrival, arrival + c.slo_s),
-                      rng.choice(("encode", "diffuse", "decode")))
+                      rng.choice(STAGES))
             freed = plan.groups[call % len(plan.groups)]
             busy: dict[int, set[int]] = {}
             for g in plan.groups:

@@ -26,6 +26,7 @@ from trident_rs.executors.base import StagePayload
 from trident_rs.request import GenerationParams
 from trident_rs.serve.app import build_app
 from trident_rs.serve.scaling import publish_counts
+from trident_rs.vocab import percentile
 
 ARGS = {
     "models": ["sd3"], "executor": "emulated", "time_scale": 1e-9,
@@ -37,7 +38,7 @@ ARGS = {
 
 def pct(xs: list[float]) -> dict[str, float]:
     a = np.asarray(xs) * 1000
-    return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
+    return {"p50_ms": round(percentile(a, 50), 2), "p99_ms": round(percentile(a, 99), 2),
             "mean_ms": round(float(a.mean()), 2), "n": len(xs)}
 
 

@@ -38,6 +38,7 @@ from trident_rs.policy.types import Cluster, Request
 from trident_rs.sim.engine import SimConfig, simulate
 from trident_rs.sim.metrics import summarize
 from trident_rs.sim.workloads import describe, load_workload
+from trident_rs.vocab import percentile
 
 NODES, GPUS_PER_NODE, GPU_MEM = 1, 8, 48.0
 MODEL = "flux"
@@ -47,8 +48,7 @@ def stats(lat: list[float], ok: list[bool], n: int) -> dict:
     a = np.asarray(lat, dtype=float)
     return {"requests": n, "completed": int(len(a)), "slo_attainment": sum(ok) / n if n else math.nan,
             "mean_latency_s": float(a.mean()) if len(a) else math.nan,
-            "p50_latency_s": float(np.percentile(a, 50)) if len(a) else math.nan,
-            "p95_latency_s": float(np.percentile(a, 95)) if len(a) else math.nan}
+            "p50_latency_s": percentile(lat, 50), "p95_latency_s": percentile(lat, 95)}
 
 
 def policy_options(prior: bool) -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from trident_rs.pipeline_runner import LocalPipeline
-from trident_rs.policy.types import STAGES
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import STAGES
 
 CASES = [  # (model, height, width, frames)
     ("tiny-sd3", 64, 64, 1), ("tiny-sd3", 128, 128, 1),

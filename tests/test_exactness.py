@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from trident_rs.models.loading import load_pipeline
+from trident_rs.models.spec import get_spec
+from trident_rs.models.tiny import tiny_models
 from trident_rs.pipeline_runner import LocalPipeline
 from trident_rs.request import GenerationParams
 
@@ -16,12 +18,8 @@ TOL = 1e-5
 # MKL_CBWR=COMPATIBLE). Through 2 denoising steps and a random VAE that is up to ~1.2e-5 in pixels.
 BATCH_TOL = 5e-5
 STEPS = 2
-MODELS = {  # model -> extra request fields
-    "tiny-sd3": {},
-    "tiny-flux": {},
-    "tiny-cogvideox": {"num_frames": 9},
-    "tiny-hunyuanvideo": {"num_frames": 9},
-}
+# Every family's tiny model -> extra request fields (videos: 9 frames).
+MODELS = {m: ({"num_frames": 9} if get_spec(m).is_video else {}) for m in tiny_models()}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

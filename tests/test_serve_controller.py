@@ -7,6 +7,7 @@ import pytest
 
 from trident_rs.errors import UnknownRequestError
 from trident_rs.serve import controller as mod
+from trident_rs.vocab import Shape
 
 CFG = {"models": ["sd3"], "executor": "emulated", "time_scale": 0.001,
        "cluster": {"nodes": 1, "gpus_per_node": 8},
@@ -31,9 +32,9 @@ def _run(coro):
 def test_a_request_moves_through_its_states_and_ends_once(published):
     async def go():
         ctl = mod.Controller(CFG)  # one replica per stage
-        out = await ctl.submit("r", "sd3", "512-512-1", 4)
+        out = await ctl.submit("r", "sd3", Shape(512, 512), 4)
         assert out["counts"] == {"encode-w1": 1, "diffuse-w1": 1, "decode-w1": 1}
-        await ctl.submit("s", "sd3", "512-512-1", 4)
+        await ctl.submit("s", "sd3", Shape(512, 512), 4)
         state = lambda rid: ctl.progress[rid]["state"]  # noqa: E731
         assert (state("r"), state("s")) == ("encoding", "queued")  # s waits for the encode replica
         seen = []
@@ -54,7 +55,7 @@ def test_cancelled_and_timed_out_requests_free_their_gpus_and_are_counted(publis
     async def go():
         ctl = mod.Controller(CFG)
         for rid in ("c", "t"):
-            await ctl.submit(rid, "sd3", "512-512-1", 4)
+            await ctl.submit(rid, "sd3", Shape(512, 512), 4)
         await ctl.acquire("c", "encode")  # holds an encode replica
         await ctl.finish("c", "cancelled")
         await ctl.finish("t", "timed_out")  # never started
@@ -80,7 +81,7 @@ def test_a_submit_arriving_after_the_ingress_gave_up_is_ignored(published):
     async def go():
         ctl = mod.Controller(CFG)
         await ctl.finish("late", "failed")  # the ingress timed out on submit and said so
-        out = await ctl.submit("late", "sd3", "512-512-1", 4)
+        out = await ctl.submit("late", "sd3", Shape(512, 512), 4)
         assert out["ignored"] and ctl.policy.pending() == 0 and ctl.active == {}
     _run(go())
 
@@ -104,7 +105,7 @@ def test_a_policy_that_raises_is_logged_and_the_controller_keeps_serving(publish
         ctl = mod.Controller(CFG)
         real = ctl.policy.schedule
         monkeypatch.setattr(ctl.policy, "schedule", lambda state: 1 / 0)
-        await ctl.submit("p", "sd3", "512-512-1", 4)  # does not raise
+        await ctl.submit("p", "sd3", Shape(512, 512), 4)  # does not raise
         assert "trident_policy_errors_total 1.0" in await ctl.metrics_text()
         monkeypatch.setattr(ctl.policy, "schedule", real)  # the next event schedules it
         grant = await asyncio.wait_for(ctl.acquire("p", "encode"), 2.0)

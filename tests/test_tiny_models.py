@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from trident_rs.cli import main
-from trident_rs.models import tiny
-from trident_rs.models.loading import STAGE_COMPONENTS, load_pipeline
+from trident_rs.models import tiny, tiny_parts
+from trident_rs.models.families import get_family
+from trident_rs.models.loading import load_pipeline
+from trident_rs.models.spec import get_spec
 
 
 def test_build_once_then_reuse_cache(tmp_path, monkeypatch):
@@ -43,7 +45,7 @@ def test_cache_root_follows_env(tmp_path, monkeypatch):
 def test_tokenizers_built_in_code_round_trip(tmp_path):
     from transformers import AutoTokenizer
 
-    for name, tok in (("clip", tiny.build_clip_tokenizer()), ("t5", tiny.build_t5_tokenizer(32))):
+    for name, tok in (("clip", tiny_parts.build_clip_tokenizer()), ("t5", tiny_parts.build_t5_tokenizer(32))):
         tok.save_pretrained(tmp_path / name)
         again = AutoTokenizer.from_pretrained(tmp_path / name)
         text = "a red cube on the green sphere"
@@ -51,10 +53,10 @@ def test_tokenizers_built_in_code_round_trip(tmp_path):
         assert len(tok(text).input_ids) > 3
 
 
-VIDEO = ("tiny-cogvideox", "tiny-hunyuanvideo")
+VIDEO = tuple(m for m in tiny.tiny_models() if get_spec(m).is_video)
 
 
-@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux", *VIDEO])
+@pytest.mark.parametrize("model", tiny.tiny_models())  # every family's tiny model
 def test_save_load_round_trip_gives_identical_outputs(model):
     built = tiny.build_tiny_pipeline(model)
     built.set_progress_bar_config(disable=True)
@@ -83,7 +85,7 @@ def test_llama3_tokenizer_crops_exactly_the_hunyuanvideo_template(tmp_path):
     from transformers import AutoTokenizer
 
     template, crop = DEFAULT_PROMPT_TEMPLATE["template"], DEFAULT_PROMPT_TEMPLATE["crop_start"]
-    tok = tiny.build_llama3_tokenizer(template)
+    tok = tiny_parts.build_llama3_tokenizer(template)
     ids = tok(template.format("a red cube")).input_ids
     assert tok.convert_ids_to_tokens(ids[crop:]) == ["a", "Ġred", "Ġcube", "<|eot_id|>"]
     assert tok.convert_ids_to_tokens(ids[:1]) == ["<|begin_of_text|>"]
@@ -112,7 +114,7 @@ def test_hunyuanvideo_stage_pipeline_holds_only_its_modules(stage):
     pipe = load_pipeline("tiny-hunyuanvideo", stage=stage)
     modules = {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
     present = {m for m in modules if getattr(pipe, m, None) is not None}
-    assert present == modules & set(STAGE_COMPONENTS["hunyuanvideo"][stage])
+    assert present == modules & set(get_family("hunyuanvideo").components[stage])
     assert (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) == (8, 4)
 
 
@@ -121,7 +123,7 @@ def test_stage_pipeline_holds_only_its_modules(stage):
     pipe = load_pipeline("tiny-sd3", stage=stage)
     modules = {"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
     present = {m for m in modules if getattr(pipe, m, None) is not None}
-    assert present == modules & set(STAGE_COMPONENTS["sd3"][stage])
+    assert present == modules & set(get_family("sd3").components[stage])
     assert pipe.vae_scale_factor == 8  # derived from the VAE config even when vae is None
 
 

@@ -1,4 +1,6 @@
-"""Run the three stage executors one after another, in process (CLI, demo, tests)."""
+"""The one local-generation path: the three stage executors one after another, in process.
+
+Used by `trident generate` (the CLI), the tests and the benchmarks; the served path is `trident_rs.serve`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
-from trident_rs.policy.types import STAGES
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import STAGES
 
 
 @dataclass

@@ -30,8 +30,8 @@ from trident_rs.errors import ProfileError, TridentError
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.profile_format import Hardware, Profile, ProfilePoint
-from trident_rs.policy.types import Shape
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import Shape
 
 GB = 1e9
 PROMPT = "a lighthouse on a cliff at sunset, detailed oil painting"

@@ -6,7 +6,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field
 
 from trident_rs.models.spec import get_spec
-from trident_rs.policy.types import Shape
+from trident_rs.vocab import Shape
 
 
 class GenerationParams(BaseModel):

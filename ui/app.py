@@ -24,6 +24,8 @@ from typing import Any, Iterator
 
 import httpx
 
+from trident_rs.vocab import STAGES, DeploymentKey
+
 STAGE_COLORS = {"encode": "#4c9be8", "diffuse": "#c157d1", "decode": "#4caf6e"}
 IDLE = "#e4e4e4"
 
@@ -60,7 +62,11 @@ class Api:
 
 # -- pictures of the status --------------------------------------------------------------------------
 def _stage_color(deployment: str) -> str:
-    return STAGE_COLORS.get(deployment.split("-w")[0].split("+")[0], "#e8a33c")
+    try:
+        stage = DeploymentKey.parse(deployment).stages[0]
+    except ValueError:
+        stage = ""
+    return STAGE_COLORS.get(stage, "#e8a33c")
 
 
 def plan_figure(status: dict):
@@ -181,7 +187,7 @@ def request_body(model: str, prompt: str, size: str, steps: Any, frames: Any, se
 def progress_text(prog: dict | None, elapsed: float) -> str:
     if not prog:
         return f"submitted ({elapsed:.1f} s)"
-    stages = ["encode", "diffuse", "decode"]
+    stages = list(STAGES)
     done = set(prog.get("stages_done", []))
     marks = " → ".join(f"✅ {s}" if s in done else f"⏳ {s}" if s == prog.get("stage") else f"▫️ {s}"
                        for s in stages)
@@ -220,7 +226,7 @@ def run_generation(api: Api, body: dict, poll_s: float = 0.3) -> Iterator[tuple[
     path.write_bytes(base64.b64decode(out["b64"]))
     t = out.get("timings", {})
     stages = ", ".join(f"{s} {1000 * t[f'{s}_wall_s']:.0f} ms on {t.get(f'{s}_deployment', '?')}"
-                       for s in ("encode", "diffuse", "decode") if f"{s}_wall_s" in t)
+                       for s in STAGES if f"{s}_wall_s" in t)
     text = f"✅ done in {time.time() - t0:.2f} s ({stages})"
     yield (text, str(path), None) if suffix == ".png" else (text, None, str(path))
 

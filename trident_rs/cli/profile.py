@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from trident_rs.errors import InvalidRequestError
-from trident_rs.policy.types import Shape
+from trident_rs.vocab import Shape
 
 
 def parse_sizes(text: str) -> list[Shape]:

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from trident_rs.errors import TridentError
+from trident_rs.vocab import DeploymentKey
 
 STAGE_COLORS = {"encode": "cyan", "diffuse": "magenta", "decode": "green"}
 
@@ -40,7 +41,11 @@ def fetch(url: str, timeout_s: float = 10.0, transport: httpx.BaseTransport | No
 
 
 def _color(deployment: str) -> str:
-    return STAGE_COLORS.get(deployment.split("-w")[0].split("+")[0], "yellow")
+    try:
+        stage = DeploymentKey.parse(deployment).stages[0]
+    except ValueError:
+        stage = ""
+    return STAGE_COLORS.get(stage, "yellow")
 
 
 def _fmt_s(v: Any) -> str:

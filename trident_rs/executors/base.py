@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from trident_rs.errors import ConfigError
-from trident_rs.policy.types import Stage
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import Stage
 
 
 @dataclass
@@ -43,7 +43,7 @@ EXECUTOR_KINDS = {
     "diffusers": "trident_rs.executors.diffusers_stages",
     "emulated": "trident_rs.executors.emulated",
     # width 1 as "diffusers"; diffuse (and decode) at width > 1 on k ranks with xDiT (the gpu extra)
-    "xfuser": "trident_rs.executors.sequence_parallel",
+    "xfuser": "trident_rs.executors.parallel",
 }
 
 

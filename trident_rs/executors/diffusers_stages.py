@@ -13,11 +13,11 @@ import torch
 
 from trident_rs.errors import ConfigError, InvalidRequestError
 from trident_rs.executors.base import StageExecutor, StagePayload
-from trident_rs.executors.families import get_family
-from trident_rs.executors.families.base import StepCallback, gather, to_uint8
+from trident_rs.models.families import get_family
 from trident_rs.models.spec import get_spec
-from trident_rs.policy.types import STAGES, Stage
+from trident_rs.models.tensors import StepCallback, gather, to_uint8
 from trident_rs.request import GenerationParams
+from trident_rs.vocab import STAGES, Stage
 
 
 def batch_key(params: GenerationParams) -> tuple:
@@ -40,7 +40,7 @@ class DiffusersStageExecutor(StageExecutor):
             raise ConfigError(f"unknown stage {stage!r}; choose from {list(STAGES)}")
         self.model, self.stage = model, stage
         self.spec = get_spec(model)
-        self.family = get_family(self.spec.family)
+        self.family = get_family(self.spec.family).stages
         self.on_step = on_step
         self.keep_float = keep_float
         if pipeline is None:

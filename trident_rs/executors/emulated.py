@@ -16,7 +16,7 @@ import numpy as np
 from trident_rs.executors.base import StageExecutor, StagePayload
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
-from trident_rs.policy.types import Shape, Stage
+from trident_rs.vocab import Shape, Stage
 
 FRAME_SIDE = 16
 GRAY = 128

@@ -1,8 +1,7 @@
 """Diffuse at width k: one request on k devices with xDiT's (xfuser) sequence parallelism.
 
-`build_executor("xfuser", model, stage, width=k)`. Encode, and diffuse at width 1, are the
-single-device diffusers executor; decode is `vae_decode` (tiled or patch-parallel); diffuse at
-width k > 1 is `SequenceParallelDiffuseExecutor`:
+`build_executor("xfuser", model, "diffuse", width=k)` with k > 1 (`trident_rs.executors.parallel`
+picks it) is `SequenceParallelDiffuseExecutor`:
 
 - k rank actors (Ray), one per device. Inside a Serve replica they land in the replica's
   placement group, rank r in bundle r. Each rank is its own process because xfuser keeps its
@@ -11,7 +10,7 @@ width k > 1 is `SequenceParallelDiffuseExecutor`:
   `xfuser_cpu.apply_cpu_patches()` makes xfuser run), rendezvous on a free port of rank 0.
 - Each rank wraps the diffuse-only diffusers pipeline in xfuser's pipeline class (Ulysses degree
   k, or CFG parallel 2 × Ulysses k/2 for true-CFG families) and runs the family's own diffuse
-  call (`trident_rs.executors.families`), so inputs and outputs are those of width 1.
+  call (`trident_rs.models.families`), so inputs and outputs are those of width 1.
 - Every request goes to all ranks in the same order; the last rank holds the latents and its
   payloads are returned.
 
@@ -31,18 +30,11 @@ from typing import Any
 
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload
+from trident_rs.models.families import FAMILIES, get_family
 from trident_rs.models.spec import get_spec
-from trident_rs.policy.types import Stage
+from trident_rs.vocab import Stage
 
-# family -> xfuser pipeline class, and whether the family batches CFG (so CFG parallel fits).
-XFUSER_PIPELINES = {
-    "sd3": ("xFuserStableDiffusion3Pipeline", True),
-    "flux": ("xFuserFluxPipeline", False),
-    "cogvideox": ("xFuserCogVideoXPipeline", True),
-}
 _RANK_OPTIONS = ("source", "dtype")  # single-device executor options the ranks take over
-# options that only width > 1 (or the decode executor) takes; the width-1 executor drops them
-_GROUP_OPTIONS = ("cfg_parallel", "gpus_per_rank", "timeout_s", "place_timeout_s", "gpu_memory_gb")
 
 
 @dataclass(frozen=True)
@@ -58,10 +50,11 @@ class ParallelLayout:
     def choose(cls, family: str, width: int, heads: int, cfg_parallel: bool | None = None) -> "ParallelLayout":
         """CFG parallel (2) for true-CFG families at even widths unless `cfg_parallel` is False;
         the rest is Ulysses over as many ranks as divide the heads, ring over the remainder."""
-        if family not in XFUSER_PIPELINES:
-            raise ConfigError(f"no sequence-parallel pipeline for family {family!r}; "
-                              f"have {sorted(XFUSER_PIPELINES)}")
-        batches_cfg = XFUSER_PIPELINES[family][1]
+        xfuser_pipeline = get_family(family).xfuser
+        if xfuser_pipeline is None:
+            have = sorted(name for name, f in FAMILIES.items() if f.xfuser is not None)
+            raise ConfigError(f"no sequence-parallel pipeline for family {family!r}; have {have}")
+        batches_cfg = xfuser_pipeline.batches_cfg
         if cfg_parallel and not batches_cfg:
             raise ConfigError(f"{family} has no CFG batch to split; set cfg_parallel to false")
         use_cfg = batches_cfg and width % 2 == 0 and cfg_parallel is not False
@@ -160,9 +153,9 @@ class RankWorker:
             use_cfg_parallel=layout.cfg == 2,
         ).create_config()
         engine_config.runtime_config.dtype = pipe.transformer.dtype  # xfuser defaults to fp16
-        class_name, batches_cfg = XFUSER_PIPELINES[get_spec(model).family]
-        wrapped = getattr(xfuser, class_name)(pipe, engine_config)  # no prepare_run: it needs encoders
-        return _XFuserCallAdapter(wrapped, batches_cfg)
+        xfuser_pipeline = get_family(get_spec(model).family).xfuser
+        wrapped = getattr(xfuser, xfuser_pipeline.class_name)(pipe, engine_config)  # no prepare_run: it needs encoders
+        return _XFuserCallAdapter(wrapped, xfuser_pipeline.batches_cfg)
 
     def run(self, batch: list[StagePayload]) -> list[StagePayload | None]:
         return self.executor.run(batch)
@@ -374,19 +367,3 @@ def _attention_heads(model: str, source: str | None) -> int:
 
         local = Path(hf_hub_download(path, "transformer/config.json"))
     return int(json.loads(local.read_text())["num_attention_heads"])
-
-
-def make_executor(model: str, stage: Stage, width: int = 1, **options: Any) -> StageExecutor:
-    """Executor kind "xfuser": sequence-parallel diffuse and patch-parallel decode at width > 1;
-    memory-aware (tiled when needed) decode and the single-device diffusers executor at width 1."""
-    if stage == "diffuse" and width > 1:
-        return SequenceParallelDiffuseExecutor(model, width, **options)
-    if stage == "decode":
-        from trident_rs.executors.vae_decode import make_decode_executor
-
-        return make_decode_executor(model, width, **options)
-    if width > 1:
-        raise ConfigError(f"{stage} runs at width 1 only, got width {width}")
-    from trident_rs.executors.diffusers_stages import DiffusersStageExecutor
-
-    return DiffusersStageExecutor(model, stage, **{k: v for k, v in options.items() if k not in _GROUP_OPTIONS})

@@ -18,7 +18,7 @@ from typing import Any
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload
 from trident_rs.executors.sequence_parallel import ParallelLayout, RankGroupExecutor
-from trident_rs.policy.types import Shape, Stage
+from trident_rs.vocab import Shape, Stage
 
 MODES = ("full", "tiled", "patch-parallel")
 

@@ -15,7 +15,7 @@ from typing import Any
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.stage_estimate import predict_stage_s
 from trident_rs.policy.types import (
-    STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request, SchedulerOutput, Stage,
+    STAGES, Cluster, DeploymentKey, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request, SchedulerOutput, Stage,
 )
 
 
@@ -23,9 +23,9 @@ def pack_plan(cluster: Cluster, counts: dict[str, int]) -> PlacementPlan:
     """Place `counts` (deployment name -> replicas) on nodes, widest first; drop what does not fit."""
     free = {n: list(range(cluster.gpus_per_node)) for n in range(cluster.nodes)}
     groups: list[ReplicaGroup] = []
-    order = sorted(counts.items(), key=lambda kv: -int(kv[0].rsplit("-w", 1)[1]))
+    order = sorted(counts.items(), key=lambda kv: -DeploymentKey.parse(kv[0]).width)
     for name, n in order:
-        stage, width = name.rsplit("-w", 1)[0], int(name.rsplit("-w", 1)[1])
+        stage, width = DeploymentKey.parse(name).stage, DeploymentKey.parse(name).width
         for i in range(n):
             node = next((nd for nd in free if len(free[nd]) >= width), None)
             if node is None:
@@ -43,8 +43,8 @@ class GreedyStagePolicy(Policy):
         self.cluster = cluster
         self.cost = cost
         self.initial = dict(initial)
-        self.widths: dict[str, list[int]] = {s: sorted(int(k.rsplit("-w", 1)[1]) for k in initial
-                                                       if k.startswith(s + "-")) for s in STAGES}
+        self.widths: dict[str, list[int]] = {s: sorted(DeploymentKey.parse(k).width for k in initial
+                                                       if DeploymentKey.parse(k).stage == s) for s in STAGES}
         self.replan_s, self.window_s, self.replan = replan_s, window_s, replan
         self.plan = pack_plan(cluster, self.initial)
         self.requests: dict[str, Request] = {}
@@ -108,7 +108,7 @@ class GreedyStagePolicy(Policy):
                 widths = self.widths[stage]
                 fits = [w for w in widths if self._time(req, stage, w) <= 0.5 * req.slo_s]
                 w = min(fits) if fits else min(widths, key=lambda x: self._time(req, stage, x))
-                name = f"{stage}-w{w}"
+                name = DeploymentKey(stage, w).name
                 demand[name] = demand.get(name, 0.0) + self._time(req, stage, w) * w
         counts = self._share(demand)
         if counts == self.plan.count():
@@ -120,19 +120,19 @@ class GreedyStagePolicy(Policy):
         total_gpus, total = self.cluster.total_gpus, sum(demand.values()) or 1.0
         counts = {name: 0 for name in self.initial}
         for name, d in demand.items():
-            counts[name] = max(1, int(total_gpus * d / total) // int(name.rsplit("-w", 1)[1]))
+            counts[name] = max(1, int(total_gpus * d / total) // DeploymentKey.parse(name).width)
         for stage in STAGES:  # every stage keeps at least one replica
-            if not any(counts[f"{stage}-w{w}"] for w in self.widths[stage]):
-                counts[f"{stage}-w{self.widths[stage][0]}"] = 1
-        used = lambda: sum(n * int(k.rsplit("-w", 1)[1]) for k, n in counts.items())  # noqa: E731
+            if not any(counts[DeploymentKey(stage, w).name] for w in self.widths[stage]):
+                counts[DeploymentKey(stage, self.widths[stage][0]).name] = 1
+        used = lambda: sum(n * DeploymentKey.parse(k).width for k, n in counts.items())  # noqa: E731
         while used() > total_gpus:
             name = max((k for k in counts if counts[k] > 1 or (counts[k] == 1 and self._spare(counts, k))),
-                       key=lambda k: counts[k] * int(k.rsplit("-w", 1)[1]), default=None)
+                       key=lambda k: counts[k] * DeploymentKey.parse(k).width, default=None)
             if name is None:
                 break
             counts[name] -= 1
         return counts
 
     def _spare(self, counts: dict[str, int], name: str) -> bool:
-        stage = name.rsplit("-w", 1)[0]
-        return sum(n for k, n in counts.items() if k.startswith(stage + "-")) > 1
+        stage = DeploymentKey.parse(name).stage
+        return sum(n for k, n in counts.items() if DeploymentKey.parse(k).stage == stage) > 1

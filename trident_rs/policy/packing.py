@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trident_rs.policy.types import Cluster, PlacementPlan, ReplicaGroup, Stage
+from trident_rs.policy.types import Cluster, DeploymentKey, PlacementPlan, ReplicaGroup, Stage
 
 
 @dataclass(frozen=True, order=True)
@@ -29,7 +29,7 @@ class Deployment:
 
 
 def group_id(model: str, stage: str, width: int, node: int, first_gpu: int) -> str:
-    return f"{model}:{stage}-w{width}@n{node}g{first_gpu}"
+    return f"{model}:{DeploymentKey(stage, width).name}@n{node}g{first_gpu}"
 
 
 def deployment_of(group: ReplicaGroup) -> Deployment:

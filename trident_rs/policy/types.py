@@ -2,32 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-Stage = Literal["encode", "diffuse", "decode"]
-STAGES: tuple[Stage, ...] = ("encode", "diffuse", "decode")
+from trident_rs.vocab import STAGES, DeploymentKey, Shape, Stage
 
-
-@dataclass(frozen=True, order=True)
-class Shape:
-    """What the cost model keys on: output height, width and frame count."""
-
-    height: int
-    width: int
-    frames: int = 1
-
-    @property
-    def key(self) -> str:
-        return f"{self.height}-{self.width}-{self.frames}"
-
-    @property
-    def pixels(self) -> int:
-        return self.height * self.width * self.frames
-
-    @classmethod
-    def parse(cls, key: str) -> "Shape":
-        h, w, *f = (int(x) for x in key.split("-"))
-        return cls(h, w, f[0] if f else 1)
+__all__ = [  # Stage, STAGES, Shape live on the ground floor (trident_rs.vocab); re-exported here
+    "STAGES", "Cluster", "ClusterState", "DeploymentKey", "Launch", "PlacementPlan", "ReplicaGroup", "Request",
+    "SchedulerOutput", "Shape", "Stage",
+]
 
 
 @dataclass(frozen=True)
@@ -79,7 +60,7 @@ class ReplicaGroup:
     @property
     def deployment(self) -> str:
         """The Ray Serve deployment this group is a replica of, e.g. 'diffuse-w4'."""
-        return f"{'+'.join(self.stages)}-w{self.width}"
+        return DeploymentKey.of(self.stages, self.width).name
 
 
 @dataclass(frozen=True)

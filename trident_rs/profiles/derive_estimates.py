@@ -6,6 +6,9 @@ Measured: diffuse per-step latency of SD3-medium, FLUX.1-dev, CogVideoX1.5-5B, H
 Ulysses degree 1/2/4/8, from the TridentServe authors' code (Hetu-DiT, Apache-2.0; copied from
 `shared/profiles/diffuse_per_step_l20.json`).
 
+Each family's architecture figures (`FACTS`: encoder and transformer sizes, prompt tokens, CFG,
+2-D or 3-D VAE) live in its family module, `trident_rs/models/families/<name>.py`.
+
 Estimated (kind "estimated", replaceable by measured profiles via `CostModel.from_files`):
 roofline on an NVIDIA L20 (48 GB GDDR6, 864 GB/s, 119.5 dense FP16/BF16 TFLOPS):
   latency = overhead + max(FLOPs / (utilisation * peak), bytes moved / bandwidth)
@@ -24,18 +27,24 @@ roofline on an NVIDIA L20 (48 GB GDDR6, 864 GB/s, 119.5 dense FP16/BF16 TFLOPS):
   decode at width k is patch-parallel (DistVAE): activations / k, time / (k * 0.9^log2 k).
   With these, HunyuanVideo 720x1280x129 and CogVideoX 768x1360x81 decode need > 48 GB on one
   GPU, so their minimum decode width is 2.
+- diffuse latency, only for a family with no measured table (its facts name `estimate_shapes`):
+  per step (2 x params x tokens + 4 x layers x tokens^2 x hidden) FLOPs, x2 with CFG, at 90%
+  utilisation (what the measured CogVideoX 768x1360x81 and HunyuanVideo 720x1280x129 width-1
+  points imply: 0.85-0.95), at width k / (k * 0.965^log2 k) (HunyuanVideo 720x1280x129 measured:
+  7.2x at 8), + overhead. kind "estimated" like the rest.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
+from trident_rs.models.families import FAMILIES
+from trident_rs.models.family import ModelFacts
 from trident_rs.models.spec import get_spec
 from trident_rs.policy.profile_format import Hardware, Profile, ProfilePoint, save_profile
-from trident_rs.policy.types import Shape
+from trident_rs.vocab import Shape
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MEASURED = HERE.parent.parent.parent / "shared" / "profiles" / "diffuse_per_step_l20.json"
@@ -48,28 +57,6 @@ OVERHEAD_S = 0.005
 GB = 1e9
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """Public architecture figures used by the estimates."""
-
-    encoder_params: float  # all text encoders together
-    prompt_tokens: int  # tokens each encoder pass sees (longest encoder)
-    cfg: bool  # two sequences (positive + negative) per request
-    dit_params: float
-    hidden: int
-    vae_3d: bool
-
-
-FACTS = {
-    # T5-XXL encoder 4.76B + CLIP-G 0.69B + CLIP-L 0.12B; MMDiT 2.0B, hidden 1536
-    "sd3": ModelFacts(5.57e9, 256, True, 2.03e9, 1536, False),
-    # T5-XXL 4.76B + CLIP-L 0.12B at 512 tokens; 12B transformer, hidden 3072
-    "flux": ModelFacts(4.88e9, 512, False, 11.9e9, 3072, False),
-    # T5-XXL at 226 tokens; 5.6B transformer, hidden 3072
-    "cogvideox": ModelFacts(4.76e9, 226, True, 5.6e9, 3072, True),
-    # LLaVA-LLaMA-3-8B 8.0B + CLIP-L 0.12B at 256 tokens; 12.8B transformer, hidden 3072
-    "hunyuanvideo": ModelFacts(8.12e9, 256, False, 12.8e9, 3072, True),
-}
 SOURCE_MEASURED = "hetu-dit"
 SOURCE_ESTIMATE = "roofline-l20"
 
@@ -97,11 +84,26 @@ def decode_cost(f: ModelFacts, shape: Shape, width: int) -> tuple[float, float]:
     return latency, weights_gb + px * bytes_per_px / width / GB + CONTEXT_GB
 
 
+def diffuse_step_s(f: ModelFacts, tokens: int, width: int) -> float:
+    flops = (2 * f.dit_params * tokens + 4 * f.dit_layers * tokens**2 * f.hidden) * (2 if f.cfg else 1)
+    return OVERHEAD_S + flops / (0.9 * PEAK_FLOPS) / (width * 0.965 ** math.log2(width))
+
+
+def _estimated_rows(family: str) -> dict[str, dict[str, float]]:
+    """Per-step diffuse latency (shape key -> width -> s) for a family with no measured table."""
+    facts, spec = FAMILIES[family].facts, get_spec(family)
+    return {s.key: {str(w): round(diffuse_step_s(facts, spec.tokens(s.height, s.width, s.frames), w), 4)
+                    for w in spec.widths["diffuse"]} for s in facts.estimate_shapes}
+
+
 def build(measured_path: Path) -> Profile:
     table = json.loads(measured_path.read_text())
     points: list[ProfilePoint] = []
-    for family, rows in table["per_step_seconds"].items():
-        facts, spec = FACTS[family], get_spec(family)
+    measured = table["per_step_seconds"]
+    estimated = {f: _estimated_rows(f) for f in FAMILIES if f not in measured and FAMILIES[f].facts.estimate_shapes}
+    for family, rows in [*measured.items(), *estimated.items()]:
+        facts, spec = FAMILIES[family].facts, get_spec(family)
+        kind, source = ("measured", SOURCE_MEASURED) if family in measured else ("estimated", SOURCE_ESTIMATE)
         enc_latency, enc_mem = encode_cost(facts)
         for key, by_width in sorted(rows.items(), key=lambda kv: Shape.parse(kv[0]).pixels):
             shape = Shape.parse(key)
@@ -110,8 +112,8 @@ def build(measured_path: Path) -> Profile:
             for w, seconds in sorted(by_width.items(), key=lambda kv: int(kv[0])):
                 points.append(ProfilePoint(
                     **dims, stage="diffuse", width_gpus=int(w), latency_s=float(seconds),
-                    memory_gb=round(diffuse_memory(facts, tokens, int(w)), 3), kind="measured",
-                    memory_kind="estimated", source=SOURCE_MEASURED))
+                    memory_gb=round(diffuse_memory(facts, tokens, int(w)), 3), kind=kind,
+                    memory_kind="estimated", source=source))
             points.append(ProfilePoint(**dims, stage="encode", latency_s=round(enc_latency, 5),
                                        memory_gb=round(enc_mem, 3), kind="estimated", source=SOURCE_ESTIMATE))
             for w in spec.widths["decode"]:
@@ -120,8 +122,9 @@ def build(measured_path: Path) -> Profile:
                                            memory_gb=round(memory, 3), kind="estimated", source=SOURCE_ESTIMATE))
     return Profile(
         hardware=Hardware(name="NVIDIA L20 48GB PCIe", memory_gb=GPU_MEMORY_GB),
-        description="Diffuse per-step latency measured (Ulysses degree = width_gpus); encode/decode latency "
-                    "and all memory estimated by trident_rs/profiles/derive_estimates.py (see its docstring).",
+        description="Diffuse per-step latency measured (Ulysses degree = width_gpus) where the source table has "
+                    "the family, else estimated; encode/decode latency and all memory estimated by "
+                    "trident_rs/profiles/derive_estimates.py (see its docstring). Every point says its kind.",
         sources={SOURCE_MEASURED: table["source"],
                  SOURCE_ESTIMATE: "roofline estimate, trident_rs/profiles/derive_estimates.py"},
         points=points,

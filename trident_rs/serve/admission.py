@@ -22,7 +22,7 @@ from trident_rs.errors import OverloadedError
 def cost_estimator(cfg: Any) -> Callable[[Any], float]:
     """params -> predicted seconds for all stages at width 1 (cost model, else the fallback)."""
     from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
-    from trident_rs.policy.types import STAGES
+    from trident_rs.vocab import STAGES
 
     cost: Any = "unloaded"
     scale = cfg.time_scale if cfg.executor == "emulated" else 1.0

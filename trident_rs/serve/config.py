@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trident_rs.errors import ConfigError
 from trident_rs.models.spec import REGISTRY, get_spec
-from trident_rs.policy.types import Cluster, Stage
+from trident_rs.policy.types import Cluster
+from trident_rs.vocab import STAGES, DeploymentKey, Stage
 
 
 class StageDeploymentConfig(BaseModel):
@@ -29,7 +30,7 @@ class StageDeploymentConfig(BaseModel):
 
     @property
     def name(self) -> str:
-        return f"{self.stage}-w{self.width}"
+        return DeploymentKey(self.stage, self.width).name
 
 
 class ClusterConfig(BaseModel):
@@ -107,7 +108,7 @@ class AppConfig(BaseModel):
     )
     time_scale: float = Field(1.0, gt=0, description="emulated executors sleep predicted time × this")
     deployments: list[StageDeploymentConfig] = Field(
-        default_factory=lambda: [StageDeploymentConfig(stage=s) for s in ("encode", "diffuse", "decode")]
+        default_factory=lambda: [StageDeploymentConfig(stage=s) for s in STAGES]
     )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     reserve_gpus: bool = Field(
@@ -130,7 +131,7 @@ class AppConfig(BaseModel):
         names = [d.name for d in self.deployments]
         if len(set(names)) != len(names):
             raise ValueError(f"deployments listed twice: {sorted(n for n in names if names.count(n) > 1)}")
-        for stage in ("encode", "diffuse", "decode"):
+        for stage in STAGES:
             if not any(d.stage == stage for d in self.deployments):
                 raise ValueError(f"no deployment for stage {stage!r}")
         for d in self.deployments:
@@ -196,14 +197,15 @@ class AppConfig(BaseModel):
             raise ConfigError(
                 f"{names} run(s) one request on several GPUs with xfuser (xDiT), which is not installed: "
                 "pip install 'trident_rs[gpu]' (or pip install xfuser), or drop the width > 1 deployments")
-        from trident_rs.executors.sequence_parallel import XFUSER_PIPELINES
+        from trident_rs.models.families import FAMILIES
 
+        with_xfuser = sorted(name for name, f in FAMILIES.items() if f.xfuser is not None)
         for d in multi:
-            unsupported = [m for m in self.models if d.stage == "diffuse" and get_spec(m).family not in XFUSER_PIPELINES]
+            unsupported = [m for m in self.models if d.stage == "diffuse" and get_spec(m).family not in with_xfuser]
             if unsupported:
                 raise ConfigError(
                     f"{d.name}: no sequence-parallel (xfuser) pipeline for {unsupported} (families with one: "
-                    f"{sorted(XFUSER_PIPELINES)}); serve them at width 1 or with the emulated executor")
+                    f"{with_xfuser}); serve them at width 1 or with the emulated executor")
         if gpus_per_node is None:
             return
         most = max(gpus_per_node, default=0)

@@ -27,11 +27,12 @@ from trident_rs.models.spec import get_spec
 from trident_rs.policy.greedy import GreedyStagePolicy
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
-from trident_rs.policy.types import STAGES, ClusterState, Launch, PlacementPlan, Request, Shape
+from trident_rs.policy.types import ClusterState, Launch, PlacementPlan, Request
 from trident_rs.request import RequestState
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.metrics import ServeMetrics
 from trident_rs.serve.scaling import publish_counts, read_count
+from trident_rs.vocab import STAGES, DeploymentKey, Shape, percentile
 
 logger = logging.getLogger("ray.serve")
 
@@ -168,11 +169,10 @@ class Controller:
 
     def _deployment_for(self, launch: Launch) -> str:
         stage = launch.stages[0]
-        name = f"{stage}-w{launch.width}"
         widths = self.cfg.widths(stage)
         if launch.width in widths:
-            return name
-        return f"{stage}-w{max([w for w in widths if w <= launch.width] or [widths[0]])}"
+            return DeploymentKey(stage, launch.width).name
+        return DeploymentKey(stage, max([w for w in widths if w <= launch.width] or [widths[0]])).name
 
     def _schedule(self) -> None:
         """Run the policy until it launches nothing more. A policy that raises is logged and
@@ -226,20 +226,19 @@ class Controller:
             self.policy.on_launch_done(launch, self.now())
 
     # -- the API the ingress and the replicas call ----------------------------------------------
-    async def submit(self, request_id: str, model: str, shape_key: str, steps: int,
+    async def submit(self, request_id: str, model: str, shape: Shape, steps: int,
                      slo_ms: float | None = None) -> dict:
         """A request arrived. Returns its deadline (seconds from now) and the current replica
         counts (the ingress dispatches on them if this controller becomes unreachable)."""
         self._ensure_ticker()
         if request_id in self.finished or request_id in self.active:  # late (the ingress gave up) or twice
             return {"slo_s": 0.0, "counts": dict(self.counts), "ignored": True}
-        shape = Shape.parse(shape_key)
         slo_s = slo_ms / 1000.0 if slo_ms else self._default_slo(model, shape, steps)
         now = self.now()
         self.policy.add_request(Request(request_id, model, shape, steps, now, now + slo_s), now)
         self.active[request_id] = now + slo_s
         self.arrivals[request_id] = (time.monotonic(), model)
-        self.progress[request_id] = {"id": request_id, "model": model, "shape": shape_key, "steps": steps,
+        self.progress[request_id] = {"id": request_id, "model": model, "shape": shape.key, "steps": steps,
                                      "state": RequestState.QUEUED.value, "stage": None, "slo_s": round(slo_s, 3),
                                      "created": time.time(), "stages_done": [], "retries": 0}
         while len(self.progress) > 1000:
@@ -403,11 +402,11 @@ class Controller:
 
 
 def _percentiles(values: Any) -> dict:
-    vals = sorted(values)
+    vals = list(values)
     if not vals:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None}
-    pick = lambda q: round(vals[min(len(vals) - 1, int(q * len(vals)))], 4)  # noqa: E731
-    return {"n": len(vals), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99),
+    pick = lambda q: round(percentile(vals, q), 4)  # noqa: E731
+    return {"n": len(vals), "p50": pick(50), "p90": pick(90), "p99": pick(99),
             "mean": round(sum(vals) / len(vals), 4)}
 
 

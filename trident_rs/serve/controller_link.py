@@ -22,9 +22,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from trident_rs.errors import UnknownRequestError
-from trident_rs.policy.types import Stage
 from trident_rs.request import GenerationParams, RequestState
 from trident_rs.serve.stage_retry import is_replica_failure
+from trident_rs.vocab import Shape, Stage
 
 logger = logging.getLogger("ray.serve")
 MAX_ROUTES = 4096
@@ -39,7 +39,7 @@ class ControllerLink:
         self.counts = dict(counts)
         self.timeout_s, self.probe_s, self.clock = timeout_s, probe_s, clock
         # (model, shape, stage) -> the deployment last granted; least recently used dropped past MAX_ROUTES
-        self.routes: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+        self.routes: OrderedDict[tuple[str, Shape, str], str] = OrderedDict()
         self.down_until: float | None = None
         self.local: set[str] = set()  # requests being dispatched here, not by the controller
         self.stats = {"controller_failures": 0, "local_requests": 0, "local_grants": 0}
@@ -65,7 +65,7 @@ class ControllerLink:
         if self.up:
             try:
                 out = await asyncio.wait_for(
-                    self.handle.submit.remote(rid, params.model, params.shape.key, params.steps, params.slo_ms),
+                    self.handle.submit.remote(rid, params.model, params.shape, params.steps, params.slo_ms),
                     self.timeout_s)
                 self.counts = dict(out.get("counts") or self.counts)
                 self.down_until = None
@@ -83,7 +83,7 @@ class ControllerLink:
         if rid not in self.local:
             try:
                 grant = await watch(self.handle.acquire.remote(rid, stage))
-                key = (params.model, params.shape.key, stage)
+                key = (params.model, params.shape, stage)
                 self.routes[key] = grant["deployment"]
                 self.routes.move_to_end(key)
                 if len(self.routes) > MAX_ROUTES:
@@ -125,7 +125,7 @@ class ControllerLink:
     def local_grant(self, rid: str, stage: Stage, params: GenerationParams) -> dict:
         """Where the last plan ran this request class's `stage`; else the stage's most-replicated
         deployment (ties: the narrower)."""
-        name = self.routes.get((params.model, params.shape.key, stage))
+        name = self.routes.get((params.model, params.shape, stage))
         if name is None or self.counts.get(name, 0) <= 0:
             names = [n for n, (s, _) in self.deployments.items() if s == stage]
             name = max(names, key=lambda n: (self.counts.get(n, 0), -self.deployments[n][1]))

@@ -30,7 +30,6 @@ from trident_rs.errors import InvalidRequestError, RequestTimedOutError, Trident
 from trident_rs.media import mp4_bytes, png_bytes
 from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
-from trident_rs.policy.types import STAGES
 from trident_rs.request import GenerationParams, RequestState
 from trident_rs.serve.admission import Admission
 from trident_rs.serve.cancellation import Inflight, RequestCancelled
@@ -38,6 +37,7 @@ from trident_rs.serve.config import AppConfig
 from trident_rs.serve.controller_link import ControllerLink
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 from trident_rs.serve.stage_retry import is_replica_failure, run_stage
+from trident_rs.vocab import STAGES, error_body
 
 api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
 EVENTS_POLL_S = 0.1  # how often the progress stream looks at the controller
@@ -46,8 +46,7 @@ api.add_middleware(GuardMiddleware)  # API key, body size, JSON syntax (trident_
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
     """OpenAI-style error body (the official client reads error.message)."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status)
+    return JSONResponse(error_body(message, kind, status, param), status_code=status)
 
 
 @api.exception_handler(TridentError)

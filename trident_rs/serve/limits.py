@@ -17,6 +17,7 @@ from typing import Any
 
 from trident_rs.errors import InvalidRequestError
 from trident_rs.serve.auth import authorized, load_keys
+from trident_rs.vocab import error_body
 
 
 def check_limits(limits: Any, params: Any) -> Any:
@@ -52,7 +53,7 @@ def configure(cfg: Any, env: dict[str, str] | None = None) -> None:
 
 
 def _error_body(status: int, message: str, kind: str, param: str | None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+    return json.dumps(error_body(message, kind, status, param)).encode()
 
 
 async def _send_error(send: Any, status: int, message: str, kind: str, param: str | None = None,

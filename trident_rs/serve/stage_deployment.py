@@ -22,10 +22,10 @@ from ray.serve.handle import DeploymentHandle
 
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
-from trident_rs.policy.types import Stage
 from trident_rs.serve.config import AppConfig, StageDeploymentConfig
 from trident_rs.serve.routing import ROUTER_CLASS
 from trident_rs.serve.scaling import autoscaling_config
+from trident_rs.vocab import DeploymentKey, Stage
 
 logger = logging.getLogger("ray.serve")
 
@@ -75,7 +75,7 @@ class StageReplica:
         self.stage = stage
         self.width = width
         self.controller = controller
-        dep = self.config.deployment(f"{stage}-w{width}")
+        dep = self.config.deployment(DeploymentKey(stage, width).name)
         kind = self.config.executor_kind(dep)
         self.executors: dict[str, StageExecutor] = {
             m: build_executor(kind, m, stage, **_executor_options(self.config, m, dep))
@@ -119,7 +119,7 @@ class StageReplica:
             for i, r in zip(idx, results):
                 if isinstance(r, StagePayload):
                     r.meta[f"{self.stage}_wall_s"] = took
-                    r.meta[f"{self.stage}_deployment"] = f"{self.stage}-w{self.width}"
+                    r.meta[f"{self.stage}_deployment"] = DeploymentKey(self.stage, self.width).name
                     r.meta[f"{self.stage}_batch"] = len(batch)
                 out[i] = r
         return out

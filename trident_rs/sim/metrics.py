@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from trident_rs.sim.engine import SimResult
+from trident_rs.vocab import percentile
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def summarize(result: SimResult) -> Metrics:
     lat = np.asarray(latencies, dtype=float)
     start = min((r.arrival for r in reqs), default=0.0)
     makespan = max(result.end_time - start, 1e-9)
-    pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
+    pct = lambda q: percentile(latencies, q)  # noqa: E731
     return Metrics(
         policy=result.policy,
         requests=n,

@@ -17,6 +17,7 @@ from trident_rs.policy import registry
 from trident_rs.policy.types import Cluster, Request
 from trident_rs.sim.engine import SimConfig, SimResult, simulate
 from trident_rs.sim.metrics import Metrics, summarize
+from trident_rs.vocab import percentile
 
 # policies told which models the workload serves and their shares of GPU time, as a deployment
 # config would (trident uses them for its first plan, before any request has arrived)
@@ -78,8 +79,8 @@ def run_policy(name: str, requests: list[Request], cluster: Cluster, cost,
         opts["width"] = width
     if name in registry.ANALYTIC:
         bound = registry.make_policy(name, cluster, cost, **opts).evaluate(requests)
-        lat = sorted(bound.alone_latencies)
-        pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else math.nan  # noqa: E731
+        lat = sorted(bound.alone_latencies)  # sorted: the mean sums in the same order as before
+        pct = lambda q: percentile(lat, 100 * q)  # noqa: E731
         return PolicyRun(name, {
             "slo_attainment": bound.attainment, "mean_latency_s": sum(lat) / max(len(lat), 1),
             "p50_latency_s": pct(0.50), "p95_latency_s": pct(0.95), "p99_latency_s": pct(0.99),

@@ -1,30 +1,37 @@
-"""The three stage functions every family implements, and tensor helpers they share."""
+"""Tensor helpers the family stage functions share. numpy at import; torch only when called,
+so a family module stays importable by the policy layer (no torch)."""
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from trident_rs.errors import InvalidRequestError
-from trident_rs.request import GenerationParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from trident_rs.request import GenerationParams
 
 # A per-step hook: on_step(step_index, total_steps), called after each denoising step.
 StepCallback = Callable[[int, int], None]
 
 
-def to_numpy(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: "torch.Tensor") -> np.ndarray:
     """float32 numpy on CPU (numpy has no bfloat16; bf16 -> fp32 -> bf16 is lossless)."""
+    import torch
+
     return t.detach().to("cpu", torch.float32).numpy()
 
 
-def stack(arrays: list[np.ndarray], device, dtype: torch.dtype) -> torch.Tensor:
+def stack(arrays: list[np.ndarray], device, dtype: "torch.dtype") -> "torch.Tensor":
     """Concatenate per-request arrays (each with batch dim 1) into one batch tensor."""
+    import torch
+
     return torch.from_numpy(np.concatenate(arrays, axis=0)).to(device=device, dtype=dtype)
 
 
-def split(t: torch.Tensor) -> list[np.ndarray]:
+def split(t: "torch.Tensor") -> list[np.ndarray]:
     """One numpy array per request, each keeping a batch dim of 1."""
     array = to_numpy(t)
     return [array[i : i + 1] for i in range(array.shape[0])]
@@ -37,9 +44,11 @@ def gather(tensors: list[dict[str, np.ndarray]], key: str) -> list[np.ndarray]:
         raise InvalidRequestError("tensors", f"payload lacks {key!r} (was the previous stage run?)") from None
 
 
-def generators(params: list[GenerationParams]) -> list[torch.Generator]:
+def generators(params: list["GenerationParams"]) -> list["torch.Generator"]:
     """One CPU generator per request, seeded as the pipeline would be: batching keeps each
     request's initial noise (diffusers draws per-sample noise from a list of generators)."""
+    import torch
+
     return [torch.Generator("cpu").manual_seed(p.seed) for p in params]
 
 
@@ -58,21 +67,3 @@ def step_callback(on_step: StepCallback | None, total: int):
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Float frames in [0, 1] -> uint8, rounding as diffusers' `numpy_to_pil` does."""
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-class FamilyStages(ABC):
-    """Stage functions of one family. All requests of one call share shape, steps and guidance;
-    each returns one item per request, in order."""
-
-    @abstractmethod
-    def encode(self, pipe, params: list[GenerationParams]) -> list[dict[str, np.ndarray]]:
-        """Prompts -> prompt embeddings (per request, batch dim 1)."""
-
-    @abstractmethod
-    def diffuse(self, pipe, params: list[GenerationParams], embeddings: list[dict[str, np.ndarray]],
-                on_step: StepCallback | None = None) -> list[np.ndarray]:
-        """Embeddings + per-request seeds -> final latents, in the pipeline's own layout."""
-
-    @abstractmethod
-    def decode(self, pipe, params: list[GenerationParams], latents: list[np.ndarray]) -> list[np.ndarray]:
-        """Latents -> float frames in [0, 1], shape (F, H, W, 3) per request."""
