@@ -229,6 +229,8 @@ def run_point(args: tuple[SuitePoint, tuple[str, ...], bool]) -> dict:
         base, options = parse_variant(name)
         run = run_policy(base, reqs, cluster, cost, config, history=history,
                          keep_result=timelines and name == "trident", **options)
+        if run is None:
+            raise RuntimeError(f"policy {name!r} is not available (see the warning above)")
         row = {**run.metrics, "wall_s": time.perf_counter() - t0}
         if name == "static-best":
             mbv = run.detail["metrics_by_variant"]

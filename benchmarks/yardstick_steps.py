@@ -52,7 +52,7 @@ def main() -> int:
                     run = run_policy(name, reqs, CLUSTER, COST, cfg, history=reqs if future else None)
                     vals.append({**run.metrics, "wall_s": time.perf_counter() - t0,
                                  "variant": run.detail.get("variant", "")})
-                row[name] = {k: sum(v[k] for v in vals) / len(vals) for k in
+                row[name] = {k: sum(v.get(k, 0) for v in vals) / len(vals) for k in
                              ("slo_attainment", "mean_latency_s", "p95_latency_s", "failed")}
                 row[name]["variant"] = vals[0]["variant"]
                 print(f"{wl:20} {step:15} {name:18} {row[name]['slo_attainment']:.3f} "

@@ -30,7 +30,7 @@ def req(i, shape, deadline, arrival=0.0, steps=28, model="img"):
 def test_widest_efficient_width_that_meets_the_deadline():
     # width 2 is efficient for the big image (>= 0.8 of width 1's GPU-seconds), width 8 is not:
     # a roomy task takes width 2 (done sooner for little more GPU time), a tight one width 8
-    d = Dispatcher(COST, on_time_width="efficient")
+    d = Dispatcher(COST)  # on_time_width="efficient", the default
     groups = [group("diffuse", 1, 0, 0), group("diffuse", 2, 0, 2), group("diffuse", 8, 1, 0), group("decode", 1, 0, 1)]
     t = {w: COST.stage_time("img", "diffuse", BIG, w, 1, 28) for w in (1, 2, 8)}
     assert t[1] >= 0.8 * 2 * t[2] and t[1] < 0.8 * 8 * t[8]
@@ -42,7 +42,7 @@ def test_widest_efficient_width_that_meets_the_deadline():
 
 
 def test_smallest_width_that_meets_the_deadline():
-    d = Dispatcher(COST)  # on_time_width="narrowest", the default
+    d = Dispatcher(COST, on_time_width="narrowest")
     groups = [group("diffuse", 1, 0, 0), group("diffuse", 2, 0, 2), group("diffuse", 8, 1, 0), group("decode", 1, 0, 1)]
     t = {w: COST.stage_time("img", "diffuse", BIG, w, 1, 28) for w in (1, 2, 8)}
     dec = COST.stage_time("img", "decode", BIG)
@@ -200,7 +200,10 @@ class ReferenceDispatcher(Dispatcher):
                 continue
             width = None
             if not task.late:
-                width = next((w for w in usable if now + times[w] + rest <= r.deadline), None)
+                fits = [w for w in usable if now + times[w] + rest <= r.deadline]
+                w0 = min(times)
+                eff = [w for w in fits if times[w0] * w0 >= 0.8 * times[w] * w]
+                width = eff[-1] if eff else (fits[0] if fits else None)
                 if width is None and any(end + times[w] + rest <= r.deadline
                                          for w, end in busy_end.items() if w in times):
                     i += 1

@@ -48,8 +48,9 @@ class ControllerConfig:
     prior_min_arrivals: int = 5
     # how many arrivals the prior's class mix counts as (Dirichlet pseudo-counts): a re-plan
     # plans for (observed counts + prior_weight x prior mix) / (n + prior_weight) at the observed
-    # rate, so a class not seen yet in a short window keeps its share until evidence outweighs it
-    prior_weight: float = 20.0
+    # rate, so a class not seen yet in a short window keeps its share until evidence outweighs
+    # it. Off by default: on the suite it cost attainment (RESULTS.md, "tried")
+    prior_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.window_s <= 0 or self.check_interval_s <= 0 or self.cooldown_s < 0:

@@ -14,10 +14,11 @@ Rules (the fast path):
   best-effort tier with key = deadline + `late_delay` (default: its own SLO).
   Late tasks are never dropped and never starved: every newer request has a key of at least
   its arrival + its SLO, so a late task overtakes all new arrivals after a bounded wait.
-- **Width.** An on-time task takes the *smallest* free width whose predicted finish (this
-  stage plus the remaining stages) meets its deadline (`on_time_width="efficient"`: the
-  widest efficient one among those, parallel efficiency >= 0.8 relative to the narrowest —
-  a shorter tail for a little attainment under load; see RESULTS.md). If no free width does but a busy group
+- **Width.** An on-time task takes, of the free widths whose predicted finish (this stage plus
+  the remaining stages) meets its deadline, the widest efficient one (parallel efficiency
+  >= 0.8 relative to the narrowest width), else the smallest that meets it
+  (`on_time_width="narrowest"`: always the smallest, as before; the suite measured the same
+  attainment and a 10% shorter P95 for "efficient", RESULTS.md). If no free width does but a busy group
   would when it frees up, the task waits for it. Otherwise (and for late tasks) it takes, by
   `late_width`: `"best"` (default) the width with the earliest predicted finish among those
   with parallel efficiency >= 0.8 (waiting if a busy one finishes earlier), so a late request
@@ -105,7 +106,7 @@ class Dispatcher:
                  late_width: Literal["best", "efficient", "fastest"] = "best", late_delay_s: float | None = None,
                  max_batch: int = 8, batch_max_pixels: int = 512 * 512, exact_max_tasks: int = 16,
                  exact_time_limit_s: float = 0.05, max_width: int = 8,
-                 on_time_width: Literal["efficient", "narrowest"] = "narrowest", efficient_threshold: float = 0.8):
+                 on_time_width: Literal["efficient", "narrowest"] = "efficient", efficient_threshold: float = 0.8):
         if mode not in ("fast", "exact"):
             raise ConfigError(f"dispatcher mode must be 'fast' or 'exact', got {mode!r}")
         if late_width not in ("best", "efficient", "fastest"):

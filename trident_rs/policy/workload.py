@@ -117,7 +117,7 @@ def prior_forecast(cost: "CostModel", models: Mapping[str, float], total_gpus: i
                    steps: Mapping[str, int] | None = None) -> Forecast:
     """What to plan for before any request has arrived: every shape the cost model has
     profiled for each of `models` (that fits a node), at the model's default steps and the
-    paper's SLO, equally likely within a model. `models` maps a model to its share of the GPU
+    paper's SLO, each taking an equal share of its model's GPU time. `models` maps a model to its share of the GPU
     time (the runtime's deployment config, or the simulator's workload); the rates fill
     `utilization` of `total_gpus`, each class costed at its efficient width (the widest with
     parallel efficiency >= 0.8). The plan built from it covers every class the cost model
@@ -135,16 +135,19 @@ def prior_forecast(cost: "CostModel", models: Mapping[str, float], total_gpus: i
             continue
         n_steps = (steps or {}).get(model) or (REGISTRY[model].default_steps if model in REGISTRY else 1)
         classes: list[RequestClass] = []
-        gpu_s = 0.0  # GPU-seconds of one request of each class
+        gpu_s: list[float] = []  # GPU-seconds of one request of each class
         for shape in cost.shapes(model):
             need = {st: cost.min_width(model, st, shape, gpu_memory_gb) for st in STAGES}
             if max(need.values()) > gpus_per_node:
                 continue
             need["diffuse"] = max(need["diffuse"], min(cost.best_width(model, shape), gpus_per_node))
-            gpu_s += sum(w * cost.stage_time(model, st, shape, w, 1, n_steps) for st, w in need.items())
+            gpu_s.append(sum(w * cost.stage_time(model, st, shape, w, 1, n_steps) for st, w in need.items()))
             classes.append(RequestClass(model, shape, n_steps, paper_slo_s(cost, model, shape, n_steps, slo_scale)))
         if not classes:
             raise ConfigError(f"prior forecast: the cost model has no shape of {model!r} that fits a node")
-        rate = (share / total_share) * utilization * total_gpus / max(gpu_s, 1e-9)
-        rates.update({c: rate for c in classes})
+        # every class gets an equal share of the model's GPU time (not an equal share of its
+        # requests: a 4096² image costs 700 128² ones, and a prior that expects them as often
+        # would plan most of the cluster for the rarest, costliest shapes)
+        budget = (share / total_share) * utilization * total_gpus / len(classes)
+        rates.update({c: budget / max(g, 1e-9) for c, g in zip(classes, gpu_s)})
     return Forecast(rates)
