@@ -4,6 +4,7 @@ with the fair engine (memory enforced, stage-time noise, Serve's overheads, regr
     .venv/bin/python benchmarks/suite.py --quick            # 32 points, < 6 min on 2 cores
     .venv/bin/python benchmarks/suite.py                    # 160 points, < 40 min on 2 cores
     .venv/bin/python benchmarks/suite.py --only check       # the held-out checking points only
+    .venv/bin/python benchmarks/suite.py --report benchmarks/results/suite_quick.json  # tables of a run
 
 Each point declares (see `SuitePoint`):
 - family: sd3, flux, cogvideox, hunyuanvideo alone, or an image family mixed with a video
@@ -310,6 +311,27 @@ def summary(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bound_table(points: list[dict]) -> str:
+    """The tightened bound next to the old one (alone and fluid only) at each point."""
+    lines = [f"{'point':<58}{'old':>7}{'energetic':>10}{'t-indexed':>10}{'new':>7}{'trident':>8}"]
+    for pt in points:
+        b = pt["policies"].get("bound")
+        if b is None:
+            continue
+        old = min(b["alone_attainment"], b["fluid_attainment"])
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        lines.append(f"{pt['name']:<58}{old:>7.3f}{fmt(b.get('energetic_attainment')):>10}"
+                     f"{fmt(b.get('time_indexed_attainment')):>10}{b['slo_attainment']:>7.3f}"
+                     f"{pt['policies'].get('trident', {}).get('slo_attainment', math.nan):>8.3f}")
+    olds = [min(pt["policies"]["bound"]["alone_attainment"], pt["policies"]["bound"]["fluid_attainment"])
+            for pt in points if "bound" in pt["policies"]]
+    news = [pt["policies"]["bound"]["slo_attainment"] for pt in points if "bound" in pt["policies"]]
+    if olds:
+        lines.append(f"mean: old {np.mean(olds):.3f}, new {np.mean(news):.3f}; tighter at "
+                     f"{sum(n < o - 1e-9 for n, o in zip(news, olds))}/{len(olds)} points")
+    return "\n".join(lines)
+
+
 def plot(points: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -351,7 +373,13 @@ def main() -> int:
     ap.add_argument("--timelines", action="store_true", help="keep trident's timelines of missed requests")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument("--report", default="", help="print the summary and bound table of an existing JSON; run nothing")
     args = ap.parse_args()
+    if args.report:
+        doc = json.loads(Path(args.report).read_text())
+        print(summary(doc["points"]))
+        print("\n" + bound_table(doc["points"]))
+        return 0
     points = suite_points(args.quick)
     if args.only != "all":
         points = [p for p in points if p.check == (args.only == "check")]
@@ -380,6 +408,8 @@ def main() -> int:
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=float))
     plot(results, out / f"{stem}.png")
     print(summary(results))
+    if "bound" in args.policies:
+        print("\n" + bound_table(results))
     print(f"\n{len(results)} points in {wall:.0f} s; wrote {out / (stem + '.json')} and {stem}.png")
     return 0
 

@@ -87,3 +87,37 @@ def test_authors_minimum_widths_and_same_shape_batching():
     assert [len(j.requests) for j in policy.queue] == [min(size, 5)] + ([5 - size] if size < 5 else [])
     out = policy.schedule(ClusterState(0.0, {0: frozenset(range(8))}))
     assert sorted(i for l in out.launches for i in l.request_ids) == [f"s{i}" for i in range(5)]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 12), st.integers(10, 60))
+def test_offering_only_the_exchangeable_top_keeps_the_optimum(seed, free, n):
+    """The solver sees per class only the `free` best jobs at each width: the optimum over the
+    whole queue is the same (an exchange argument, `PaperPolicy._exchangeable_top`)."""
+    import random
+
+    from ortools.sat.python import cp_model
+
+    from trident_rs.policy.paper import Job
+
+    rng = random.Random(seed)
+    shapes = [Shape(256, 256), Shape(1024, 1024), Shape(2048, 2048)]
+    jobs = [Job([Request(f"j{i}", "img", rng.choice(shapes), 10, 0.0, rng.uniform(1, 200))]) for i in range(n)]
+    # as the paper's rule: on time (1000) or late with a reward that grows with lateness, per width
+    rewards = {j: {k: (1000 if job.deadline > 50 * k else 100 + int(job.deadline)) + k for k in (1, 2, 4)}
+               for j, job in enumerate(jobs)}
+
+    def best(subset):
+        m = cp_model.CpModel()
+        x = {(j, k): m.new_bool_var("") for j in subset for k in rewards[j]}
+        for j in subset:
+            m.add_at_most_one(x[j, k] for k in rewards[j])
+        m.add(sum(k * v for (j, k), v in x.items()) <= free)
+        m.maximize(sum(rewards[j][k] * v for (j, k), v in x.items()))
+        s = cp_model.CpSolver()
+        s.parameters.num_workers = 1
+        assert s.solve(m) == cp_model.OPTIMAL
+        return s.objective_value
+
+    keep = PaperPolicy._exchangeable_top(jobs, rewards, free)
+    assert best(keep) == best(list(range(n)))
