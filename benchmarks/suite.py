@@ -53,7 +53,7 @@ from trident_rs.policy.cost_model import CostModel
 from trident_rs.policy.slo import slo_seconds
 from trident_rs.policy.traces import azure_arrivals
 from trident_rs.policy.types import Cluster, Request, Shape
-from trident_rs.sim import SimConfig
+from trident_rs.sim import PolicyViolation, SimConfig
 from trident_rs.sim.runner import best_of, run_policy
 from trident_rs.sim.workloads import synthetic_arrivals
 
@@ -228,8 +228,12 @@ def run_point(args: tuple[SuitePoint, tuple[str, ...], bool]) -> dict:
             continue  # derived from static-best's sweep below
         t0 = time.perf_counter()
         base, options = parse_variant(name)
-        run = run_policy(base, reqs, cluster, cost, config, history=history,
-                         keep_result=timelines and name == "trident", **options)
+        try:
+            run = run_policy(base, reqs, cluster, cost, config, history=history,
+                             keep_result=timelines and name == "trident", **options)
+        except PolicyViolation as e:  # a policy broke the contract: a finding, reported with the point
+            out["policies"][name] = {"error": str(e)}
+            continue
         if run is None:
             raise RuntimeError(f"policy {name!r} is not available (see the warning above)")
         row = {**run.metrics, "wall_s": time.perf_counter() - t0}
@@ -257,7 +261,7 @@ OTHERS = ("static-best", "static-best-fcfs", "dynamic-pipeline", "paper")
 
 def judge(point: dict) -> dict:
     """trident against the best other policy at one point (the issue's criteria)."""
-    p = point["policies"]
+    p = {n: m for n, m in point["policies"].items() if "error" not in m}
     t = p.get("trident")
     others = {n: p[n] for n in OTHERS if n in p}
     if t is None or not others:
@@ -279,6 +283,8 @@ def judge(point: dict) -> dict:
 
 
 def summary(points: list[dict]) -> str:
+    errors = [(pt["name"], n, m["error"]) for pt in points for n, m in pt["policies"].items() if "error" in m]
+    points = [{**pt, "policies": {n: m for n, m in pt["policies"].items() if "error" not in m}} for pt in points]
     names = [n for n in POLICIES if any(n in pt["policies"] for pt in points)]
     lines = []
     for label, subset in (("all", points), ("tune", [p for p in points if not p["check"]]),
@@ -308,6 +314,8 @@ def summary(points: list[dict]) -> str:
                          f"where FCFS static-best <= 0.5: gain >= 2.5x at {sum(g >= 2.5 for g in fgains)}/{len(fgains)} "
                          f"(median {np.median(fgains) if fgains else math.nan:.2f}x); "
                          f"bound - trident median {np.median(bgap) if bgap else math.nan:.3f}")
+    for name, policy, err in errors:
+        lines.append(f"ERROR at {name}: {policy}: {err[:160]}")
     return "\n".join(lines)
 
 

@@ -236,3 +236,14 @@ def test_bound_is_tighter_than_the_old_one_on_a_burst():
 
 def test_registry_knows_the_yardstick_names():
     assert {"static-best", "static-best-fcfs", "bound"} <= set(registry.policy_names())
+
+
+def test_a_refused_launch_does_not_stall_the_queue_behind_it():
+    # one width-1 pipeline group; the 4096² image is refused (62 GB), the images queued behind it
+    # arrived before and nothing else will happen: they must still run
+    cluster = Cluster(1, 1)
+    reqs = [Request("huge", "flux", Shape(4096, 4096), 28, 0.0, 1.0)] + [
+        Request(f"s{i}", "flux", Shape(256, 256), 28, 0.0, 100.0 + i) for i in range(3)]
+    res = simulate(cluster, StaticPipelinePolicy(cluster, COST, width=1, order="edf"), COST,
+                   list(reversed(reqs)), SimConfig())
+    assert set(res.failed) == {"huge"} and set(res.finish) == {"s0", "s1", "s2"}

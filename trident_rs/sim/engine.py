@@ -177,6 +177,7 @@ class Simulator:
         self.now = 0.0
         self.failed: dict[str, str] = {}
         self.memory_refusals = 0
+        self._refused_this_call = False
         self.timeline: dict[str, list[StageRecord]] = {}
         self.ready_at: dict[str, float] = {}  # request -> when its next launch could start
         self.last_model: dict[_GPU, str] = {}  # GPU -> model of its last pool launch
@@ -446,6 +447,7 @@ class Simulator:
 
     # ---- main loop ------------------------------------------------------------------------
     def _schedule(self) -> bool:
+        refusals_before = self.memory_refusals
         state = self._state()
         t0 = time.perf_counter()
         out = self.policy.schedule(state)
@@ -457,6 +459,7 @@ class Simulator:
             self._apply_plan(out.new_plan, initial=self.config.start_cost_s <= 0)
         for launch in out.launches:
             self._launch(launch)
+        self._refused_this_call = self.memory_refusals > refusals_before
         wake = self.policy.next_wakeup(self.now)
         if wake is not None and wake > self.now and (self.wakeup_at is None or wake < self.wakeup_at):
             self.wakeup_at = wake
@@ -500,6 +503,11 @@ class Simulator:
                 elif payload == self.wakeup_at:
                     self.wakeup_at = None
             acted = self._schedule()
+            while self._refused_this_call:
+                # a refused launch left its GPUs free with no event to call the policy again: ask
+                # now, or the rest of its queue waits for an unrelated event (each refusal fails a
+                # request for good, so this ends)
+                acted = self._schedule() or acted
             if only_wakeup and not acted and not self.in_flight and i == n and not self.starting:
                 idle_wakeups += 1
                 if idle_wakeups >= self.config.max_idle_wakeups:
