@@ -70,10 +70,8 @@ def test_memory_is_enforced_for_every_policy_and_no_request_is_lost(name):
         assert m["failed"] == 0 and m["memory_refusals"] == 0
 
 
-class Oversized(Policy):
-    """Launches every request's three stages on one GPU, whatever they need."""
-
-    name = "oversized"
+class ListPolicy(Policy):
+    """A shared-pool test policy: a list of arrived requests; subclasses decide the launches."""
 
     def __init__(self):
         self.queue: list[Request] = []
@@ -87,6 +85,12 @@ class Oversized(Policy):
 
     def on_launch_done(self, launch, now):
         pass
+
+
+class Oversized(ListPolicy):
+    """Launches every request's three stages on one GPU, whatever they need."""
+
+    name = "oversized"
 
     def on_launch_refused(self, launch, now):
         self.refused.append(launch)
@@ -150,22 +154,10 @@ def test_runtime_costs_are_charged():
     assert three.finish["a"] - ideal3.finish["a"] == pytest.approx(1.5)  # three hops
 
 
-class Regrouper(Policy):
+class Regrouper(ListPolicy):
     """Shared pool: request i runs on GPUs (0, 1) if i is even, (1, 2) if odd; model by request."""
 
     name = "regrouper"
-
-    def __init__(self):
-        self.queue: list[Request] = []
-
-    def initial_plan(self, now):
-        return None
-
-    def add_request(self, request, now):
-        self.queue.append(request)
-
-    def on_launch_done(self, launch, now):
-        pass
 
     def schedule(self, state):
         free = state.free_gpus.get(0, frozenset())

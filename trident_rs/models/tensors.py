@@ -44,6 +44,21 @@ def gather(tensors: list[dict[str, np.ndarray]], key: str) -> list[np.ndarray]:
         raise InvalidRequestError("tensors", f"payload lacks {key!r} (was the previous stage run?)") from None
 
 
+def cfg_embeddings(prompt_embeds: "torch.Tensor", negative_embeds: "torch.Tensor | None", cfg: bool
+                   ) -> list[dict[str, np.ndarray]]:
+    """Per-request encode outputs of a prompt-embeds-only text encoder (CogVideoX, Wan), with the
+    negative embeddings when classifier-free guidance is on."""
+    pe = split(prompt_embeds)
+    ne = split(negative_embeds) if cfg else None
+    return [{"prompt_embeds": pe[i], **({"negative_prompt_embeds": ne[i]} if cfg else {})} for i in range(len(pe))]
+
+
+def cfg_inputs(embeddings: list[dict[str, np.ndarray]], cfg: bool, device, dtype) -> dict[str, "torch.Tensor"]:
+    """The batched prompt (and, with guidance, negative) embeddings of `cfg_embeddings` outputs."""
+    names = ("prompt_embeds", "negative_prompt_embeds") if cfg else ("prompt_embeds",)
+    return {n: stack(gather(embeddings, n), device, dtype) for n in names}
+
+
 def generators(params: list["GenerationParams"]) -> list["torch.Generator"]:
     """One CPU generator per request, seeded as the pipeline would be: batching keeps each
     request's initial noise (diffusers draws per-sample noise from a list of generators)."""

@@ -234,7 +234,6 @@ class StaticStagePolicy(_PlannedQueues):
             raise ValueError(f"static-stage: {e} encode + {d} decode GPUs leave no diffuse group of width {width}")
         # decode groups (widest first, aligned) then encode singles, from the last GPU backwards
         taken: set[tuple[int, int]] = set()
-        blocks: list[tuple[int, tuple[int, ...]]] = []
 
         def take(w: int) -> tuple[int, tuple[int, ...]] | None:
             for n in range(cluster.nodes - 1, -1, -1):

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Literal
 
 from trident_rs.errors import ConfigError
+from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.types import Launch, ReplicaGroup, Request, STAGES, Shape, Stage
 
 if TYPE_CHECKING:
@@ -213,17 +214,9 @@ class Dispatcher:
         k = (model, stage, shape, width, steps)
         b = self._best_batch.get(k)
         if b is None:
-            b, best = 1, 1.0 / self.time(model, stage, shape, width, steps)
+            b = 1
             if shape.pixels <= self.batch_max_pixels:
-                size = 2
-                while size <= self.max_batch:
-                    try:
-                        rate = size / self.time(model, stage, shape, width, steps, size)
-                    except Exception:  # the cost model has no batch data: do not batch
-                        break
-                    if rate > best * 1.05:
-                        b, best = size, rate
-                    size *= 2
+                b = best_batch_size(lambda size: self.time(model, stage, shape, width, steps, size), self.max_batch)
             self._best_batch[k] = b
         return b
 

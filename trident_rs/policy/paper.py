@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from ortools.sat.python import cp_model
 
 from trident_rs.errors import ConfigError
+from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.cpsat import limited_solver
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.types import Cluster, ClusterState, Launch, PlacementPlan, Request, SchedulerOutput, Shape
@@ -180,16 +181,7 @@ class PaperPolicy(Policy):
             b = 1
             if r.shape.frames <= 1 and r.shape.pixels <= self.batch_max_pixels:
                 w = self._widths_of(r)[0]
-                best = 1.0 / self._time(r, w)
-                size = 2
-                while size <= self.max_batch:
-                    try:
-                        rate = size / self._time(r, w, size)
-                    except Exception:  # noqa: BLE001 - no batch data: do not batch
-                        break
-                    if rate > best * 1.05:
-                        b, best = size, rate
-                    size *= 2
+                b = best_batch_size(lambda size: self._time(r, w, size), self.max_batch)
             self._batch[key] = b
         return b
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from trident_rs.models import tiny_parts as tp
 from trident_rs.models.family import TINY_WIDTHS, VIDEO_WIDTHS, Family, FamilyStages, ModelFacts, ModelSpec
-from trident_rs.models.tensors import gather, generators, split, stack, step_callback
+from trident_rs.models.tensors import cfg_embeddings, cfg_inputs, generators, split, stack, step_callback
 from trident_rs.vocab import Shape
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
@@ -56,16 +56,12 @@ class WanStages(FamilyStages):
             do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
             max_sequence_length=MAX_SEQUENCE_LENGTH, device=pipe._execution_device,
         )
-        pe = split(pe)
-        ne = split(ne) if cfg else None
-        return [{"prompt_embeds": pe[i], **({"negative_prompt_embeds": ne[i]} if cfg else {})}
-                for i in range(len(params))]
+        return cfg_embeddings(pe, ne, cfg)
 
     def diffuse(self, pipe, params, embeddings, on_step=None):
         p0 = params[0]
         dtype, device = pipe.transformer.dtype, pipe._execution_device
-        names = ("prompt_embeds", "negative_prompt_embeds") if p0.guidance_scale > 1 else ("prompt_embeds",)
-        inputs = {n: stack(gather(embeddings, n), device, dtype) for n in names}
+        inputs = cfg_inputs(embeddings, p0.guidance_scale > 1, device, dtype)
         latents = pipe(
             **inputs, height=p0.height, width=p0.width, num_frames=p0.num_frames,
             num_inference_steps=p0.steps, guidance_scale=p0.guidance_scale, generator=generators(params),
