@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m trident_rs.serve.demo $(DEMO_ARGS)
+	$(BIN)/python -m trident_rs.devtools.demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q -ra

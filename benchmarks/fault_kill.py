@@ -7,7 +7,7 @@
 2. Capacity: a closed loop of clients (benchmarks/load_2x.py's `measure`); completions/s.
 3. Open loop (Poisson) at `--factor` x capacity for `--load-s` through `POST /v1/generate`,
    while every `--kill-every-s` a replica chosen at random among all stage replicas is killed
-   (`trident_rs.serve.chaos.kill_replica`). Every request is then awaited.
+   (`trident_rs.devtools.chaos.kill_replica`). Every request is then awaited.
 Counts: sent / completed / rejected (429) / lost (5xx, timeouts, connection errors: must be 0),
 and the latency of the requests that had a stage re-run against those that did not.
 """
@@ -55,7 +55,7 @@ async def _one(c: httpx.AsyncClient, rows: list, timeout: float) -> None:
 
 
 async def killer(app: str, every_s: float, until: float, rng: random.Random, kills: list) -> None:
-    from trident_rs.serve.chaos import kill_replica
+    from trident_rs.devtools.chaos import kill_replica
 
     while time.perf_counter() + every_s < until:
         await asyncio.sleep(every_s)
@@ -115,7 +115,7 @@ def main() -> None:
     from ray import serve
 
     from trident_rs.serve.app import build_app
-    from trident_rs.serve.local import private_serve
+    from trident_rs.devtools.local import private_serve
 
     warm = {"model": "sd3", "prompt": "warm", "size": "512x512", "steps": 28}  # BODY on the images endpoint
     app = "chaos"

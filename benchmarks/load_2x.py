@@ -116,7 +116,7 @@ def main() -> None:
     from ray import serve
 
     from trident_rs.serve.app import build_app
-    from trident_rs.serve.local import private_serve
+    from trident_rs.devtools.local import private_serve
 
     with private_serve(num_gpus=8, log_to_driver=False) as port:
         t = time.perf_counter()

@@ -18,7 +18,11 @@ simulator is run twice: with its default replica start cost (20 s) and with none
 brackets the warm-started Serve run.
 
     .venv/bin/python benchmarks/serve_vs_sim.py [--n 80] [--rate-scale 0.0625] [--time-scale 0.05]
-Prints a table and writes benchmarks/results/serve_vs_sim.json.
+    .venv/bin/python benchmarks/serve_vs_sim.py --nodes 2 --workload shift-flux ...   # 2 x 8 fake GPUs
+With `--nodes` > 1 Serve runs on a local multi-node Ray cluster (`trident_rs.devtools.cluster`:
+one raylet per node, 8 fake GPUs each), the simulator on the same nodes x GPUs.
+Prints a table and writes benchmarks/results/serve_vs_sim.json (`serve_vs_sim_<n>nodes_<workload>.json`
+for other node counts or workloads).
 """
 from __future__ import annotations
 
@@ -137,9 +141,12 @@ def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Requ
     from ray import serve
 
     from trident_rs.serve.app import build_app
-    from trident_rs.serve.local import private_serve
+    from trident_rs.devtools.cluster import local_cluster
+    from trident_rs.devtools.local import private_serve
 
-    with private_serve(num_gpus=NODES * GPUS_PER_NODE) as port:
+    ray_cluster = (local_cluster(nodes=NODES, gpus_per_node=GPUS_PER_NODE) if NODES > 1
+                   else private_serve(num_gpus=NODES * GPUS_PER_NODE))
+    with ray_cluster as port:
         base = f"http://127.0.0.1:{port}"
         t = time.perf_counter()
         serve.run(build_app(app_args(time_scale, prior)), name="svs", route_prefix="/")
@@ -173,7 +180,10 @@ def main() -> None:
     ap.add_argument("--slo-scale", type=float, default=4.0)
     ap.add_argument("--no-serve", action="store_true", help="simulator only")
     ap.add_argument("--no-prior", action="store_true", help="trident without the served models as its prior")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes of 8 GPUs (> 1: a local multi-node Ray cluster)")
     args = ap.parse_args()
+    global NODES
+    NODES = args.nodes
     cost = CostModel.default()
     reqs = load_workload(args.workload, model=MODEL, rate_scale=args.rate_scale, slo_scale=args.slo_scale,
                          cost=cost)[: args.n]
@@ -182,7 +192,9 @@ def main() -> None:
     prior = not args.no_prior
     sim20, sim0 = run_sim(reqs, cost, 20.0, prior), run_sim(reqs, cost, 0.0, prior)
     warm = list({(r.shape, r.steps): r for r in reqs}.values())
-    out = Path(__file__).parent / "results" / "serve_vs_sim.json"
+    name = "serve_vs_sim" if (NODES, args.workload) == (1, "flux-paper") else \
+        f"serve_vs_sim_{NODES}nodes_{args.workload}"
+    out = Path(__file__).parent / "results" / f"{name}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     same = old.get("n") == len(reqs) and old.get("rate_scale") == args.rate_scale and \
         old.get("time_scale") == args.time_scale and old.get("workload") == args.workload

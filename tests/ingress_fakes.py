@@ -15,6 +15,7 @@ import numpy as np
 import ray.serve
 
 from trident_rs.executors.base import StagePayload
+from trident_rs.serve.grant import Grant
 
 
 class _Call:
@@ -66,18 +67,20 @@ class _Method:
 
 
 class FakeController:
-    """Grants every stage at once on `{stage}-w1`. `fail[method] = exc` makes that method raise
+    """Grants every stage at once on `{stage}-w1` (the first with the answer to `submit`, as the
+    real controller does when a replica is free); `done` grants are recorded in `done`. `fail[method] = exc` makes that method raise
     `exc` (e.g. ActorDiedError: the controller died) until removed."""
 
     def __init__(self):
         self.submitted: list[str] = []
         self.acquired: list[tuple[str, str]] = []
         self.finished: list[tuple[str, str]] = []
+        self.done: list[tuple[str, str]] = []  # (request id, stage) reported done
         self.retries: list[tuple[str, str, int]] = []
         self.fail: dict[str, BaseException] = {}
         self.counts = {"encode-w1": 1, "diffuse-w1": 1, "decode-w1": 1}
         for name in ("submit", "acquire", "finish", "reject", "status", "request_status", "metrics_text",
-                     "stage_retry"):
+                     "stage_retry", "regrant"):
             setattr(self, name, _Method(self._failing(name, getattr(self, "_" + name)), eager=True))
 
     def _failing(self, name, fn):
@@ -87,19 +90,32 @@ class FakeController:
             return await fn(*args)
         return call
 
+    @staticmethod
+    def grant(rid, stage):
+        return Grant(rid, stage, f"{stage}-w1", 1, batch_id=0)
+
     async def _submit(self, rid, *a):
         self.submitted.append(rid)
-        return {"slo_s": 1.0, "counts": dict(self.counts)}
+        return {"slo_s": 1.0, "counts": dict(self.counts), "grant": self.grant(rid, "encode")}
 
-    async def _acquire(self, rid, stage):
+    def _done(self, done):
+        if done is not None:
+            self.done.append((done.request_id, done.stage))
+
+    async def _acquire(self, rid, stage, done=None):
+        self._done(done)
         self.acquired.append((rid, stage))
-        return {"deployment": f"{stage}-w1", "stage": stage, "request_id": rid, "launch_id": 0, "width": 1}
+        return self.grant(rid, stage)
 
-    async def _finish(self, rid, state):
+    async def _regrant(self, grant, here=None):
+        return grant
+
+    async def _finish(self, rid, state, done=None):
+        self._done(done)
         self.finished.append((rid, state))
 
     async def _stage_retry(self, grant, attempt, error=""):
-        self.retries.append((grant["request_id"], grant["stage"], attempt))
+        self.retries.append((grant.request_id, grant.stage, attempt))
 
     async def _reject(self, reason=""):
         return None
@@ -122,10 +138,10 @@ class FakeStage:
         self.stage, self.stage_s, self.gate = stage, stage_s, gate
         self.calls = 0
         self.deaths: list[BaseException] = []
-        self.grants: list[dict] = []
+        self.grants: list[Grant] = []
         self.run = _Method(self._run)
 
-    async def _run(self, prev: Any, grant: dict) -> StagePayload:
+    async def _run(self, prev: Any, grant: Grant) -> StagePayload:
         payload = await prev if isinstance(prev, (_Call, _Ref)) else prev
         self.calls += 1
         self.grants.append(grant)
@@ -143,6 +159,12 @@ class FakeStage:
 
 
 _ORIG = ray.serve.get_replica_context
+
+
+async def settle() -> None:
+    """Let the calls sent without waiting (the ingress's `finish`) reach the fake controller."""
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 def make_ingress(config: dict, stage_s: float = 0.0, gate: asyncio.Event | None = None):

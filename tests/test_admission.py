@@ -10,7 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from ingress_fakes import FUZZ_CONFIG, http_requests, make_ingress, run_http, unpatch
+from ingress_fakes import FUZZ_CONFIG, http_requests, make_ingress, run_http, settle, unpatch
 from trident_rs.errors import InvalidRequestError, OverloadedError
 from trident_rs.request import GenerationParams
 from trident_rs.serve.admission import Admission
@@ -233,6 +233,7 @@ def test_cancel_endpoint_and_disconnect_cancel_the_work_and_free_the_slot():
         r = await held
         assert r.status_code == 499 and "cancelled" in r.json()["error"]["message"]
         assert _Call.cancelled_total > before  # the stage responses got .cancel()
+        await settle()  # finish is sent, not waited for
         assert ("abc", "cancelled") in inst.controller.finished
         assert inst.admission.per_model == {} and inst.inflight.states == {}
         # a client that goes away: its handler is cancelled, pending work too

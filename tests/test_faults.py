@@ -8,7 +8,7 @@ import asyncio
 
 from ray.exceptions import ActorDiedError, RayTaskError
 
-from ingress_fakes import _Method, run_http
+from ingress_fakes import _Method, run_http, settle
 from trident_rs.errors import UnknownRequestError
 from trident_rs.serve.stage_retry import is_replica_failure
 
@@ -37,6 +37,7 @@ def test_a_dead_diffuse_replica_is_rerun_from_the_encode_output():
         assert _stage(inst, "encode").calls == 1  # resumed, not restarted
         assert _stage(inst, "diffuse").calls == 2 and _stage(inst, "decode").calls == 1
         assert inst.controller.retries == [("r1", "diffuse", 1)]
+        await settle()  # finish is sent, not waited for
         assert inst.controller.finished == [("r1", "done")]
         assert inst.admission.per_model == {} and inst.inflight.states == {}
 
@@ -51,6 +52,7 @@ def test_a_stage_that_keeps_dying_fails_with_503_after_the_retries():
         msg = r.json()["error"]["message"]
         assert "decode" in msg and "2 time(s)" in msg and int(r.headers["retry-after"]) >= 1
         assert _stage(inst, "decode").calls == 2  # the first try and one retry
+        await settle()  # finish is sent, not waited for
         assert inst.controller.finished == [("r2", "failed")]
         assert inst.admission.per_model == {} and inst.inflight.states == {}
         _stage(inst, "decode").deaths = []  # the service still answers
@@ -65,6 +67,7 @@ def test_an_error_of_the_request_itself_is_not_retried():
         r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "r3"})
         assert r.status_code == 500 and "NaNs" in r.json()["error"]["message"], r.text
         assert _stage(inst, "encode").calls == 1 and _stage(inst, "diffuse").calls == 0
+        await settle()  # finish is sent, not waited for
         assert inst.controller.finished == [("r3", "failed")] and inst.controller.retries == []
 
     run_http(CFG, scenario)
@@ -78,16 +81,18 @@ def test_with_the_controller_down_requests_run_on_the_last_plan_until_it_is_back
         r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "b"})
         assert r.status_code == 200, r.text
         grants = _stage(inst, "diffuse").grants[-1]
-        assert grants["deployment"] == "diffuse-w1" and grants["launch_id"] is None and grants["local"]
+        assert grants.deployment == "diffuse-w1" and grants.batch_id is None and grants.local
         assert (await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "c"})).status_code == 200
         assert ctl.submitted == ["a"]  # down: not even tried again before controller_probe_s
         # only "forget b had it arrived late" (the controller ignores ids it never saw); nothing of c
+        await settle()  # finish is sent, not waited for
         assert ctl.finished == [("a", "done"), ("b", "failed")]
         st = (await c.get("/v1/status"))
         assert st.status_code == 200 and inst.link.snapshot()["controller_up"] is False
         del ctl.fail["submit"]
         inst.link.down_until = 0.0  # the probe interval passed: the controller is back
         assert (await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "d"})).status_code == 200
+        await settle()  # finish is sent, not waited for
         assert ctl.submitted == ["a", "d"] and ctl.finished[-1] == ("d", "done")
         assert inst.link.stats["local_requests"] == 2
 
@@ -99,15 +104,15 @@ def test_a_controller_that_dies_or_restarts_mid_request_does_not_lose_it():
         async def scenario(c, inst, error=error):
             real = inst.controller.acquire
 
-            async def acquire(rid, stage):
+            async def acquire(rid, stage, done=None):
                 if stage != "encode":
                     raise error
-                return await real.remote(rid, stage)
+                return await real.remote(rid, stage, done)
             inst.controller.acquire = _Method(acquire, eager=True)
             r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "m"})
             assert r.status_code == 200, r.text
-            assert _stage(inst, "encode").grants[-1]["launch_id"] == 0  # the controller's grant
-            assert _stage(inst, "decode").grants[-1]["launch_id"] is None  # the last plan's
+            assert _stage(inst, "encode").grants[-1].batch_id == 0  # the controller's grant
+            assert _stage(inst, "decode").grants[-1].batch_id is None  # the last plan's
             # a dead controller puts the link down; a restarted one that forgot a request does not
             assert inst.link.up is isinstance(error, UnknownRequestError)
 
@@ -143,6 +148,7 @@ def test_a_request_past_its_timeout_is_cancelled_with_504():
         gate.__init__()  # never set: diffuse waits forever
         r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "slow"})
         assert r.status_code == 504 and "0.3 s" in r.json()["error"]["message"], r.text
+        await settle()  # finish is sent, not waited for
         assert inst.controller.finished == [("slow", "timed_out")]
         assert inst.admission.per_model == {} and inst.inflight.states == {}
 
@@ -189,5 +195,28 @@ def test_progress_events_stream_each_change_and_end_with_the_final_state(monkeyp
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         got = [json.loads(x[6:])["state"] for x in r.text.splitlines() if x.startswith("data: ")]
         assert got == ["queued", "encoding", "queued", "diffusing", "decoding", "done"]
+
+    run_http(CFG, scenario)
+
+
+def test_a_call_that_reached_another_replica_is_granted_again_not_run_there():
+    from trident_rs.serve.grant import Grant, WrongReplicaError
+
+    async def scenario(c, inst):
+        regrants = []
+        real = inst.controller.regrant
+
+        async def regrant(grant, here=None):
+            regrants.append((grant.stage, here))
+            return await real.remote(grant, here)
+        inst.controller.regrant = _Method(regrant, eager=True)
+        wrong = WrongReplicaError(Grant("w", "diffuse", "diffuse-w1", 1, 0, replica_id="gone"), "other")
+        _stage(inst, "diffuse").deaths = [RayTaskError("run", "tb", wrong).as_instanceof_cause()]
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "w"})
+        assert r.status_code == 200, r.text
+        assert regrants == [("diffuse", "other")] and r.json()["timings"]["retries"] == 0
+        assert _stage(inst, "diffuse").calls == 2 and inst.link.stats["regrants"] == 1
+        await settle()
+        assert inst.controller.done == [("w", "encode"), ("w", "diffuse"), ("w", "decode")]
 
     run_http(CFG, scenario)

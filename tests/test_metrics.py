@@ -17,7 +17,7 @@ prom_parser = pytest.importorskip("prometheus_client.parser")
 from ray import serve  # noqa: E402
 
 from trident_rs.serve.app import build_app
-from trident_rs.serve.local import private_serve  # noqa: E402
+from trident_rs.devtools.local import private_serve  # noqa: E402
 
 ARGS = {
     "models": ["sd3"],

@@ -1,5 +1,6 @@
 """The serve Controller deployment's class in-process (no Ray): request states, restarts, and
-a policy that fails or times out never taking the controller down (issue 8, item 4)."""
+a policy that fails or times out never taking the controller down (issue 8, item 4); the lean
+request path, the replica registry and grants naming replicas (issue 21)."""
 import asyncio
 import types
 
@@ -9,7 +10,7 @@ from trident_rs.errors import UnknownRequestError
 from trident_rs.serve import controller as mod
 from trident_rs.vocab import Shape
 
-CFG = {"models": ["sd3"], "executor": "emulated", "time_scale": 0.001,
+CFG = {"models": ["sd3"], "faults": {"controller_timeout_s": 0.2}, "executor": "emulated", "time_scale": 0.001,
        "cluster": {"nodes": 1, "gpus_per_node": 8},
        "deployments": [{"stage": s, "width": 1, "replicas": 1} for s in ("encode", "diffuse", "decode")],
        "policy": {"name": "greedy", "options": {"replan": False}}}
@@ -34,16 +35,19 @@ def test_a_request_moves_through_its_states_and_ends_once(published):
         ctl = mod.Controller(CFG)  # one replica per stage
         out = await ctl.submit("r", "sd3", Shape(512, 512), 4)
         assert out["counts"] == {"encode-w1": 1, "diffuse-w1": 1, "decode-w1": 1}
-        await ctl.submit("s", "sd3", Shape(512, 512), 4)
+        grant = out["grant"]  # the first stage's grant comes with the answer to submit
+        assert grant.stage == "encode" and grant.deployment == "encode-w1" and grant.batch == 1
+        s = await ctl.submit("s", "sd3", Shape(512, 512), 4)  # waits briefly (the encode replica is busy): no grant
+        assert s["grant"] is None
         state = lambda rid: ctl.progress[rid]["state"]  # noqa: E731
         assert (state("r"), state("s")) == ("encoding", "queued")  # s waits for the encode replica
         seen = []
-        for stage in ("encode", "diffuse", "decode"):
-            await ctl.stage_done(await ctl.acquire("r", stage))
+        for stage in ("diffuse", "decode"):  # each acquire reports the previous stage done
+            grant = await ctl.acquire("r", stage, grant)
             seen.append(state("r"))
-        assert seen == ["diffusing", "decoding", "decoding"]  # each next stage launched at once
+        assert seen == ["diffusing", "decoding"]
         assert state("s") == "encoding"  # launched when r left the encode replica
-        await ctl.finish("r", "done")
+        await ctl.finish("r", "done", grant)  # the last stage's grant rides on finish
         st = await ctl.request_status("r")
         assert st["state"] == "done" and st["stages_done"] == ["encode", "diffuse", "decode"]
         await ctl.finish("r", "done")  # a second report changes nothing
@@ -54,9 +58,8 @@ def test_a_request_moves_through_its_states_and_ends_once(published):
 def test_cancelled_and_timed_out_requests_free_their_gpus_and_are_counted(published):
     async def go():
         ctl = mod.Controller(CFG)
-        for rid in ("c", "t"):
-            await ctl.submit(rid, "sd3", Shape(512, 512), 4)
-        await ctl.acquire("c", "encode")  # holds an encode replica
+        grants = [(await ctl.submit(rid, "sd3", Shape(512, 512), 4))["grant"] for rid in ("c", "t")]
+        assert grants[0].stage == "encode" and grants[1] is None  # c holds the encode replica
         await ctl.finish("c", "cancelled")
         await ctl.finish("t", "timed_out")  # never started
         assert ctl.inflight == {} and ctl.active == {}
@@ -109,7 +112,7 @@ def test_a_policy_that_raises_is_logged_and_the_controller_keeps_serving(publish
         assert "trident_policy_errors_total 1.0" in await ctl.metrics_text()
         monkeypatch.setattr(ctl.policy, "schedule", real)  # the next event schedules it
         grant = await asyncio.wait_for(ctl.acquire("p", "encode"), 2.0)
-        assert grant["deployment"] == "encode-w1"
+        assert grant.deployment == "encode-w1"
     _run(go())
 
 
@@ -123,3 +126,54 @@ def test_a_solver_without_a_solution_in_time_falls_back_to_the_greedy_plan(publi
     assert ctl.plan.groups and ctl.plan.stats["fallback"]
     assert "greedy plan" in ctl.replans[-1]["reason"]
     assert sum(published.values()) >= 3 and all(published[d] >= 1 for d in published)
+
+
+def test_grants_name_the_registered_replica_and_groups_wait_for_one(published):
+    async def go():
+        ctl = mod.Controller(CFG)
+        await ctl.register("rep-e", "encode-w1", "node-a", ["0"])
+        out = await ctl.submit("r", "sd3", Shape(512, 512), 4)
+        assert out["grant"].replica_id == "rep-e"
+        # no diffuse replica registered yet: its group is not ready, the request waits
+        waiting = asyncio.ensure_future(ctl.acquire("r", "diffuse", out["grant"]))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and ctl.broker.waiters
+        await ctl.register("rep-d", "diffuse-w1", "node-b", ["1"])
+        grant = await asyncio.wait_for(waiting, 1.0)
+        assert grant.replica_id == "rep-d" and grant.deployment == "diffuse-w1"
+        st = await ctl.status()
+        assert {r["replica_id"] for r in st["replicas"]["replicas"]} == {"rep-e", "rep-d"}
+        assert {g["replica"] for g in st["plan"]} >= {"rep-e", "rep-d"}
+        # the granted replica is gone: the same launch moves to another replica of its deployment
+        await ctl.register("rep-d2", "diffuse-w1", "node-b", ["2"])
+        await ctl.deregister("rep-d")
+        again = await asyncio.wait_for(ctl.regrant(grant), 1.0)
+        assert again.replica_id == "rep-d2" and again.batch_id == grant.batch_id
+        await ctl.register("rep-d", "diffuse-w1", "node-b", ["1"])  # a late heartbeat does not revive it
+        assert "rep-d" not in ctl.broker.registry.replicas
+    _run(go())
+
+
+def test_a_missed_heartbeat_drops_the_replica_and_a_restart_rebuilds_the_registry(published):
+    async def go():
+        ctl = mod.Controller(CFG)
+        await ctl.register("rep-e", "encode-w1", "node-a")
+        reg = ctl.broker.registry
+        reg.replicas["rep-e"].last_seen -= 100
+        assert reg.expire(mod.time.monotonic()) == ["rep-e"] and not reg.replicas
+        fresh = mod.Controller(CFG)  # restarted: empty until the next heartbeats
+        assert not fresh.broker.registry.enabled
+        await fresh.register("rep-e2", "encode-w1", "node-a")
+        assert fresh.broker.registry.enabled and "rep-e2" in fresh.broker.registry.replicas
+    _run(go())
+
+
+def test_default_slo_is_one_definition_for_admission_and_dispatch(published):
+    from trident_rs.request import GenerationParams
+    from trident_rs.serve.admission import Admission
+    from trident_rs.serve.config import AppConfig
+
+    ctl = mod.Controller(CFG)
+    params = GenerationParams(model="sd3", prompt="x", height=512, width=512, steps=4).resolved()
+    adm = Admission.from_config(AppConfig.parse(CFG))
+    assert adm.slo(params) == pytest.approx(ctl._default_slo("sd3", params.shape, 4))

@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from trident_rs.serve.app import build_app
-from trident_rs.serve.local import private_serve  # noqa: E402
+from trident_rs.devtools.local import private_serve  # noqa: E402
 
 EMU_ARGS = {
     "models": ["sd3", "cogvideox"],

@@ -16,8 +16,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from trident_rs.serve.app import build_app  # noqa: E402
-from trident_rs.serve.chaos import kill_replica, replica_actors  # noqa: E402
-from trident_rs.serve.local import private_serve  # noqa: E402
+from trident_rs.devtools.chaos import kill_replica, replica_actors  # noqa: E402
+from trident_rs.devtools.local import private_serve  # noqa: E402
 
 APP = "faults"
 KEY = {"Authorization": "Bearer s3cret"}

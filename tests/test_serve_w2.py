@@ -88,7 +88,7 @@ def test_serve_width2_image_equals_width1():
     from trident_rs.pipeline_runner import generate
     from trident_rs.request import GenerationParams
     from trident_rs.serve.app import build_app
-    from trident_rs.serve.local import private_serve
+    from trident_rs.devtools.local import private_serve
 
     ensure_tiny_model("tiny-sd3")  # built once, before three replicas race for it
     with private_serve(num_gpus=2) as port:

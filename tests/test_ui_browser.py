@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from trident_rs.serve.app import build_app  # noqa: E402
-from trident_rs.serve.local import free_port, private_serve  # noqa: E402
+from trident_rs.devtools.local import free_port, private_serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -233,10 +233,12 @@ def run_generation(api: Api, body: dict, poll_s: float = 0.3) -> Iterator[tuple[
 
 # -- the app -------------------------------------------------------------------------------------------
 def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport | None = None,
-          api_key: str | None = None):
+          api_key: str | None = None, status_url: str | None = None):
+    """`status_url`: the server whose plan the right-hand panel shows (default: `api_url`)."""
     import gradio as gr
 
     api = Api(api_url, transport=transport, api_key=api_key)
+    status_api = api if not status_url else Api(status_url, transport=transport, api_key=api_key)
     try:
         models = {m["id"]: m for m in api.models()}
     except httpx.HTTPError:
@@ -257,7 +259,7 @@ def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport |
 
     def refresh():
         try:
-            st = api.status()
+            st = status_api.status()
         except httpx.HTTPError as e:
             return None, f"<div id='plan-panel'>server unreachable: {html.escape(str(e))}</div>", None
         history.add(st)
@@ -269,7 +271,8 @@ def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport |
     first = names[0]
     size0, steps0, frames0 = (u["value"] if isinstance(u, dict) else None for u in defaults(first))
     with gr.Blocks(title="trident_rs") as demo:
-        gr.Markdown(f"## trident_rs: stage-level serving of diffusion pipelines\nServer: `{api.base_url}`")
+        where = f"Server: `{api.base_url}`" + (f"; plan and queues of `{status_api.base_url}`" if status_url else "")
+        gr.Markdown(f"## trident_rs: stage-level serving of diffusion pipelines\n{where}")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="prompt", value="a lighthouse at dusk", elem_id="prompt")
@@ -300,13 +303,14 @@ def build(api_url: str, refresh_s: float = 2.0, transport: httpx.BaseTransport |
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--api", default="http://127.0.0.1:8000", help="trident_rs server (with any route prefix)")
+    ap.add_argument("--status-api", default=None, help="server whose plan and queues the panel shows (default: --api)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--refresh-s", type=float, default=2.0)
     ap.add_argument("--api-key", default=os.environ.get("TRIDENT_API_KEY"),
                     help="bearer token for a server with API keys (default: $TRIDENT_API_KEY)")
     args = ap.parse_args(argv)
-    build(args.api, args.refresh_s, api_key=args.api_key).queue().launch(server_name=args.host, server_port=args.port,
+    build(args.api, args.refresh_s, api_key=args.api_key, status_url=args.status_api).queue().launch(server_name=args.host, server_port=args.port,
                                                    show_error=True)
     return 0
 

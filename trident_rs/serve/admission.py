@@ -19,30 +19,41 @@ from typing import Any
 from trident_rs.errors import OverloadedError
 
 
-def cost_estimator(cfg: Any) -> Callable[[Any], float]:
-    """params -> predicted seconds for all stages at width 1 (cost model, else the fallback)."""
+def cost_estimator(cfg: Any) -> tuple[Callable[[Any], float], Callable[[Any], float]]:
+    """(params -> predicted seconds for all stages at width 1, params -> the request's SLO in
+    seconds): the cost model (else the fallback), and the SLO the controller dispatches on
+    (`trident_rs.serve.slo`), both on the served clock."""
     from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
+    from trident_rs.serve.slo import clock_scale, request_slo_s
     from trident_rs.vocab import STAGES
 
     cost: Any = "unloaded"
-    scale = cfg.time_scale if cfg.executor == "emulated" else 1.0
+    scale = clock_scale(cfg)
 
-    def estimate(params: Any) -> float:
+    def model() -> Any:
         nonlocal cost
         if cost == "unloaded":  # the controller warns when there is none
             cost = default_cost_model()
-        return scale * sum(predict_stage_s(cost, params.model, s, params.shape, 1, 1, params.steps or 1)
+        return cost
+
+    def estimate(params: Any) -> float:
+        return scale * sum(predict_stage_s(model(), params.model, s, params.shape, 1, 1, params.steps or 1)
                            for s in STAGES)
 
-    return estimate
+    def slo(params: Any) -> float:
+        return request_slo_s(model(), params, scale=cfg.slo_scale, clock=scale)
+
+    return estimate, slo
 
 
 class Admission:
     def __init__(self, max_queue: int, mode: str = "best_effort", servers: int = 1,
                  estimate: Callable[[Any], float] | None = None, slo_scale: float = 4.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, slo: Callable[[Any], float] | None = None):
+        """`slo(params)`: the request's SLO in seconds (the controller's definition, see
+        `trident_rs.serve.slo`); without it, `slo_ms` else `slo_scale` × `estimate(params)`."""
         self.max_queue, self.mode, self.servers = max_queue, mode, max(1, servers)
-        self.estimate, self.slo_scale, self.clock = estimate, slo_scale, clock
+        self.estimate, self.slo_scale, self.clock, self.slo = estimate, slo_scale, clock, slo
         self.held: dict[str, tuple[str, float]] = {}  # rid -> (model, predicted work s)
         self.per_model: dict[str, int] = {}
         self.work_s = 0.0  # predicted work of everything held (all models share the GPUs)
@@ -52,7 +63,8 @@ class Admission:
     def from_config(cls, cfg: Any) -> "Admission":
         lim = cfg.limits
         servers = lim.admission_servers or sum(d.replicas for d in cfg.deployments if d.stage == "diffuse")
-        return cls(lim.max_queue_per_model, lim.admission, servers, cost_estimator(cfg), cfg.slo_scale)
+        estimate, slo = cost_estimator(cfg)
+        return cls(lim.max_queue_per_model, lim.admission, servers, estimate, cfg.slo_scale, slo=slo)
 
     def queued(self, model: str) -> int:
         return self.per_model.get(model, 0)
@@ -78,7 +90,10 @@ class Admission:
                                   "retry later", self._retry_after(model))
         own = self.estimate(params) if self.estimate is not None else 0.0
         if self.mode == "reject" and self.estimate is not None:
-            slo_s = params.slo_ms / 1000.0 if params.slo_ms else self.slo_scale * own
+            if self.slo is not None:
+                slo_s = self.slo(params)
+            else:
+                slo_s = params.slo_ms / 1000.0 if params.slo_ms else self.slo_scale * own
             predicted = own + (self.work_s + own * (len(rids) - 1)) / self.servers
             if predicted > slo_s:
                 self.stats["rejected_slo"] += 1

@@ -5,7 +5,8 @@
     serve.run(build_app({"executor": "emulated", ...}))
 
 The graph: Ingress -> Controller, Ingress -> one StageDeployment per (stage, width); every
-stage replica also holds the Controller handle to report finished stages.
+stage replica also holds the Controller handle, to register itself and heartbeat (never on a
+request's path).
 """
 from __future__ import annotations
 

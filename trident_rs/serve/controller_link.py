@@ -10,7 +10,11 @@ spreads them over that deployment's replicas. A request keeps the path it starte
 that a request whose controller dies mid-way (or which a restarted controller no longer knows)
 finishes on the last plan. After `controller_probe_s` the next submit tries the controller again.
 
-Grants made here have `launch_id: None`: replicas do not report them to the controller.
+Grants made here (`Grant.on_last_plan`) have no batch id and name no replica; the controller is
+never told of them. Calls on a request's path: `submit` (which brings the first stage's grant when
+the policy launches it at once), one `acquire` per later stage (carrying the previous stage's
+grant: that is how the controller learns it is done), and `finish` (carrying the last grant),
+which is sent without waiting for the answer.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any
 
 from trident_rs.errors import UnknownRequestError
 from trident_rs.request import GenerationParams, RequestState
+from trident_rs.serve.grant import Grant
 from trident_rs.serve.stage_retry import is_replica_failure
 from trident_rs.vocab import Shape, Stage
 
@@ -42,7 +47,9 @@ class ControllerLink:
         self.routes: OrderedDict[tuple[str, Shape, str], str] = OrderedDict()
         self.down_until: float | None = None
         self.local: set[str] = set()  # requests being dispatched here, not by the controller
-        self.stats = {"controller_failures": 0, "local_requests": 0, "local_grants": 0}
+        self.stats = {"controller_failures": 0, "local_requests": 0, "local_grants": 0, "regrants": 0}
+        self.first: dict[str, Grant] = {}  # rid -> first stage's grant, brought by submit
+        self._pending: set[asyncio.Task] = set()  # finish calls not waited for
 
     @property
     def up(self) -> bool:
@@ -68,6 +75,8 @@ class ControllerLink:
                     self.handle.submit.remote(rid, params.model, params.shape, params.steps, params.slo_ms),
                     self.timeout_s)
                 self.counts = dict(out.get("counts") or self.counts)
+                if out.get("grant") is not None:
+                    self.first[rid] = out["grant"]
                 self.down_until = None
                 return
             except Exception as e:  # noqa: BLE001 - sorted just below
@@ -78,16 +87,15 @@ class ControllerLink:
         self._go_local(rid)
 
     async def acquire(self, rid: str, stage: Stage, params: GenerationParams,
-                      watch: Callable[[Awaitable], Awaitable]) -> dict:
-        """The grant for `stage` of `rid`: the controller's, or one from the last plan."""
+                      watch: Callable[[Awaitable], Awaitable], done: Grant | None = None) -> Grant:
+        """The grant for `stage` of `rid`: the controller's, or one from the last plan. `done`:
+        the grant of the stage just finished, reported to the controller on the same call."""
         if rid not in self.local:
             try:
-                grant = await watch(self.handle.acquire.remote(rid, stage))
-                key = (params.model, params.shape, stage)
-                self.routes[key] = grant["deployment"]
-                self.routes.move_to_end(key)
-                if len(self.routes) > MAX_ROUTES:
-                    self.routes.popitem(last=False)
+                grant = self.first.pop(rid, None)
+                if grant is None or grant.stage != stage:
+                    grant = await watch(self.handle.acquire.remote(rid, stage, done))
+                self._remember(params, stage, grant)
                 return grant
             except Exception as e:  # noqa: BLE001 - sorted just below
                 if isinstance(e, UnknownRequestError):  # a restarted controller: it lost our request
@@ -99,18 +107,55 @@ class ControllerLink:
                 self._go_local(rid)
         return self.local_grant(rid, stage, params)
 
-    async def finish(self, rid: str, state: RequestState) -> None:
+    def _remember(self, params: GenerationParams, stage: Stage, grant: Grant) -> None:
+        key = (params.model, params.shape, stage)
+        self.routes[key] = grant.deployment
+        self.routes.move_to_end(key)
+        if len(self.routes) > MAX_ROUTES:
+            self.routes.popitem(last=False)
+
+    async def regrant(self, rid: str, grant: Grant, watch: Callable[[Awaitable], Awaitable],
+                      here: str | None = None) -> Grant:
+        """`grant`'s replica refused the call (it is not the granted one, which is gone): ask the
+        controller for the same launch on another replica; on the last plan, any replica."""
+        self.stats["regrants"] += 1
+        if grant.local or rid in self.local:
+            return Grant.on_last_plan(rid, grant.stage, grant.deployment, grant.width)
+        try:
+            return await watch(self.handle.regrant.remote(grant, here))
+        except Exception as e:  # noqa: BLE001 - sorted just below
+            if not (isinstance(e, UnknownRequestError) or is_replica_failure(e)):
+                raise
+            if is_replica_failure(e):
+                self._down(e)
+            self._go_local(rid)
+            return Grant.on_last_plan(rid, grant.stage, grant.deployment, grant.width)
+
+    def finish(self, rid: str, state: RequestState, done: Grant | None = None) -> None:
+        """Report the end (and `done`, the last stage's grant); not waited for."""
+        self.first.pop(rid, None)
         if rid in self.local:
             self.local.discard(rid)
             return
         try:
-            await self.handle.finish.remote(rid, state.value)
+            resp = self.handle.finish.remote(rid, state.value, None if done is None or done.local else done)
         except Exception as e:  # noqa: BLE001 - a dead controller forgets the request anyway
-            if not is_replica_failure(e):
-                raise
-            self._down(e)
+            logger.warning("could not report the end of %s: %s", rid, type(e).__name__)
+            return
+        task = asyncio.get_running_loop().create_task(self._await_finish(resp))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
-    def stage_retry(self, rid: str, grant: dict, attempt: int, error: BaseException) -> None:
+    async def _await_finish(self, resp: Any) -> None:
+        try:
+            await resp
+        except Exception as e:  # noqa: BLE001 - a dead controller forgets the request anyway
+            if is_replica_failure(e):
+                self._down(e)
+            else:
+                logger.warning("finish was refused: %s", e)
+
+    def stage_retry(self, rid: str, grant: Grant, attempt: int, error: BaseException) -> None:
         """Tell the controller (fire and forget) that a stage is being re-run."""
         if rid not in self.local and self.up:
             self.handle.stage_retry.remote(grant, attempt, type(error).__name__)
@@ -122,7 +167,7 @@ class ControllerLink:
             pass
 
     # -- dispatch without the controller ------------------------------------------------------------
-    def local_grant(self, rid: str, stage: Stage, params: GenerationParams) -> dict:
+    def local_grant(self, rid: str, stage: Stage, params: GenerationParams) -> Grant:
         """Where the last plan ran this request class's `stage`; else the stage's most-replicated
         deployment (ties: the narrower)."""
         name = self.routes.get((params.model, params.shape, stage))
@@ -130,8 +175,7 @@ class ControllerLink:
             names = [n for n, (s, _) in self.deployments.items() if s == stage]
             name = max(names, key=lambda n: (self.counts.get(n, 0), -self.deployments[n][1]))
         self.stats["local_grants"] += 1
-        return {"request_id": rid, "stage": stage, "deployment": name, "width": self.deployments[name][1],
-                "launch_id": None, "batch": 1, "local": True}
+        return Grant.on_last_plan(rid, stage, name, self.deployments[name][1])
 
     def snapshot(self) -> dict:
         return {"controller_up": self.up, "local_in_flight": len(self.local), "last_counts": dict(self.counts),

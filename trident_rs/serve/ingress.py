@@ -1,8 +1,9 @@
 """The HTTP ingress (FastAPI on Serve): OpenAI-compatible images/videos, native generate, models.
 
 For each generation it validates (`GenerationParams.resolved()`: typed errors -> 4xx JSON),
-admits it (bounded queue, 429), tells the controller of the arrival, then for each stage asks
-the controller for a grant and calls that stage's deployment with the *ObjectRef of the previous
+admits it (bounded queue, 429), tells the controller of the arrival (the answer brings the first
+stage's grant), then for each later stage asks the controller for a grant (reporting the stage
+just done on the same call) and calls the granted replica of that stage's deployment with the *ObjectRef of the previous
 stage's output*: embeddings and latents go stage to stage through the object store and only
 the decoded frames come back here. A stage whose replica dies is re-run from that ref
 (`stage_retry`); while the controller is down, grants come from the last plan
@@ -11,6 +12,7 @@ the decoded frames come back here. A stage whose replica dies is re-run from tha
 """
 import asyncio
 import base64
+import dataclasses
 import functools
 import json
 import time
@@ -35,6 +37,7 @@ from trident_rs.serve.admission import Admission
 from trident_rs.serve.cancellation import Inflight, RequestCancelled
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.controller_link import ControllerLink
+from trident_rs.serve.grant import Grant, is_wrong_replica
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 from trident_rs.serve.stage_retry import is_replica_failure, run_stage
 from trident_rs.vocab import STAGES, error_body
@@ -171,8 +174,9 @@ class Ingress:
         t0 = time.perf_counter()
         self.admission.admit(rid, params)  # OverloadedError -> 429 + Retry-After; no-op if already held
         state = RequestState.FAILED
+        last: list[Grant | None] = [None]  # the grant of the last stage that ran to completion
         try:
-            result = await asyncio.wait_for(self._stages(rid, params), self.cfg.limits.request_timeout_s)
+            result = await asyncio.wait_for(self._stages(rid, params, last), self.cfg.limits.request_timeout_s)
             result.meta["latency_s"] = time.perf_counter() - t0
             state = RequestState.DONE
             return result
@@ -187,25 +191,50 @@ class Ingress:
         finally:
             self.inflight.end(rid, state is RequestState.DONE)  # otherwise cancel what is still pending
             self.admission.release(rid)
-            await asyncio.shield(self.link.finish(rid, state))
+            self.link.finish(rid, state, last[0])  # sent, not waited for
 
-    async def _stages(self, rid: str, params: GenerationParams) -> StagePayload:
-        """Encode, diffuse, decode: each stage where its grant says, re-run if its replica dies."""
-        faults = self.cfg.faults
+    async def _stages(self, rid: str, params: GenerationParams, last: list) -> StagePayload:
+        """Encode, diffuse, decode: each stage where its grant says, re-run if its replica dies.
+        Each acquire carries the previous stage's grant: that is how the controller hears it is done."""
         await self.link.submit(rid, params)
         out: Any = StagePayload(params, {}, {"request_id": rid})
         retries = 0
         watch = functools.partial(self.inflight.watch, rid)  # awaits that the cancel endpoint can interrupt
         for stage in STAGES:
-            grant = await self.link.acquire(rid, stage, params, watch)
-            out, n = await run_stage(
-                lambda prev=out, g=grant: self.inflight.add(rid, self.stages[g["deployment"]].run.remote(prev, g)),
-                watch, stage=stage, last=stage == STAGES[-1],
-                retries=faults.stage_retries, backoff_s=faults.retry_backoff_s,
-                on_retry=lambda attempt, e, g=grant: self.link.stage_retry(rid, g, attempt, e))
+            grant = await self.link.acquire(rid, stage, params, watch, done=last[0])
+            last[0] = None
+            out, n, grant = await self._run_stage(rid, stage, grant, out, watch)
+            last[0] = grant
             retries += n
         out.meta["retries"] = retries
         return out
+
+    async def _run_stage(self, rid: str, stage: str, grant: Grant, prev: Any, watch: Any) -> tuple[Any, int, Grant]:
+        """One stage on its granted replica, granted again if that replica is gone before the
+        call reaches it; re-run if it dies while running (on the deployment's least busy replica:
+        the controller stops binding the dead one). Returns (output, re-runs, grant)."""
+        faults = self.cfg.faults
+        reruns = 0
+
+        def on_retry(attempt: int, e: BaseException, g: Grant) -> None:
+            nonlocal reruns
+            reruns += 1
+            self.link.stage_retry(rid, g, attempt, e)
+
+        while True:
+            try:
+                out, _ = await run_stage(
+                    lambda g=grant: self.inflight.add(rid, self.stages[g.deployment].run.remote(
+                        prev, g if not reruns else dataclasses.replace(g, replica_id=None))),
+                    watch, stage=stage, last=stage == STAGES[-1],
+                    retries=max(0, faults.stage_retries - reruns), backoff_s=faults.retry_backoff_s,
+                    on_retry=lambda attempt, e, g=grant: on_retry(attempt, e, g))
+                return out, reruns, grant
+            except Exception as e:  # noqa: BLE001 - sorted just below
+                if not is_wrong_replica(e):
+                    raise
+                here = getattr(getattr(e, "cause", None), "here", None) or getattr(e, "here", None)
+                grant = await self.link.regrant(rid, grant, watch, here)
 
     # -- OpenAI-compatible endpoints ------------------------------------------------------------------
     @api.post("/v1/images/generations")

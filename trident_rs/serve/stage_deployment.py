@@ -7,7 +7,16 @@ A width-k replica reserves k GPUs (`placement_group_bundles=[{"GPU": 1}] * k`, S
 With real executors it runs each request on them with xfuser: the replica itself holds no GPU
 (`num_gpus: 0`, it sits in bundle 0) and its executor starts k rank actors, rank r in bundle r.
 With emulated executors the bundles are only the reservation.
-When a payload is done the replica tells the controller, which frees the grant.
+
+Calls carry the controller's `Grant`. The stage's router sends a granted call to the replica the
+grant names (`trident_rs.serve.routing`); a replica that gets a call granted to another one
+refuses it (`WrongReplicaError`: the ingress has it granted again), so it never runs silently
+elsewhere. A launch of `batch` > 1 requests is gathered by its batch id and run as one executor
+batch as soon as all its members are here (at most `batch_wait_s`, at least 50 ms, after the
+first); a launch of one runs at once. Calls without a grant go through `@serve.batch`.
+Replicas never call the controller on a request's path: the ingress reports finished stages.
+They register with it when they start (replica id, Ray node, GPU ids), heartbeat every
+`HEARTBEAT_S`, and deregister when Serve stops them (`trident_rs.serve.registry`).
 """
 from __future__ import annotations
 
@@ -23,6 +32,8 @@ from ray.serve.handle import DeploymentHandle
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
 from trident_rs.serve.config import AppConfig, StageDeploymentConfig
+from trident_rs.serve.grant import Grant, WrongReplicaError
+from trident_rs.serve.registry import FIRST_REGISTER_S, HEARTBEAT_S
 from trident_rs.serve.routing import ROUTER_CLASS
 from trident_rs.serve.scaling import autoscaling_config
 from trident_rs.vocab import DeploymentKey, Stage
@@ -75,7 +86,8 @@ class StageReplica:
         self.stage = stage
         self.width = width
         self.controller = controller
-        dep = self.config.deployment(DeploymentKey(stage, width).name)
+        self.name = DeploymentKey(stage, width).name
+        dep = self.config.deployment(self.name)
         kind = self.config.executor_kind(dep)
         self.executors: dict[str, StageExecutor] = {
             m: build_executor(kind, m, stage, **_executor_options(self.config, m, dep))
@@ -83,27 +95,89 @@ class StageReplica:
         }
         self._run_batch.set_max_batch_size(dep.max_batch)
         self._run_batch.set_batch_wait_timeout_s(dep.batch_wait_s)
+        self.gather_s = max(dep.batch_wait_s, 0.05)
+        self.batches: dict[int, tuple[list[tuple[StagePayload, asyncio.Future]], asyncio.TimerHandle | None]] = {}
+        self.replica_id, self.node_id, self.gpu_ids = _whoami()
+        self._heartbeat: asyncio.Task | None = None
+        if controller is not None and self.replica_id is not None:
+            try:
+                self._heartbeat = asyncio.get_running_loop().create_task(self._register_loop())
+            except RuntimeError:  # no event loop (a plain constructor call in a test)
+                self._heartbeat = None
 
-    async def run(self, payload: StagePayload, grant: dict | None = None) -> StagePayload:
+    async def _register_loop(self) -> None:
+        """Register (once Serve's routers can reach this replica) and heartbeat: a restarted
+        controller relearns this replica within one beat."""
+        await asyncio.sleep(FIRST_REGISTER_S)
+        while True:
+            try:
+                await asyncio.wait_for(self.controller.register.remote(
+                    self.replica_id, self.name, self.node_id, list(self.gpu_ids)), self.config.faults.controller_timeout_s)
+            except Exception as e:  # noqa: BLE001 - the controller is restarting: the next beat
+                logger.info("could not register with the controller: %s", type(e).__name__)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def __del__(self) -> None:
+        """Serve stops this replica: leave the registry (a missed heartbeat would do it too)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self.controller is not None and self.replica_id is not None:
+            try:
+                await asyncio.wait_for(self.controller.deregister.remote(self.replica_id), 2.0)
+            except Exception:  # noqa: BLE001 - it will expire
+                pass
+
+    async def run(self, payload: StagePayload, grant: Grant | None = None) -> StagePayload:
         """Run this stage on one payload; `grant` is the controller's dispatch decision."""
-        try:
-            return await self._run_batch(payload)
-        finally:
-            if grant is not None and grant.get("launch_id") is not None and self.controller is not None:
-                await self._report_done(grant)
+        if grant is None or getattr(grant, "batch_id", None) is None:
+            return await self._run_batch(payload)  # no launch to follow: Serve's batching
+        if grant.replica_id is not None and self.replica_id is not None and grant.replica_id != self.replica_id:
+            raise WrongReplicaError(grant, self.replica_id)
+        if grant.batch <= 1:
+            return self._one(await self._execute([payload]), 0)
+        return await self._gather(payload, grant)
 
-    async def _report_done(self, grant: dict) -> None:
-        """Tell the controller before answering (so it frees the grant before the request's end
-        is reported), but never wait longer than `faults.controller_timeout_s` for a controller
-        that is restarting. Grants the ingress made itself (`launch_id` None) are not reported."""
-        try:
-            await asyncio.wait_for(self.controller.stage_done.remote(grant), self.config.faults.controller_timeout_s)
-        except Exception as e:  # noqa: BLE001 - the controller is down: it has forgotten the grant anyway
-            logger.warning("could not report %s of %s to the controller: %s", grant["stage"],
-                           grant["request_id"], type(e).__name__)
+    async def _gather(self, payload: StagePayload, grant: Grant) -> StagePayload:
+        """Wait for the other members of the launch, then run it as one batch."""
+        fut = asyncio.get_running_loop().create_future()
+        members, timer = self.batches.get(grant.batch_id, ([], None))
+        members.append((payload, fut))
+        if timer is None:
+            timer = asyncio.get_running_loop().call_later(self.gather_s, self._launch, grant.batch_id)
+        self.batches[grant.batch_id] = (members, timer)
+        if len(members) >= grant.batch:
+            self._launch(grant.batch_id)
+        return await fut
+
+    def _launch(self, batch_id: int) -> None:
+        members, timer = self.batches.pop(batch_id, ([], None))
+        if timer is not None:
+            timer.cancel()
+        if members:
+            asyncio.get_running_loop().create_task(self._run_members(members))
+
+    async def _run_members(self, members: list[tuple[StagePayload, asyncio.Future]]) -> None:
+        results = await self._execute([p for p, _ in members])
+        for (_, fut), r in zip(members, results):
+            if fut.done():
+                continue
+            if isinstance(r, Exception):
+                fut.set_exception(r)
+            else:
+                fut.set_result(r)
+
+    @staticmethod
+    def _one(results: list, i: int) -> StagePayload:
+        if isinstance(results[i], Exception):
+            raise results[i]
+        return results[i]
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _run_batch(self, payloads: list[StagePayload]) -> list[StagePayload | Exception]:
+        return await self._execute(payloads)
+
+    async def _execute(self, payloads: list[StagePayload]) -> list[StagePayload | Exception]:
+        """Run payloads as same-shape executor batches in a worker thread (the event loop stays free)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(payloads):
             groups[(p.params.model, p.params.shape, p.params.steps)].append(i)
@@ -119,7 +193,7 @@ class StageReplica:
             for i, r in zip(idx, results):
                 if isinstance(r, StagePayload):
                     r.meta[f"{self.stage}_wall_s"] = took
-                    r.meta[f"{self.stage}_deployment"] = DeploymentKey(self.stage, self.width).name
+                    r.meta[f"{self.stage}_deployment"] = self.name
                     r.meta[f"{self.stage}_batch"] = len(batch)
                 out[i] = r
         return out
@@ -131,6 +205,17 @@ class StageReplica:
             check = getattr(executor, "check_health", None)
             if check is not None:
                 check()
+
+
+def _whoami() -> tuple[str | None, str, tuple[str, ...]]:
+    """(Serve replica id, Ray node id, GPU ids) of this replica; (None, "", ()) outside Serve."""
+    try:
+        import ray
+
+        rid = serve.get_replica_context().replica_id.unique_id
+        return rid, ray.get_runtime_context().get_node_id(), tuple(str(g) for g in ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - not in a replica (tests build the class directly)
+        return None, "", ()
 
 
 def stage_options(cfg: AppConfig, dep: StageDeploymentConfig) -> dict[str, Any]:
