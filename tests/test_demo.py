@@ -17,12 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens there (connections closed by the server may still sit in TIME_WAIT, which
+    does not keep a new server from binding with SO_REUSEADDR, as uvicorn and Ray do)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
-            return True
         except OSError:
             return False
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _procs_mentioning(needle: str) -> list[int]:
@@ -69,6 +74,7 @@ def test_sigterm_stops_everything_and_serve_status_works_meanwhile(tmp_path):
             proc.kill()
     time.sleep(1.0)
     assert _procs_mentioning(f"--port={gcs}") == []  # the Ray head (`ray start --block`) is gone
+    assert _procs_mentioning(f"127.0.0.1:{gcs}") == []  # and every Ray process of that cluster
     assert _procs_mentioning(str(tmp_path / "demo-config.yaml")) == []  # `serve run` is gone
     for port in (gcs, int(dash.group(2)), http):
         assert _port_free(port), f"port {port} still taken"
