@@ -177,3 +177,35 @@ def test_default_slo_is_one_definition_for_admission_and_dispatch(published):
     params = GenerationParams(model="sd3", prompt="x", height=512, width=512, steps=4).resolved()
     adm = Admission.from_config(AppConfig.parse(CFG))
     assert adm.slo(params) == pytest.approx(ctl._default_slo("sd3", params.shape, 4))
+
+
+def test_a_reshape_is_rolled_out_decreases_first_then_the_widest_deployments(published, monkeypatch):
+    from trident_rs.policy.types import PlacementPlan, ReplicaGroup
+    from trident_rs.serve import broker as bmod
+
+    cfg = {**CFG, "cluster": {"nodes": 2, "gpus_per_node": 8},
+           "deployments": [{"stage": "encode"}, {"stage": "decode"},
+                           *({"stage": "diffuse", "width": w, "replicas": int(w == 1)} for w in (1, 4, 8))]}
+    ctl = mod.Controller(cfg)
+    b, reg = ctl.broker, ctl.broker.registry
+    for i, d in enumerate(("encode-w1", "decode-w1", "diffuse-w1")):
+        reg.register(f"r{i}", d, "n0", (), mod.time.monotonic())
+    b.roll()
+    g = lambda gid, stage, w, node, first: ReplicaGroup(gid, "sd3", (stage,), w, node,  # noqa: E731
+                                                        tuple(range(first, first + w)))
+    plan = PlacementPlan((g("e", "encode", 1, 0, 0), g("d", "decode", 1, 0, 1), g("w4", "diffuse", 4, 0, 4),
+                          g("w8", "diffuse", 8, 1, 0)))
+    b.publish(plan, "test")  # diffuse-w1 1 -> 0, w4 0 -> 1, w8 0 -> 1
+    assert published["diffuse-w1"] == 0 and published["diffuse-w8"] == 0 and published["diffuse-w4"] == 0
+    b.roll()
+    assert published["diffuse-w8"] == 0  # the w1 replica has not gone yet
+    reg.deregister("r2")
+    b.roll()
+    assert published["diffuse-w8"] == 1 and published["diffuse-w4"] == 0  # the widest first
+    reg.register("w8a", "diffuse-w8", "n1", (), mod.time.monotonic())
+    b.roll()
+    assert published["diffuse-w4"] == 1 and b.published == b.counts
+    monkeypatch.setattr(bmod, "STEP_WAIT_S", 0.0)  # a step Serve never completes does not block the next
+    b.publish(PlacementPlan(plan.groups[:2]), "shrink")
+    b.roll()
+    assert published["diffuse-w4"] == 0 and published["diffuse-w8"] == 0

@@ -26,6 +26,7 @@ from trident_rs.serve.registry import ReplicaRegistry
 
 logger = logging.getLogger("ray.serve")
 MAX_ENDED = 100_000
+STEP_WAIT_S = 20.0  # a re-shape step waits at most this long for Serve before the next one
 
 
 class Broker:
@@ -37,7 +38,9 @@ class Broker:
         self.cluster = cfg.cluster.to_cluster()
         self.registry = ReplicaRegistry()
         self.plan: PlacementPlan = PlacementPlan(())
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # the plan's counts (the target)
+        self.published: dict[str, int] | None = None  # what Serve is told to run now
+        self._step: tuple[float, dict[str, tuple[int, bool]]] = (0.0, {})  # (since, deployment -> (count, down))
         self.replans: deque[dict] = deque(maxlen=50)
         self._ids = itertools.count()
         self.inflight: dict[int, tuple[Launch, set[str]]] = {}
@@ -60,12 +63,50 @@ class Broker:
         if self.replans and self.metrics is not None:
             self.metrics.replan()
         self.plan, self.counts = plan, counts
-        self._publish_counts(counts)
         self.replans.append({"t": round(self.now(), 3), "wall": time.time(), "reason": reason, "counts": counts})
+        self.roll()
+
+    def roll(self) -> None:
+        """Move the counts Serve runs toward the plan's, in steps that keep nodes from fragmenting:
+        first every decrease, then (once the removed replicas are gone) the increases of the
+        widest deployments, then the next width, each step waiting until its replicas have
+        registered (or `STEP_WAIT_S`). Ray places a wide STRICT_PACK group while whole nodes are
+        still free, and the narrow ones fill what is left, as the plan packed them. Without a
+        replica registry (nothing registered yet, tests), the counts are published at once."""
+        target = self.counts
+        if self.published is None or not self.registry.enabled:
+            if target != self.published:
+                self.published = dict(target)
+                self._publish_counts(dict(target))
+            return
+        live = self.registry.live_counts()
+        pub = dict(self.published)
+        since, awaited = self._step
+        now = time.monotonic()
+        if awaited and now - since < STEP_WAIT_S and any(
+                live.get(d, 0) > n if down else live.get(d, 0) < n for d, (n, down) in awaited.items()):
+            return  # the last step is still under way
+        fewer = {d: n for d, n in target.items() if n < pub.get(d, 0)}
+        if fewer:
+            self._set(pub, fewer, True, now)
+            return
+        more = {d: n for d, n in target.items() if n > pub.get(d, 0)}
+        if more:
+            widest = max(self.cfg.deployment(d).width for d in more)
+            self._set(pub, {d: n for d, n in more.items() if self.cfg.deployment(d).width == widest}, False, now)
+        elif awaited:
+            self._step = (now, {})
+
+    def _set(self, pub: dict[str, int], step: dict[str, int], down: bool, now: float) -> None:
+        pub.update(step)
+        self.published = pub
+        self._step = (now, {d: (n, down) for d, n in step.items()})
+        self._publish_counts(dict(pub))
 
     def keep(self, counts: dict[str, int], reason: str) -> None:
         """Adopt counts published earlier (a restarted controller) until the policy's first plan."""
         self.counts = dict(counts)
+        self.published = dict(counts)
         self.replans.append({"t": 0.0, "wall": time.time(), "reason": reason, "counts": dict(counts)})
 
     def deployment_for(self, stage: Stage, width: int) -> str:

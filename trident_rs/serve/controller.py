@@ -103,6 +103,7 @@ class Controller:
         self.broker = Broker(self.cfg, self.policy, self.now, lambda c: publish_counts(self.app_name, c),
                              on_grant=self.log.granted, metrics=self.log.metrics)
         self._ticker: asyncio.Task | None = None
+        self._slo_cache: dict[tuple, float] = {}
         plan = self.policy.initial_plan(0.0) or PlacementPlan(())
         kept = self._published_counts() if not plan.groups else None
         if kept:  # a restart: keep the running replicas until the policy's first real plan
@@ -163,6 +164,7 @@ class Controller:
             try:
                 if self.broker.registry.expire(time.monotonic(), EXPIRE_S):
                     logger.warning("stage replicas stopped heartbeating; dropped from the registry")
+                self.broker.roll()
                 self.broker.schedule()
             except Exception:
                 logger.exception("policy tick failed")
@@ -173,7 +175,14 @@ class Controller:
         return min(0.1, self.cfg.faults.controller_timeout_s / 4)
 
     def _default_slo(self, model: str, shape: Shape, steps: int) -> float:
-        return default_slo_s(self.cost, model, shape, steps, scale=self.cfg.slo_scale, clock=self.clock_scale)
+        key = (model, shape, steps)
+        slo = self._slo_cache.get(key)
+        if slo is None:
+            if len(self._slo_cache) > 4096:
+                self._slo_cache.clear()
+            slo = self._slo_cache[key] = default_slo_s(self.cost, model, shape, steps, scale=self.cfg.slo_scale,
+                                                       clock=self.clock_scale)
+        return slo
 
     def _collect(self, done: Grant | None) -> None:
         """A stage reported done (riding on the next acquire or on finish)."""
@@ -266,11 +275,22 @@ class Controller:
         self._ensure_ticker()
         if self.broker.registry.register(replica_id, deployment, node_id, gpu_ids or (), time.monotonic()):
             logger.info("stage replica %s of %s registered on node %s", replica_id, deployment, node_id[:12])
+            self.broker.roll()  # the re-shape step may be complete
             self.broker.schedule()  # its group may be ready now
 
     async def deregister(self, replica_id: str) -> None:
         """A stage replica is stopping."""
         self.broker.registry.deregister(replica_id)
+        self.broker.roll()
+
+    async def reshape(self, counts: dict[str, int], reason: str = "operator") -> dict[str, int]:
+        """Run these replica counts (an operator or a benchmark; the policy's next plan replaces
+        them), rolled out as a plan's are. Returns the counts published so far."""
+        self.broker.counts = {d.name: int(counts.get(d.name, 0)) for d in self.cfg.deployments}
+        self.broker.replans.append({"t": round(self.now(), 3), "wall": time.time(), "reason": reason,
+                                    "counts": dict(self.broker.counts)})
+        self.broker.roll()
+        return dict(self.broker.published or {})
 
     # -- views ----------------------------------------------------------------------------------
     async def request_status(self, request_id: str) -> dict | None:

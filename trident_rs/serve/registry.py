@@ -76,6 +76,13 @@ class ReplicaRegistry:
             self.deregister(r)
         return old
 
+    def live_counts(self) -> dict[str, int]:
+        """Registered (running) replicas per deployment."""
+        out: dict[str, int] = {}
+        for info in self.replicas.values():
+            out[info.deployment] = out.get(info.deployment, 0) + 1
+        return out
+
     def live(self, replica_id: str | None) -> bool:
         return replica_id is not None and replica_id in self.replicas
 

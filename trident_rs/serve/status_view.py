@@ -56,6 +56,7 @@ def status(broker: Broker, log: RequestLog, now: float) -> dict:
         "time_s": round(now, 3),
         "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node},
         "counts": dict(broker.counts),
+        "published_counts": dict(broker.published or {}),
         "plan": groups,
         "nodes": nodes,
         "replicas": registry.snapshot(),
