@@ -209,3 +209,20 @@ def test_a_reshape_is_rolled_out_decreases_first_then_the_widest_deployments(pub
     b.publish(PlacementPlan(plan.groups[:2]), "shrink")
     b.roll()
     assert published["diffuse-w4"] == 0 and published["diffuse-w8"] == 0
+
+
+def test_a_wide_replica_that_fits_nowhere_gets_room_from_idle_narrow_ones(published):
+    cfg = {**CFG, "cluster": {"nodes": 2, "gpus_per_node": 8},
+           "deployments": [{"stage": "encode"}, {"stage": "decode"},
+                           *({"stage": "diffuse", "width": w, "replicas": int(w == 1)} for w in (1, 8))]}
+    ctl = mod.Controller(cfg)
+    stopped = []
+    b, reg = ctl.broker, ctl.broker.registry
+    b.evict, b.ray_nodes = stopped.extend, lambda: {"A": 8.0, "B": 8.0}
+    now = mod.time.monotonic()
+    for r, d, n in (("e", "encode-w1", "A"), ("x", "diffuse-w1", "A"), ("d", "decode-w1", "B")):
+        reg.register(r, d, n, (), now)
+    assert b.defrag("diffuse-w8") == ["d"] and stopped == [("decode-w1", "d")]  # B had 7 free: move one
+    assert "d" not in reg.replicas and b.defrags[-1]["for"] == "diffuse-w8"
+    b.ray_nodes = lambda: {"A": 8.0, "B": 8.0, "C": 8.0}
+    assert b.defrag("diffuse-w8") == []  # an empty node: it fits, Ray is still placing it

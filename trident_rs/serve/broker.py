@@ -26,21 +26,27 @@ from trident_rs.serve.registry import ReplicaRegistry
 
 logger = logging.getLogger("ray.serve")
 MAX_ENDED = 100_000
-STEP_WAIT_S = 20.0  # a re-shape step waits at most this long for Serve before the next one
+STEP_WAIT_S = 30.0  # a re-shape step waits at most this long for Serve before the next one
+DEFRAG_AFTER_S = 8.0  # a wide replica still not running this long after its step: make room for it
 
 
 class Broker:
     def __init__(self, cfg: AppConfig, policy: Policy, now: Callable[[], float],
                  publish: Callable[[dict[str, int]], None], on_grant: Callable[[Grant], None] = lambda g: None,
-                 metrics: Any = None):
+                 metrics: Any = None, evict: Callable[[list[tuple[str, str]]], None] | None = None,
+                 ray_nodes: Callable[[], dict[str, float]] | None = None):
+        """`evict([(deployment, replica id)])` stops replicas so that Serve starts them again
+        elsewhere; `ray_nodes()` gives the GPUs of every live Ray node (both None: no defrag)."""
         self.cfg, self.policy, self.now, self._publish_counts = cfg, policy, now, publish
-        self.on_grant, self.metrics = on_grant, metrics
+        self.on_grant, self.metrics, self.evict, self.ray_nodes = on_grant, metrics, evict, ray_nodes
+        self.defrags: list[dict] = []
         self.cluster = cfg.cluster.to_cluster()
         self.registry = ReplicaRegistry()
         self.plan: PlacementPlan = PlacementPlan(())
         self.counts: dict[str, int] = {}  # the plan's counts (the target)
         self.published: dict[str, int] | None = None  # what Serve is told to run now
         self._step: tuple[float, dict[str, tuple[int, bool]]] = (0.0, {})  # (since, deployment -> (count, down))
+        self._defragged = 0
         self.replans: deque[dict] = deque(maxlen=50)
         self._ids = itertools.count()
         self.inflight: dict[int, tuple[Launch, set[str]]] = {}
@@ -83,8 +89,13 @@ class Broker:
         pub = dict(self.published)
         since, awaited = self._step
         now = time.monotonic()
-        if awaited and now - since < STEP_WAIT_S and any(
-                live.get(d, 0) > n if down else live.get(d, 0) < n for d, (n, down) in awaited.items()):
+        short = [d for d, (n, down) in awaited.items() if (live.get(d, 0) > n if down else live.get(d, 0) < n)]
+        if awaited and short and now - since < STEP_WAIT_S:
+            if now - since >= DEFRAG_AFTER_S * (1 + self._defragged) and self._defragged < 2:
+                self._defragged += 1
+                up = [d for d in short if not awaited[d][1]]
+                if up:
+                    self.defrag(max(up, key=lambda d: self.cfg.deployment(d).width))
             return  # the last step is still under way
         fewer = {d: n for d, n in target.items() if n < pub.get(d, 0)}
         if fewer:
@@ -97,7 +108,50 @@ class Broker:
         elif awaited:
             self._step = (now, {})
 
+    def defrag(self, deployment: str) -> list[str]:
+        """A replica of `deployment` (width w, one STRICT_PACK group) does not start: no node has
+        w free GPUs, though narrower replicas scattered over the nodes hold what it needs.
+        Stop the fewest idle narrower replicas on the node that needs the fewest moved (Serve
+        starts them again; the pending wide group takes the freed node first). Returns the
+        replica ids stopped."""
+        if self.evict is None:
+            return []
+        w = self.cfg.deployment(deployment).width
+        try:
+            nodes = dict(self.ray_nodes()) if self.ray_nodes is not None else {}
+        except Exception:  # noqa: BLE001 - no node list: the registry's nodes, at the configured size
+            nodes = {}
+        for node_id in self.registry.nodes:
+            nodes.setdefault(node_id, float(self.cluster.gpus_per_node))
+        busy = {self.registry.bound.get(l.group_id) for l, _ in self.inflight.values() if l.group_id}
+        best: list[tuple[str, str, int]] | None = None
+        for node_id, gpus in nodes.items():
+            here = [(r, i.deployment, self.cfg.deployment(i.deployment).width)
+                    for r, i in self.registry.replicas.items() if i.node_id == node_id]
+            free = gpus - sum(x[2] for x in here)
+            if free >= w:
+                return []  # it fits somewhere: Ray is still placing it
+            movable = sorted((x for x in here if x[2] < w and x[0] not in busy), key=lambda x: x[2])
+            pick: list[tuple[str, str, int]] = []
+            for x in movable:
+                if free >= w:
+                    break
+                pick.append(x)
+                free += x[2]
+            if free >= w and (best is None or sum(x[2] for x in pick) < sum(x[2] for x in best)):
+                best = pick
+        if not best:
+            return []
+        for r, _, _ in best:
+            self.registry.deregister(r)
+        self.evict([(d, r) for r, d, _ in best])
+        self.defrags.append({"t": round(self.now(), 3), "for": deployment, "stopped": [r for r, _, _ in best]})
+        logger.warning("re-shape: %s does not fit on any node; stopped %s to make room", deployment,
+                       [f"{d}/{r}" for r, d, _ in best])
+        return [r for r, _, _ in best]
+
     def _set(self, pub: dict[str, int], step: dict[str, int], down: bool, now: float) -> None:
+        self._defragged = 0
         pub.update(step)
         self.published = pub
         self._step = (now, {d: (n, down) for d, n in step.items()})

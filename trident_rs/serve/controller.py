@@ -88,6 +88,14 @@ def _policy_options(cfg: AppConfig, cost: Any) -> dict[str, Any]:
     return options
 
 
+def _ray_gpu_nodes() -> dict[str, float]:
+    """GPUs of every live Ray node that has any."""
+    import ray
+
+    return {n["NodeID"]: float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes()
+            if n.get("Alive") and n.get("Resources", {}).get("GPU", 0.0) > 0}
+
+
 class Controller:
     def __init__(self, config: dict):
         self.cfg = AppConfig.parse(config)
@@ -101,7 +109,8 @@ class Controller:
         self.t0 = time.monotonic()
         self.log = RequestLog(ServeMetrics())
         self.broker = Broker(self.cfg, self.policy, self.now, lambda c: publish_counts(self.app_name, c),
-                             on_grant=self.log.granted, metrics=self.log.metrics)
+                             on_grant=self.log.granted, metrics=self.log.metrics, evict=self._evict,
+                             ray_nodes=_ray_gpu_nodes)
         self._ticker: asyncio.Task | None = None
         self._slo_cache: dict[tuple, float] = {}
         plan = self.policy.initial_plan(0.0) or PlacementPlan(())
@@ -139,6 +148,17 @@ class Controller:
     @property
     def progress(self) -> dict:
         return self.log.progress
+
+    def _evict(self, replicas: list[tuple[str, str]]) -> None:
+        """Stop these (deployment, replica id) so that Serve starts them again (re-shape defrag)."""
+        import ray
+
+        for deployment, replica_id in replicas:
+            name = f"SERVE_REPLICA::{self.app_name}#{deployment}#{replica_id}"
+            try:
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            except Exception as e:  # noqa: BLE001 - gone already
+                logger.info("could not stop %s: %s", name, e)
 
     # -- time ----------------------------------------------------------------------------------
     def now(self) -> float:

@@ -72,5 +72,6 @@ def status(broker: Broker, log: RequestLog, now: float) -> dict:
         "latency_s": percentiles(log.latencies),
         "stage_latency_s": {d: percentiles(v) for d, v in log.stage_lat.items()},
         "replans": list(broker.replans),
+        "defrags": list(broker.defrags),
         "metrics": {"prometheus": "/metrics", "ray_serve_metrics": bool(log.metrics.ray.m)},
     }
