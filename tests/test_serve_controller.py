@@ -179,36 +179,34 @@ def test_default_slo_is_one_definition_for_admission_and_dispatch(published):
     assert adm.slo(params) == pytest.approx(ctl._default_slo("sd3", params.shape, 4))
 
 
-def test_a_reshape_is_rolled_out_decreases_first_then_the_widest_deployments(published, monkeypatch):
+def test_a_reshape_on_two_nodes_publishes_what_fits_widest_first_and_waits_for_room(published):
     from trident_rs.policy.types import PlacementPlan, ReplicaGroup
-    from trident_rs.serve import broker as bmod
 
     cfg = {**CFG, "cluster": {"nodes": 2, "gpus_per_node": 8},
            "deployments": [{"stage": "encode"}, {"stage": "decode"},
                            *({"stage": "diffuse", "width": w, "replicas": int(w == 1)} for w in (1, 4, 8))]}
     ctl = mod.Controller(cfg)
     b, reg = ctl.broker, ctl.broker.registry
+    b.ray_nodes = lambda: {"A": 8.0, "B": 8.0}
+    b.evict = lambda replicas: None
     for i, d in enumerate(("encode-w1", "decode-w1", "diffuse-w1")):
-        reg.register(f"r{i}", d, "n0", (), mod.time.monotonic())
+        reg.register(f"r{i}", d, "A", (), mod.time.monotonic())
+    reg.register("r3", "diffuse-w1", "B", (), mod.time.monotonic())  # a w1 replica sits on B
+    b.counts["diffuse-w1"] = 2
     b.roll()
     g = lambda gid, stage, w, node, first: ReplicaGroup(gid, "sd3", (stage,), w, node,  # noqa: E731
                                                         tuple(range(first, first + w)))
-    plan = PlacementPlan((g("e", "encode", 1, 0, 0), g("d", "decode", 1, 0, 1), g("w4", "diffuse", 4, 0, 4),
-                          g("w8", "diffuse", 8, 1, 0)))
-    b.publish(plan, "test")  # diffuse-w1 1 -> 0, w4 0 -> 1, w8 0 -> 1
-    assert published["diffuse-w1"] == 0 and published["diffuse-w8"] == 0 and published["diffuse-w4"] == 0
+    plan = PlacementPlan((g("e", "encode", 1, 0, 0), g("d", "decode", 1, 0, 1), g("x", "diffuse", 1, 0, 2),
+                          g("w4", "diffuse", 4, 0, 4), g("w8", "diffuse", 8, 1, 0)))
+    b.publish(plan, "test")  # diffuse-w1 2 -> 1 at once; w8 does not fit while r3 holds a GPU of B, and
+    # w4 waits for it (Ray could put w4 on B)
+    assert (published["diffuse-w1"], published["diffuse-w8"], published["diffuse-w4"]) == (1, 0, 0)
+    reg.deregister("r3")  # Serve stopped the w1 replica on B: B is whole again
     b.roll()
-    assert published["diffuse-w8"] == 0  # the w1 replica has not gone yet
-    reg.deregister("r2")
+    assert published["diffuse-w8"] == 1 and published["diffuse-w4"] == 0  # w4 once w8 runs
+    reg.register("w8a", "diffuse-w8", "B", (), mod.time.monotonic())
     b.roll()
-    assert published["diffuse-w8"] == 1 and published["diffuse-w4"] == 0  # the widest first
-    reg.register("w8a", "diffuse-w8", "n1", (), mod.time.monotonic())
-    b.roll()
-    assert published["diffuse-w4"] == 1 and b.published == b.counts
-    monkeypatch.setattr(bmod, "STEP_WAIT_S", 0.0)  # a step Serve never completes does not block the next
-    b.publish(PlacementPlan(plan.groups[:2]), "shrink")
-    b.roll()
-    assert published["diffuse-w4"] == 0 and published["diffuse-w8"] == 0
+    assert b.published == b.counts
 
 
 def test_a_wide_replica_that_fits_nowhere_gets_room_from_idle_narrow_ones(published):
@@ -222,7 +220,7 @@ def test_a_wide_replica_that_fits_nowhere_gets_room_from_idle_narrow_ones(publis
     now = mod.time.monotonic()
     for r, d, n in (("e", "encode-w1", "A"), ("x", "diffuse-w1", "A"), ("d", "decode-w1", "B")):
         reg.register(r, d, n, (), now)
-    assert b.defrag("diffuse-w8") == ["d"] and stopped == [("decode-w1", "d")]  # B had 7 free: move one
+    assert b.defrag("diffuse-w8") == [("decode-w1", "d")] == stopped  # B had 7 free: move one
     assert "d" not in reg.replicas and b.defrags[-1]["for"] == "diffuse-w8"
     b.ray_nodes = lambda: {"A": 8.0, "B": 8.0, "C": 8.0}
     assert b.defrag("diffuse-w8") == []  # an empty node: it fits, Ray is still placing it

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +26,8 @@ from trident_rs.serve.registry import ReplicaRegistry
 
 logger = logging.getLogger("ray.serve")
 MAX_ENDED = 100_000
-STEP_WAIT_S = 30.0  # a re-shape step waits at most this long for Serve before the next one
-DEFRAG_AFTER_S = 8.0  # a wide replica still not running this long after its step: make room for it
+DEFRAG_AFTER_S = 8.0  # a re-shape still waiting for room this long: make room for its widest replica
+GIVE_UP_S = 60.0  # ... and this long: stop holding narrower replicas back for it
 
 
 class Broker:
@@ -45,8 +45,8 @@ class Broker:
         self.plan: PlacementPlan = PlacementPlan(())
         self.counts: dict[str, int] = {}  # the plan's counts (the target)
         self.published: dict[str, int] | None = None  # what Serve is told to run now
-        self._step: tuple[float, dict[str, tuple[int, bool]]] = (0.0, {})  # (since, deployment -> (count, down))
-        self._defragged = 0
+        self._waiting_since: float | None = None  # since when a re-shape waits for room
+        self._defrag_t = 0.0
         self.replans: deque[dict] = deque(maxlen=50)
         self._ids = itertools.count()
         self.inflight: dict[int, tuple[Launch, set[str]]] = {}
@@ -73,56 +73,86 @@ class Broker:
         self.roll()
 
     def roll(self) -> None:
-        """Move the counts Serve runs toward the plan's, in steps that keep nodes from fragmenting:
-        first every decrease, then (once the removed replicas are gone) the increases of the
-        widest deployments, then the next width, each step waiting until its replicas have
-        registered (or `STEP_WAIT_S`). Ray places a wide STRICT_PACK group while whole nodes are
-        still free, and the narrow ones fill what is left, as the plan packed them. Without a
-        replica registry (nothing registered yet, tests), the counts are published at once."""
+        """Move the counts Serve runs toward the plan's without fragmenting nodes.
+
+        Serve and Ray place replicas where they like; on one node GPUs are interchangeable, but
+        on several a wide STRICT_PACK group needs that many free GPUs on one node. So, when the
+        replicas reserve GPUs on more than one Ray node: decreases are published at once;
+        increases, widest first, only as far as they fit now, best fit, into the GPUs each node
+        has free (its GPUs less those of the registered replicas on it, less those of replicas
+        published and not yet running); the rest on a later call (each registration, each
+        deregistration, each tick). A wide replica that has waited `DEFRAG_AFTER_S` although the
+        cluster has the GPUs gets room (`defrag`). Otherwise (one node, no GPUs reserved, no
+        replica registered yet) the counts are published at once."""
         target = self.counts
-        if self.published is None or not self.registry.enabled:
+        nodes = self._gpu_nodes() if self.registry.enabled and self.cfg.reserve_gpus else {}
+        if self.published is None or len(nodes) <= 1:
             if target != self.published:
                 self.published = dict(target)
                 self._publish_counts(dict(target))
+            self._waiting_since = None
             return
-        live = self.registry.live_counts()
         pub = dict(self.published)
-        since, awaited = self._step
-        now = time.monotonic()
-        short = [d for d, (n, down) in awaited.items() if (live.get(d, 0) > n if down else live.get(d, 0) < n)]
-        if awaited and short and now - since < STEP_WAIT_S:
-            if now - since >= DEFRAG_AFTER_S * (1 + self._defragged) and self._defragged < 2:
-                self._defragged += 1
-                up = [d for d in short if not awaited[d][1]]
-                if up:
-                    self.defrag(max(up, key=lambda d: self.cfg.deployment(d).width))
-            return  # the last step is still under way
-        fewer = {d: n for d, n in target.items() if n < pub.get(d, 0)}
-        if fewer:
-            self._set(pub, fewer, True, now)
-            return
-        more = {d: n for d, n in target.items() if n > pub.get(d, 0)}
-        if more:
-            widest = max(self.cfg.deployment(d).width for d in more)
-            self._set(pub, {d: n for d, n in more.items() if self.cfg.deployment(d).width == widest}, False, now)
-        elif awaited:
-            self._step = (now, {})
+        width = {d.name: d.width for d in self.cfg.deployments}
+        for d, n in target.items():  # decreases at once
+            pub[d] = min(pub.get(d, 0), n)
+        free = dict(nodes)
+        for info in self.registry.replicas.values():
+            if info.node_id in free:
+                free[info.node_id] -= width.get(info.deployment, 1)
+        live = self.registry.live_counts()
 
-    def defrag(self, deployment: str) -> list[str]:
-        """A replica of `deployment` (width w, one STRICT_PACK group) does not start: no node has
-        w free GPUs, though narrower replicas scattered over the nodes hold what it needs.
-        Stop the fewest idle narrower replicas on the node that needs the fewest moved (Serve
-        starts them again; the pending wide group takes the freed node first). Returns the
-        replica ids stopped."""
-        if self.evict is None:
-            return []
-        w = self.cfg.deployment(deployment).width
+        def place(w: int) -> bool:
+            fits = [n for n, f in free.items() if f >= w]
+            if not fits:
+                return False
+            best = min(fits, key=lambda n: free[n])  # best fit: keep whole nodes whole
+            free[best] -= w
+            return True
+
+        pending = sorted((width[d] for d in pub for _ in range(max(0, pub[d] - live.get(d, 0)))), reverse=True)
+        for w in pending:  # published, not running yet: Ray is placing them
+            place(w)
+        now = time.monotonic()
+        patient = self._waiting_since is None or now - self._waiting_since < GIVE_UP_S
+        for d in sorted(target, key=lambda d: -width[d]):
+            while pub.get(d, 0) < target[d] and place(width[d]):
+                pub[d] = pub.get(d, 0) + 1
+            if patient and width[d] > 1 and (pub.get(d, 0) < target[d] or live.get(d, 0) < pub.get(d, 0)):
+                break  # narrower increases wait until this one runs: Ray would put them in its way
+        short = [d for d in target if pub.get(d, 0) < target[d] or live.get(d, 0) < pub.get(d, 0)]
+        if short and self._waiting_since is not None and now - self._waiting_since >= DEFRAG_AFTER_S \
+                and now - self._defrag_t >= DEFRAG_AFTER_S:
+            self._defrag_t = now
+            for dep, n in Counter(d for d, _ in self.defrag(max(short, key=lambda d: width[d]))).items():
+                pub[dep] = max(0, min(pub.get(dep, 0), live.get(dep, 0)) - n)  # back once the wide one runs
+        if pub != self.published:
+            self.published = pub
+            self._publish_counts(dict(pub))
+        if not short:
+            self._waiting_since = None
+        elif self._waiting_since is None:
+            self._waiting_since = now
+
+    def _gpu_nodes(self) -> dict[str, float]:
         try:
             nodes = dict(self.ray_nodes()) if self.ray_nodes is not None else {}
         except Exception:  # noqa: BLE001 - no node list: the registry's nodes, at the configured size
             nodes = {}
         for node_id in self.registry.nodes:
             nodes.setdefault(node_id, float(self.cluster.gpus_per_node))
+        return nodes
+
+    def defrag(self, deployment: str) -> list[tuple[str, str]]:
+        """A replica of `deployment` (width w, one STRICT_PACK group) does not start: no node has
+        w free GPUs, though narrower replicas scattered over the nodes hold what it needs.
+        Stop the fewest idle narrower replicas on the node that needs the fewest moved; `roll`
+        publishes their deployments one replica fewer each until the wide one runs. Returns the
+        (deployment, replica id) stopped."""
+        if self.evict is None:
+            return []
+        w = self.cfg.deployment(deployment).width
+        nodes = self._gpu_nodes()
         busy = {self.registry.bound.get(l.group_id) for l, _ in self.inflight.values() if l.group_id}
         best: list[tuple[str, str, int]] | None = None
         for node_id, gpus in nodes.items():
@@ -148,14 +178,8 @@ class Broker:
         self.defrags.append({"t": round(self.now(), 3), "for": deployment, "stopped": [r for r, _, _ in best]})
         logger.warning("re-shape: %s does not fit on any node; stopped %s to make room", deployment,
                        [f"{d}/{r}" for r, d, _ in best])
-        return [r for r, _, _ in best]
+        return [(d, r) for r, d, _ in best]
 
-    def _set(self, pub: dict[str, int], step: dict[str, int], down: bool, now: float) -> None:
-        self._defragged = 0
-        pub.update(step)
-        self.published = pub
-        self._step = (now, {d: (n, down) for d, n in step.items()})
-        self._publish_counts(dict(pub))
 
     def keep(self, counts: dict[str, int], reason: str) -> None:
         """Adopt counts published earlier (a restarted controller) until the policy's first plan."""
