@@ -181,13 +181,20 @@ def main() -> None:
     ap.add_argument("--no-serve", action="store_true", help="simulator only")
     ap.add_argument("--no-prior", action="store_true", help="trident without the served models as its prior")
     ap.add_argument("--nodes", type=int, default=1, help="nodes of 8 GPUs (> 1: a local multi-node Ray cluster)")
+    ap.add_argument("--skip", type=int, default=0, help="start at request SKIP of the trace (time shifted to 0): "
+                    "e.g. around the mid-run shift of shift-flux")
     args = ap.parse_args()
     global NODES
     NODES = args.nodes
     cost = CostModel.default()
     reqs = load_workload(args.workload, model=MODEL, rate_scale=args.rate_scale, slo_scale=args.slo_scale,
-                         cost=cost)[: args.n]
-    print(f"{args.workload} ×{args.rate_scale:g}, first {len(reqs)}: {describe(reqs)}; "
+                         cost=cost)[args.skip: args.skip + args.n]
+    if args.skip and reqs:
+        import dataclasses
+
+        t0 = reqs[0].arrival
+        reqs = [dataclasses.replace(r, arrival=r.arrival - t0, deadline=r.deadline - t0) for r in reqs]
+    print(f"{args.workload} ×{args.rate_scale:g}, {len(reqs)} from #{args.skip}: {describe(reqs)}; "
           f"{NODES}×{GPUS_PER_NODE} GPUs; time_scale {args.time_scale:g}")
     prior = not args.no_prior
     sim20, sim0 = run_sim(reqs, cost, 20.0, prior), run_sim(reqs, cost, 0.0, prior)
