@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("executors", "sim", "profiles"),  # run one stage; simulate policies; derive cost tables
     ("pipeline_runner", "profiler"),  # the one local path: three stages in process; measure cost tables
     ("serve",),  # the Ray Serve runtime
-    ("cli",),  # the command line, on top of everything
+    ("cli", "devtools"),  # the command line; the demo and development tools around the runtime
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
