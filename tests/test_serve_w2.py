@@ -107,5 +107,9 @@ def test_serve_width2_image_equals_width1():
                                     steps=2).resolved())
     ref = np.asarray(ref).reshape(-1, 64, 64, 3)[0]
     assert img.shape == ref.shape == (64, 64, 3)
-    assert np.array_equal(img, ref)
+    # equal up to rounding: the width-2 diffuse differs from width 1 by ~1e-6 in float (Ulysses
+    # over gloo sums in another order; tests/test_sequence_parallel.py checks the floats), which
+    # can move a pixel across a uint8 rounding boundary, never further
+    diff = np.abs(img.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
     assert img.std() > 0  # a real picture, not a constant
