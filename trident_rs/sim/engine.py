@@ -182,7 +182,7 @@ class Simulator:
         self.ready_at: dict[str, float] = {}  # request -> when its next launch could start
         self.last_model: dict[_GPU, str] = {}  # GPU -> model of its last pool launch
         self.last_group: dict[_GPU, tuple[int, ...]] = {}  # GPU -> its last sequence-parallel group
-        self.running: dict[int, tuple[Launch, float, float]] = {}  # seq -> launch, start, extra
+        self.running: dict[int, tuple[Launch, float, float]] = {}  # id(launch) in flight -> (launch, start, extra s)
 
     # ---- event plumbing -------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: object) -> None:
