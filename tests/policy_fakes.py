@@ -9,6 +9,7 @@ import heapq
 from dataclasses import dataclass
 
 from trident_rs.errors import ProfileError
+from trident_rs.policy.interface import Policy
 from trident_rs.policy.types import Cluster, ClusterState, Launch, Request, Shape
 
 WIDTHS = (1, 2, 4, 8)
@@ -185,3 +186,19 @@ def run_loop(policy, cluster: Cluster, cost: FakeCost, requests: list[Request],
             wake = None if events else now + 1e-3
     return LoopResult(finished, launches, plans)
 
+
+class ListPolicy(Policy):
+    """A shared-pool test policy: a list of arrived requests; subclasses decide the launches."""
+
+    def __init__(self):
+        self.queue: list[Request] = []
+        self.refused: list[Launch] = []
+
+    def initial_plan(self, now):
+        return None
+
+    def add_request(self, request, now):
+        self.queue.append(request)
+
+    def on_launch_done(self, launch, now):
+        pass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from policy_fakes import ListPolicy
 
 from trident_rs.policy.baselines import DynamicPipelinePolicy, StaticPipelinePolicy, StaticStagePolicy
 from trident_rs.policy.interface import Policy
@@ -51,22 +52,10 @@ def test_every_request_completes_or_is_in_flight(make):
     assert cut.in_flight_at_end > 0
 
 
-class GreedyOnGpuZero(Policy):
+class GreedyOnGpuZero(ListPolicy):
     """Deliberately broken: always launches on GPU 0 of node 0, busy or not."""
 
     name = "broken-greedy"
-
-    def __init__(self):
-        self.queue: list[Request] = []
-
-    def initial_plan(self, now):
-        return None
-
-    def add_request(self, request, now):
-        self.queue.append(request)
-
-    def on_launch_done(self, launch, now):
-        pass
 
     def schedule(self, state: ClusterState) -> SchedulerOutput:
         out = tuple(Launch((r.id,), r.model, STAGES, 1, 0, (0,)) for r in self.queue)

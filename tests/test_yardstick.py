@@ -6,11 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policy_fakes import ListPolicy
+
 from trident_rs.policy import registry
 from trident_rs.policy.baselines import StaticPipelinePolicy, StaticStagePolicy
 from trident_rs.policy.bound import BoundPolicy
 from trident_rs.policy.cost_model import CostModel
-from trident_rs.policy.interface import Policy
 from trident_rs.policy.slo import slo_seconds
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
 from trident_rs.sim import SimConfig, simulate, summarize
@@ -68,23 +69,6 @@ def test_memory_is_enforced_for_every_policy_and_no_request_is_lost(name):
         assert m["failed"] == 6
     if name == "trident":  # stage-level: everything fits
         assert m["failed"] == 0 and m["memory_refusals"] == 0
-
-
-class ListPolicy(Policy):
-    """A shared-pool test policy: a list of arrived requests; subclasses decide the launches."""
-
-    def __init__(self):
-        self.queue: list[Request] = []
-        self.refused: list[Launch] = []
-
-    def initial_plan(self, now):
-        return None
-
-    def add_request(self, request, now):
-        self.queue.append(request)
-
-    def on_launch_done(self, launch, now):
-        pass
 
 
 class Oversized(ListPolicy):

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from ortools.sat.python import cp_model
 
 from trident_rs.errors import ConfigError
+from trident_rs.policy.baselines import pipeline_offload
 from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.cpsat import limited_solver
 from trident_rs.policy.interface import Policy
@@ -197,19 +198,14 @@ class PaperPolicy(Policy):
             for w in self.cost.widths(r.model, "diffuse"):
                 if not need <= w <= G:
                     continue
-                offload = self._fit(r, w)
+                offload = pipeline_offload(self.cost, r.model, r.shape, w, self.cluster.gpu_memory_gb,
+                                           ("encode", "diffuse"))
                 if offload is not None:
                     self._offload[(r.model, r.shape, w)] = offload
                     fits.append(w)
             ws = [w for w in fits if self.cost.efficiency(r.model, r.shape, w) >= self.threshold] or fits[:1]
             self._widths[key] = ws
         return ws
-
-    def _fit(self, r: Request, width: int) -> tuple[str, ...] | None:
-        fn = getattr(self.cost, "pipeline_offload", None)
-        if fn is None:
-            return ()
-        return fn(r.model, r.shape, width, self.cluster.gpu_memory_gb, ("encode", "diffuse"))
 
     def _time(self, r: Request, width: int, batch: int = 1) -> float:
         c = self.cost

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from trident_rs.errors import TridentError
 from trident_rs.models.spec import REGISTRY as MODEL_SPECS
+from trident_rs.policy.baselines import stage_width
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
@@ -312,10 +313,7 @@ class Simulator:
         key = (model, stage, shape, width, batch, steps)
         t = self.stage_cache.get(key)
         if t is None:
-            spec = MODEL_SPECS.get(model)
-            w = width
-            if spec is not None:  # a stage runs at the widest degree it supports within the launch
-                w = max([x for x in spec.widths.get(stage, (1,)) if x <= width] or [1])
+            w = stage_width(model, stage, width)  # the widest degree the stage supports within the launch
             t = float(self.cost.stage_time(model, stage, shape, width=w, batch=batch,
                                            steps=steps if stage == "diffuse" else 1))
             self.stage_cache[key] = t

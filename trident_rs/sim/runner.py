@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from trident_rs.policy import registry
 from trident_rs.policy.types import Cluster, Request
 from trident_rs.sim.engine import SimConfig, SimResult, simulate
-from trident_rs.sim.metrics import Metrics, summarize
+from trident_rs.sim.metrics import summarize
 from trident_rs.vocab import percentile
 
 # policies told which models the workload serves and their shares of GPU time, as a deployment
@@ -51,12 +51,10 @@ def prior_shares(requests: list[Request]) -> dict[str, float]:
     return {m: 1.0 / len(models) for m in models}
 
 
-def _better(a: Metrics, b: Metrics | None) -> bool:
-    if b is None:
-        return True
-    mean_a = a.mean_latency_s if not math.isnan(a.mean_latency_s) else math.inf
-    mean_b = b.mean_latency_s if not math.isnan(b.mean_latency_s) else math.inf
-    return (a.slo_attainment, -mean_a) > (b.slo_attainment, -mean_b)
+def rank(metrics: dict) -> tuple[float, float]:
+    """How static variants are compared: SLO attainment, then lower mean latency."""
+    mean = metrics["mean_latency_s"]
+    return metrics["slo_attainment"], -(mean if not math.isnan(mean) else math.inf)
 
 
 def static_variants(name: str, cluster: Cluster) -> list[tuple[str, str, int]]:
@@ -96,14 +94,14 @@ def run_policy(name: str, requests: list[Request], cluster: Cluster, cost,
             except ValueError:  # e.g. static-stage with no room for a diffuse group of this width
                 continue
             res = simulate(cluster, policy, cost, requests, config, progress)
-            m = summarize(res)
-            by_variant[policy.name] = m.slo_attainment
-            metrics[policy.name] = m.to_dict()
-            if _better(m, best):
+            m = summarize(res).to_dict()
+            by_variant[policy.name] = m["slo_attainment"]
+            metrics[policy.name] = m
+            if best is None or rank(m) > rank(best):
                 best, best_key, best_res = m, (policy.name, w, order), res
         detail = {"variant": best_key[0], "width": best_key[1], "order": best_key[2], "attainment_by_variant": by_variant,
                   "metrics_by_variant": metrics}
-        return PolicyRun(name, best.to_dict(), detail, best_res if keep_result else None)
+        return PolicyRun(name, best, detail, best_res if keep_result else None)
     policy = registry.make_policy(name, cluster, cost, **opts)
     res = simulate(cluster, policy, cost, requests, config, progress)
     m = summarize(res)
@@ -111,16 +109,12 @@ def run_policy(name: str, requests: list[Request], cluster: Cluster, cost,
 
 
 def best_of(metrics_by_variant: dict[str, dict], names) -> tuple[str, dict]:
-    """The best (by attainment, then mean latency) of the named variants' metrics."""
-    best_name, best = None, None
-    for n in names:
-        m = metrics_by_variant.get(n)
-        if m is None:
-            continue
-        key = (m["slo_attainment"], -(m["mean_latency_s"] if not math.isnan(m["mean_latency_s"]) else math.inf))
-        if best is None or key > best[0]:
-            best_name, best = n, (key, m)
-    return best_name, best[1] if best else {}
+    """The best (by `rank`) of the named variants' metrics."""
+    present = [n for n in names if n in metrics_by_variant]
+    if not present:
+        return None, {}
+    name = max(present, key=lambda n: rank(metrics_by_variant[n]))
+    return name, metrics_by_variant[name]
 
 
 def expand(names: list[str]) -> list[str]:
