@@ -326,6 +326,10 @@ class CostModel:
         """Seconds a launch spends moving the weights of offloaded `stages` to the GPU and back."""
         return sum(2.0 * self.weights_gb(model, s) / HOST_LINK_GBPS for s in stages)
 
+    def weights_load_s(self, model: str, stages: tuple[str, ...] | list[str]) -> float:
+        """Seconds to copy the weights of `stages` from host memory to a GPU (one way)."""
+        return sum(self.weights_gb(model, s) / HOST_LINK_GBPS for s in stages)
+
     def pipeline_offload(self, model: str, shape: Shape, width: int, gpu_memory_gb: float,
                          stages: tuple[str, ...] = STAGES) -> tuple[str, ...] | None:
         """How a pipeline-level launch of `stages` fits on `width` GPUs: () if all weights stay

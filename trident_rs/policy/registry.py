@@ -28,6 +28,7 @@ _FACTORIES: dict[str, tuple[str, str]] = {
     "static-stage": ("trident_rs.policy.baselines", "StaticStagePolicy"),
     "paper": ("trident_rs.policy.paper", "PaperPolicy"),
     "trident": ("trident_rs.policy.trident", "TridentPolicy"),
+    "trident-pool": ("trident_rs.policy.stage_pool", "StagePoolPolicy"),
     "bound": ("trident_rs.policy.bound", "BoundPolicy"),
 }
 ANALYTIC = frozenset({"bound"})  # evaluated, not simulated

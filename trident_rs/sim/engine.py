@@ -17,6 +17,7 @@ from trident_rs.errors import TridentError
 from trident_rs.models.spec import REGISTRY as MODEL_SPECS
 from trident_rs.policy.baselines import stage_width
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.residency import WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
 _DONE, _READY, _WAKE = 0, 1, 2
@@ -49,8 +50,9 @@ class SimConfig:
     would not fit is refused, as it would OOM: its requests fail), the Serve runtime's overhead
     per stage hop and per request, transfers between stages on different GPUs, the start of a
     new replica group (`start_cost_s`) and, for shared-pool launches (no replica group),
-    regrouping GPUs into a new sequence-parallel group (`regroup_s`) or loading another model
-    onto them (`model_load_s`, default the start cost)."""
+    regrouping GPUs into a new sequence-parallel group (`regroup_s`), loading another model
+    onto them (`model_load_s`, default the start cost) or copying in a stage's weights they do
+    not hold (`WeightResidency`)."""
 
     noise: float = 0.0  # sigma of a mean-1 lognormal factor on every launch's compute time
     seed: int = 0
@@ -181,8 +183,9 @@ class Simulator:
         self._refused_this_call = False
         self.timeline: dict[str, list[StageRecord]] = {}
         self.ready_at: dict[str, float] = {}  # request -> when its next launch could start
-        self.last_model: dict[_GPU, str] = {}  # GPU -> model of its last pool launch
-        self.last_group: dict[_GPU, tuple[int, ...]] = {}  # GPU -> its last sequence-parallel group
+        self.residency = WeightResidency(  # what each GPU holds, for shared-pool launches
+            cost, cluster.gpu_memory_gb, self.config.start_cost_s if self.config.model_load_s is None
+            else self.config.model_load_s, self.config.regroup_s)
         self.running: dict[int, tuple[Launch, float, float]] = {}  # id(launch) in flight -> (launch, start, extra s)
 
     # ---- event plumbing -------------------------------------------------------------------
@@ -379,7 +382,7 @@ class Simulator:
             sigma = self.config.noise
             compute *= self.rng.lognormvariate(-sigma * sigma / 2, sigma)
         transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
-        extra = transfer + self.config.hop_overhead_s + self._regroup_time(launch)
+        extra = transfer + self.config.hop_overhead_s + self._regroup_time(launch, first.shape)
         if launch.offload:
             extra += self.cost.offload_s(launch.model, launch.offload)
         duration = compute + extra
@@ -407,22 +410,14 @@ class Simulator:
         self.policy.on_launch_refused(launch, self.now)
         return True
 
-    def _regroup_time(self, launch: Launch) -> float:
-        """Shared-pool launches (no replica group): loading another model onto a GPU costs a
-        model load; running sequence-parallel on a set of GPUs that did not last form that
-        group costs a regroup. Replica groups pay their start cost instead."""
+    def _regroup_time(self, launch: Launch, shape) -> float:
+        """Shared-pool launches (no replica group) pay for the weights their GPUs lack and for
+        regrouping (`WeightResidency`). Replica groups pay their start cost instead."""
         if launch.group_id:
             return 0.0
-        keys = [(launch.node, g) for g in launch.gpus]
-        cost = 0.0
-        if any(self.last_model.get(k, launch.model) != launch.model for k in keys):
-            cost = self.config.start_cost_s if self.config.model_load_s is None else self.config.model_load_s
-        elif launch.width > 1 and any(self.last_group.get(k, launch.gpus) != launch.gpus for k in keys):
-            cost = self.config.regroup_s
-        for k in keys:
-            self.last_model[k] = launch.model
-            if launch.width > 1:
-                self.last_group[k] = launch.gpus
+        r = self.residency
+        cost = r.load_s(launch.model, launch.stages, launch.node, launch.gpus, launch.offload)
+        r.record(launch.model, launch.stages, launch.node, launch.gpus, shape, launch.offload)
         return cost
 
     def _launch_done(self, launch: Launch) -> None:

@@ -1,0 +1,370 @@
+"""`StagePoolPolicy`: stage-level dispatch on one shared GPU pool.
+
+Each stage of a request (encode, diffuse, decode) is its own launch, placed when it is ready
+on whichever free GPUs of a node suit it, at its own width. What this buys over running the
+whole pipeline on one set of GPUs (`DynamicPipelinePolicy`):
+- decode and encode never hold a wide diffuse group: the diffuse GPUs are free the moment
+  diffuse ends, and decode takes only the width its memory and deadline need;
+- a launch needs one stage's memory, not the pipeline's: no encoder offload, narrower widths;
+- decode of a long video can run wider than its diffuse, where memory needs it.
+
+Decisions, each from the cost model:
+- **Order**: earliest deadline first. A request that cannot meet its deadline at any width
+  is *late*: its key becomes deadline + SLO, so it yields to on-time work but overtakes new
+  arrivals after a bounded wait (never starved, and its lateness stays bounded for the tail).
+- **Slack from measured error**: predictions are multiplied by `exp(mean + z * std)` of the
+  log of observed / predicted launch times (z for `confidence`), learned online.
+- **Width**: of the widths whose predicted finish (this stage, then the fastest rest, with
+  slack) meets the deadline, the widest with parallel efficiency >= `threshold` when the free
+  GPUs cover every scanned task's narrowest on-time width (spare GPUs shorten latency), else
+  the narrowest (GPUs are scarce: spend the fewest). A late request takes its widest efficient
+  width. A width with no room now falls back to the next on-time width that has room.
+- **Placement**: the GPUs to use are those that cost least to start on (`WeightResidency`:
+  the request's own previous GPUs, a past sequence-parallel group of that width, GPUs holding
+  the model and stage), then the node with the fewest free GPUs. Loading another model (the
+  start cost) is taken only where waiting for the model's own GPUs would finish later.
+- **Batching**: same-shape small images (<= `batch_max_pixels`) share a launch, up to the size
+  with the best throughput, while each stays on time.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from trident_rs.policy.batching import best_batch_size
+from trident_rs.policy.interface import Policy
+from trident_rs.policy.residency import WeightResidency
+from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
+
+_INF = float("inf")
+
+
+@dataclass
+class _Flight:
+    """A request between arrival and its last launch."""
+
+    request: Request
+    stage: int = 0  # index of the next stage to launch
+    late: bool = False
+    node: int = -1  # where its last stage ran
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Choice:
+    widths: tuple[int, ...]  # in order of preference
+    narrowest: int  # for the demand estimate
+    time: dict[int, float]  # stage seconds per width (batch 1)
+    rest: float  # fastest seconds of the stages after this one
+    on_time: bool
+
+
+class _LogError:
+    """Running mean and variance of log(observed / predicted) (Welford)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, ratio: float) -> None:
+        x = math.log(max(ratio, 1e-6))
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (x - self.mean)
+
+    def factor(self, z: float, min_samples: int = 10) -> float:
+        if self.n < min_samples:
+            return 1.0
+        return math.exp(self.mean + z * math.sqrt(self.m2 / (self.n - 1)))
+
+
+class StagePoolPolicy(Policy):
+    name = "trident"
+
+    def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, confidence: float = 0.9,
+                 scan_limit: int = 64, max_batch: int = 8, batch_max_pixels: int = 1024 * 1024,
+                 model_load_s: float = 20.0, regroup_s: float = 1.0, models=None, share_window_s: float = 120.0,
+                 **_: object) -> None:
+        self.cluster, self.cost = cluster, cost
+        self.threshold, self.scan_limit = threshold, scan_limit
+        self.max_batch, self.batch_max_pixels = max_batch, batch_max_pixels
+        self.z = NormalDist().inv_cdf(confidence)
+        self.model_load_s = model_load_s
+        self.residency = WeightResidency(cost, cluster.gpu_memory_gb, model_load_s, regroup_s)
+        self.flights: dict[str, _Flight] = {}
+        self.ready: list[tuple[float, int, str]] = []  # (key, seq, request id) of stages ready to launch
+        self.seq = 0
+        self.busy_until: dict[tuple[int, int], float] = {}  # GPU -> predicted end of its launch
+        self.started: dict[tuple, tuple[float, float]] = {}  # launch key -> (start, predicted seconds)
+        self.error = _LogError()
+        self._times: dict[tuple, float] = {}
+        self._widths: dict[tuple, tuple[int, ...]] = {}
+        self._batch: dict[tuple, int] = {}
+        # each model's share of the pool: its decayed predicted GPU-seconds of arrivals, the
+        # prior (`models`: model -> share, from past traffic or equal) only breaking ties
+        prior = dict(models) if isinstance(models, dict) else dict.fromkeys(models or (), 1.0)
+        self.window_s = share_window_s
+        self.demand = {m: 1e-6 * v for m, v in prior.items()}
+        self._demand_at = 0.0
+
+    # ---- Policy interface ------------------------------------------------------------------
+    def initial_plan(self, now: float):
+        return None  # one shared pool
+
+    def add_request(self, request: Request, now: float) -> None:
+        self.flights[request.id] = _Flight(request)
+        self._push(request.id)
+        self._decay(now)
+        r = request
+        work = sum(min(w * self._time(r.model, s, r.shape, w, r.steps) for w in self._feasible(r.model, s, r.shape))
+                   for s in STAGES)
+        self.demand[r.model] = self.demand.get(r.model, 0.0) + work
+
+    def on_launch_done(self, launch: Launch, now: float) -> None:
+        start, predicted = self.started.pop(_key(launch))
+        if predicted > 0:
+            self.error.add((now - start) / predicted)
+        for rid in launch.request_ids:
+            f = self.flights[rid]
+            f.stage += len(launch.stages)
+            f.node, f.gpus = launch.node, launch.gpus
+            if f.stage == len(STAGES):
+                del self.flights[rid]
+            else:
+                self._push(rid)
+
+    def on_launch_refused(self, launch: Launch, now: float) -> None:
+        self.started.pop(_key(launch), None)
+        for rid in launch.request_ids:
+            self.flights.pop(rid, None)
+
+    def pending(self) -> int:
+        return len(self.flights)
+
+    def schedule(self, state: ClusterState) -> SchedulerOutput:
+        now = state.now
+        free = {n: set(g) for n, g in state.free_gpus.items() if g}
+        if not self.ready or not free:
+            return SchedulerOutput()
+        slack = self.error.factor(self.z)
+        self._decay(now)
+        self._budget = self._budgets()
+        scanned = [heapq.heappop(self.ready) for _ in range(min(self.scan_limit, len(self.ready)))]
+        choices = {rid: self._choose(self.flights[rid], now, slack) for _, _, rid in scanned}
+        roomy = sum(c.narrowest for c in choices.values()) <= sum(len(g) for g in free.values())
+        order = [it for it in scanned if choices[it[2]].on_time] + [it for it in scanned if not choices[it[2]].on_time]
+        launches, kept, taken = [], [], set()
+        blocked = _INF  # narrowest width an on-time task found no room for: later ones stay narrower
+        for item in order:
+            rid = item[2]
+            if rid in taken:
+                continue
+            f, c = self.flights[rid], choices[rid]
+            if not c.on_time and not f.late:
+                f.late = True
+                item = (f.request.deadline + f.request.slo_s, item[1], rid)
+            widths = c.widths if roomy or not c.on_time else tuple(sorted(c.widths))
+            spot = None
+            for w in widths:
+                if w >= blocked or not any(len(g) >= w for g in free.values()):
+                    continue
+                spot = self._place(f, w, free, now, slack * (c.time[w] + c.rest))
+                if spot is not None:
+                    break
+            if spot is None:
+                if c.on_time:
+                    blocked = min(blocked, min(c.widths))
+                kept.append(item)
+                continue
+            node, gpus, load = spot
+            batch = [rid] + self._companions(f, c, w, scanned, choices, taken, now, slack, load)
+            taken.update(batch)
+            launches.append(self._launch(batch, f, w, node, gpus, now, load))
+            free[node] -= set(gpus)
+            if not free[node]:
+                del free[node]
+        for item in kept:
+            heapq.heappush(self.ready, item)
+        return SchedulerOutput(tuple(launches))
+
+    # ---- decisions -------------------------------------------------------------------------
+    def _choose(self, f: _Flight, now: float, slack: float) -> _Choice:
+        r, stage = f.request, STAGES[f.stage]
+        ws = self._feasible(r.model, stage, r.shape)
+        time = {w: self._time(r.model, stage, r.shape, w, r.steps) for w in ws}
+        rest = sum(min(self._time(r.model, s, r.shape, w, r.steps) for w in self._feasible(r.model, s, r.shape))
+                   for s in STAGES[f.stage + 1:])
+        w0 = ws[0]
+        efficient = [w for w in ws if time[w0] * w0 / (time[w] * w) >= self.threshold]
+        on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
+        if on_time:
+            wide = max([w for w in on_time if w in efficient] or on_time[:1])
+            prefer = (wide,) + tuple(w for w in on_time if w != wide)
+            return _Choice(prefer, on_time[0], time, rest, True)
+        prefer = tuple(sorted(efficient, reverse=True))
+        return _Choice(prefer, prefer[0], time, rest, False)
+
+    def _place(self, f: _Flight, w: int, free: dict[int, set[int]], now: float,
+               work_s: float) -> tuple[int, tuple[int, ...], float] | None:
+        """(node, GPUs, load seconds) for a width-`w` launch of `f`'s next stage, or None to wait."""
+        r, stage = f.request, STAGES[f.stage]
+        best = None
+        for n, g in free.items():
+            if len(g) < w:
+                continue
+            for gpus in self._candidates(f, n, g, w):
+                load = self.residency.load_s(r.model, (stage,), n, gpus)
+                score = (load, n != f.node, len(g), n)
+                if best is None or score < best[0]:
+                    best = (score, n, gpus, load)
+        if best is None:
+            return None
+        _, n, gpus, load = best
+        if load >= self.model_load_s:  # another model's GPUs: only within our share, and only
+            # if waiting for our own GPUs would finish later
+            held = self._budget[1]
+            if held.get(r.model, 0) >= self._budget[0].get(r.model, 0) and held.get(r.model, 0) >= w:
+                return None
+            wait = self._wait_for_model(r.model, w, now)
+            on_time_waiting = wait + work_s <= r.deadline
+            if wait > now and (on_time_waiting or wait < now + load):
+                return None
+        return n, gpus, load
+
+    def _candidates(self, f: _Flight, n: int, free: set[int], w: int) -> list[tuple[int, ...]]:
+        """GPU sets of node `n` worth pricing: the request's previous GPUs, past groups of width
+        `w` holding the model, and the free GPUs ranked by what they hold."""
+        model, stage = f.request.model, STAGES[f.stage]
+        out = []
+        if f.node == n and set(f.gpus) <= free and len(f.gpus) >= w:
+            out.append(tuple(sorted(f.gpus[:w])))
+        if w > 1:
+            for i in free:
+                held = self.residency.holds(n, i)
+                if held is not None and held.model == model and held.group is not None \
+                        and len(held.group) == w and set(held.group) <= free:
+                    out.append(held.group)
+                    break
+
+        def rank(i: int) -> tuple:
+            held = self.residency.holds(n, i)
+            if held is None:
+                return (1, i)
+            if held.model == model:
+                return (0 if stage in held.stages else 1, i)
+            budget, count = self._budget
+            return (2, budget.get(held.model, 0) - count.get(held.model, 0), i)  # most over its share first
+
+        out.append(tuple(sorted(sorted(free, key=rank)[:w])))
+        return out
+
+    def _wait_for_model(self, model: str, w: int, now: float) -> float:
+        """Earliest predicted time `w` GPUs of one node that hold `model` (or nothing) are free."""
+        best = _INF
+        for n in range(self.cluster.nodes):
+            times = []
+            for i in range(self.cluster.gpus_per_node):
+                held = self.residency.holds(n, i)
+                if held is None or held.model == model:
+                    times.append(max(now, self.busy_until.get((n, i), now)))
+            if len(times) >= w:
+                best = min(best, sorted(times)[w - 1])
+        return best
+
+    def _companions(self, f: _Flight, c: _Choice, w: int, scanned, choices, taken, now: float,
+                    slack: float, load: float) -> list[str]:
+        """Other on-time requests of the same class to run in the same launch."""
+        r, stage = f.request, STAGES[f.stage]
+        if not c.on_time or r.shape.pixels > self.batch_max_pixels or stage == "decode":
+            return []
+        size = self._best_batch(r.model, stage, r.shape, w, r.steps)
+        mem = getattr(self.cost, "launch_memory", None)
+        while size > 1 and mem is not None and mem(r.model, (stage,), r.shape, w, size) > self.cluster.gpu_memory_gb:
+            size //= 2
+        if size <= 1:
+            return []
+        t = load + slack * (self._time(r.model, stage, r.shape, w, r.steps, size) + c.rest)
+        if now + t > r.deadline:
+            return []
+        out = []
+        for _, _, rid in scanned:
+            if len(out) + 1 >= size:
+                break
+            g = self.flights[rid]
+            if rid in taken or rid == r.id or not choices[rid].on_time or g.stage != f.stage:
+                continue
+            q = g.request
+            if (q.model, q.shape, q.steps) == (r.model, r.shape, r.steps) and now + t <= q.deadline:
+                out.append(rid)
+        return out
+
+    def _launch(self, batch: list[str], f: _Flight, w: int, node: int, gpus: tuple[int, ...], now: float,
+                load: float) -> Launch:
+        r, stage = f.request, STAGES[f.stage]
+        launch = Launch(tuple(batch), r.model, (stage,), w, node, gpus)
+        predicted = load + self._time(r.model, stage, r.shape, w, r.steps, len(batch))
+        self.residency.record(r.model, (stage,), node, gpus, r.shape)
+        self.started[_key(launch)] = (now, predicted)
+        for i in gpus:
+            self.busy_until[(node, i)] = now + predicted
+        return launch
+
+    # ---- shares of the pool ----------------------------------------------------------------
+    def _decay(self, now: float) -> None:
+        if now > self._demand_at:
+            k = math.exp(-(now - self._demand_at) / self.window_s)
+            self.demand = {m: v * k for m, v in self.demand.items()}
+            self._demand_at = now
+
+    def _budgets(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(GPUs each model may hold: its share of recent demand, GPUs each holds now)."""
+        total = sum(self.demand.values()) or 1.0
+        gpus = self.cluster.total_gpus
+        budget = {m: max(1, math.ceil(gpus * v / total)) for m, v in self.demand.items()}
+        count: dict[str, int] = {}
+        for held in self.residency.gpus.values():
+            count[held.model] = count.get(held.model, 0) + 1
+        return budget, count
+
+    # ---- cost-model lookups (cached) -------------------------------------------------------
+    def _feasible(self, model: str, stage: str, shape: Shape) -> tuple[int, ...]:
+        """Widths `stage` runs at, that fit in memory, within a node (the widest if none fits)."""
+        k = (model, stage, shape)
+        out = self._widths.get(k)
+        if out is None:
+            top = self.cluster.gpus_per_node
+            ws = [w for w in self.cost.widths(model, stage) if w <= top] or [1]
+            try:
+                need = self.cost.min_width(model, stage, shape, self.cluster.gpu_memory_gb)
+            except Exception:  # noqa: BLE001 - fits no width: run at the widest, the runtime refuses it
+                need = max(ws)
+            out = self._widths[k] = tuple(w for w in ws if w >= need) or (max(ws),)
+        return out
+
+    def _time(self, model: str, stage: str, shape: Shape, width: int, steps: int, batch: int = 1) -> float:
+        k = (model, stage, shape, width, steps, batch)
+        t = self._times.get(k)
+        if t is None:
+            t = self._times[k] = float(self.cost.stage_time(model, stage, shape, width, batch,
+                                                            steps if stage == "diffuse" else 1))
+        return t
+
+    def _best_batch(self, model: str, stage: str, shape: Shape, width: int, steps: int) -> int:
+        k = (model, stage, shape, width, steps)
+        b = self._batch.get(k)
+        if b is None:
+            b = self._batch[k] = best_batch_size(
+                lambda size: self._time(model, stage, shape, width, steps, size), self.max_batch)
+        return b
+
+    def _push(self, rid: str) -> None:
+        f = self.flights[rid]
+        r = f.request
+        self.seq += 1
+        heapq.heappush(self.ready, (r.deadline + (r.slo_s if f.late else 0.0), self.seq, rid))
+
+
+def _key(launch: Launch) -> tuple:
+    return (launch.request_ids, launch.stages, launch.node, launch.gpus)
