@@ -58,7 +58,7 @@ def stats(lat: list[float], ok: list[bool], n: int) -> dict:
 def policy_options(prior: bool) -> dict:
     """trident's options on both sides. With `prior`, what the Serve controller gives it by
     default (the served models: a first plan before any request); without, a cold first plan."""
-    return {"models": [MODEL] if prior else [], "slo_scale": 4.0}
+    return {"models": [MODEL] if prior else [], "slo_scale": 4.0, "placement": "groups"}
 
 
 def run_sim(requests: list[Request], cost, start_cost_s: float, prior: bool = True) -> dict:

@@ -1,6 +1,7 @@
 """Policy names -> factories `(cluster, cost, **options) -> Policy`.
 
-`paper` and `trident` are imported lazily (and skipped with a warning where not installed).
+`trident` is `make_trident`: its `placement` option picks the shared pool (default) or the
+solver's replica groups (what the Serve runtime runs). `paper` and `trident` are imported lazily (and skipped with a warning where not installed).
 `static-best` is not a policy of its own: the runtime runs every variant in `STATIC_VARIANTS`
 (static-pipeline and static-stage, FCFS and EDF, at every width in `STATIC_BEST_WIDTHS`) and
 reports the best; `static-best-fcfs` is the best FCFS static-pipeline width, the xDiT-style
@@ -27,8 +28,7 @@ _FACTORIES: dict[str, tuple[str, str]] = {
     "dynamic-pipeline": ("trident_rs.policy.baselines", "DynamicPipelinePolicy"),
     "static-stage": ("trident_rs.policy.baselines", "StaticStagePolicy"),
     "paper": ("trident_rs.policy.paper", "PaperPolicy"),
-    "trident": ("trident_rs.policy.trident", "TridentPolicy"),
-    "trident-pool": ("trident_rs.policy.stage_pool", "StagePoolPolicy"),
+    "trident": ("trident_rs.policy.trident", "make_trident"),
     "bound": ("trident_rs.policy.bound", "BoundPolicy"),
 }
 ANALYTIC = frozenset({"bound"})  # evaluated, not simulated

@@ -11,7 +11,8 @@ pool policies predict with it, so both see the same costs:
 
 A GPU keeps the weights of every stage of its model it has run, as long as they fit together
 with the launch's activations (`CostModel.launch_memory`); otherwise only the launch's stages.
-A GPU never used yet holds whatever it first runs (the initial load is the runtime's start).
+A GPU's first launch is free (the runtime's start loaded its model: the whole pipeline where it
+fits, else the launch's stages).
 Offloaded stages (`Launch.offload`) stay in host memory and are charged by the runtime.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ class WeightResidency:
                offload: tuple[str, ...] = ()) -> float:
         """Seconds a pool launch of `stages` of `model` on `gpus` spends loading weights or regrouping."""
         need = set(stages) - set(offload)
+        group = tuple(sorted(gpus))
         missing: set[str] = set()
         regroup = False
         for i in gpus:
@@ -52,7 +54,7 @@ class WeightResidency:
             if held.model != model:
                 return self.model_load_s
             missing |= need - held.stages
-            regroup = regroup or (len(gpus) > 1 and held.group not in (None, gpus))
+            regroup = regroup or (len(gpus) > 1 and held.group not in (None, group))
         load = self._weights_load_s(model, tuple(s for s in STAGES if s in missing)) if missing else 0.0
         return load + (self.regroup_s if regroup else 0.0)
 
@@ -60,11 +62,13 @@ class WeightResidency:
                offload: tuple[str, ...] = ()) -> None:
         """`gpus` now hold the launch's weights (and keep their model's others where they fit)."""
         need = frozenset(stages) - frozenset(offload)
-        group = tuple(gpus)
+        group = tuple(sorted(gpus))
         for i in gpus:
             held = self.gpus.get((node, i))
             keep = need
-            if held is not None and held.model == model and not held.stages <= need:
+            if held is None and self._fit(model, frozenset(STAGES), shape, len(gpus)):
+                keep = frozenset(STAGES)  # a GPU's first model is loaded whole at the start, where it fits
+            elif held is not None and held.model == model and not held.stages <= need:
                 union = held.stages | need
                 if self._fit(model, union, shape, len(gpus)):
                     keep = union

@@ -14,15 +14,20 @@ Decisions, each from the cost model:
   arrivals after a bounded wait (never starved, and its lateness stays bounded for the tail).
 - **Slack from measured error**: predictions are multiplied by `exp(mean + z * std)` of the
   log of observed / predicted launch times (z for `confidence`), learned online.
-- **Width**: of the widths whose predicted finish (this stage, then the fastest rest, with
-  slack) meets the deadline, the widest with parallel efficiency >= `threshold` when the free
-  GPUs cover every scanned task's narrowest on-time width (spare GPUs shorten latency), else
-  the narrowest (GPUs are scarce: spend the fewest). A late request takes its widest efficient
-  width. A width with no room now falls back to the next on-time width that has room.
+- **Width**: a task's on-time widths are those whose predicted finish (this stage, then the
+  fastest rest, with slack) meets its deadline. The free GPUs go first to every scanned
+  on-time task's narrowest on-time width; what is left widens tasks, in deadline order,
+  towards their widest on-time width with parallel efficiency >= `threshold` (spare GPUs
+  shorten latency; scarce ones are spent on the fewest GPU-seconds). A late request takes its
+  widest efficient width. A width with no room now falls back to narrower on-time widths.
 - **Placement**: the GPUs to use are those that cost least to start on (`WeightResidency`:
   the request's own previous GPUs, a past sequence-parallel group of that width, GPUs holding
-  the model and stage), then the node with the fewest free GPUs. Loading another model (the
-  start cost) is taken only where waiting for the model's own GPUs would finish later.
+  the model and stage), then the node with the fewest free GPUs.
+- **Models on the pool**: each model may hold a share of the GPUs in proportion to its recent
+  demand (predicted GPU-seconds of arrivals, decayed over `share_window_s`). A model under its
+  share may load itself onto another model's GPUs (the start cost), most-over-share model
+  first, and only where waiting for its own GPUs (their first free moment plus the work
+  queued ahead on them) would finish later or miss the deadline.
 - **Batching**: same-shape small images (<= `batch_max_pixels`) share a launch, up to the size
   with the best throughput, while each stays on time.
 """
@@ -33,12 +38,15 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
+from trident_rs.errors import ConfigError
 from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.residency import WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
 
 _INF = float("inf")
+# options the runtimes give every trident placement; the pool has no use for them
+_SHARED_OPTIONS = frozenset({"slo_scale", "seed", "tick_s", "forecast", "workload"})
 
 
 @dataclass
@@ -86,7 +94,19 @@ class StagePoolPolicy(Policy):
     def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, confidence: float = 0.9,
                  scan_limit: int = 64, max_batch: int = 8, batch_max_pixels: int = 1024 * 1024,
                  model_load_s: float = 20.0, regroup_s: float = 1.0, models=None, share_window_s: float = 120.0,
-                 **_: object) -> None:
+                 **ignored: object) -> None:
+        unknown = sorted(set(ignored) - _SHARED_OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown trident (pool) option(s) {unknown}")
+        try:  # options may come as strings (YAML, the suite's `trident:key=value` ablations)
+            threshold, confidence, share_window_s = float(threshold), float(confidence), float(share_window_s)
+            scan_limit, max_batch, batch_max_pixels = int(scan_limit), int(max_batch), int(batch_max_pixels)
+            model_load_s, regroup_s = float(model_load_s), float(regroup_s)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"trident (pool): bad option value ({e})") from None
+        if not 0.5 <= confidence < 1 or not 0 < threshold <= 1 or scan_limit < 1 or max_batch < 1:
+            raise ConfigError("trident (pool): need 0.5 <= confidence < 1, 0 < threshold <= 1, "
+                              "scan_limit >= 1, max_batch >= 1")
         self.cluster, self.cost = cluster, cost
         self.threshold, self.scan_limit = threshold, scan_limit
         self.max_batch, self.batch_max_pixels = max_batch, batch_max_pixels
@@ -105,6 +125,8 @@ class StagePoolPolicy(Policy):
         # each model's share of the pool: its decayed predicted GPU-seconds of arrivals, the
         # prior (`models`: model -> share, from past traffic or equal) only breaking ties
         prior = dict(models) if isinstance(models, dict) else dict.fromkeys(models or (), 1.0)
+        if share_window_s <= 0:
+            raise ConfigError(f"trident (pool): share_window_s must be > 0, got {share_window_s}")
         self.window_s = share_window_s
         self.demand = {m: 1e-6 * v for m, v in prior.items()}
         self._demand_at = 0.0
@@ -153,9 +175,11 @@ class StagePoolPolicy(Policy):
         self._budget = self._budgets()
         scanned = [heapq.heappop(self.ready) for _ in range(min(self.scan_limit, len(self.ready)))]
         choices = {rid: self._choose(self.flights[rid], now, slack) for _, _, rid in scanned}
-        roomy = sum(c.narrowest for c in choices.values()) <= sum(len(g) for g in free.values())
-        order = [it for it in scanned if choices[it[2]].on_time] + [it for it in scanned if not choices[it[2]].on_time]
+        order = [it for it in scanned if choices[it[2]].on_time] + sorted(
+            (it for it in scanned if not choices[it[2]].on_time), key=lambda it: self.flights[it[2]].request.arrival)
+        target = self._share_out(order, choices, sum(len(g) for g in free.values()))
         launches, kept, taken = [], [], set()
+        self._ahead: dict[str, float] = {}  # GPU-seconds of tasks this pass left waiting, per model
         blocked = _INF  # narrowest width an on-time task found no room for: later ones stay narrower
         for item in order:
             rid = item[2]
@@ -165,7 +189,9 @@ class StagePoolPolicy(Policy):
             if not c.on_time and not f.late:
                 f.late = True
                 item = (f.request.deadline + f.request.slo_s, item[1], rid)
-            widths = c.widths if roomy or not c.on_time else tuple(sorted(c.widths))
+            t = target.get(rid, c.widths[0])
+            widths = (t,) + tuple(sorted((w for w in c.widths if w < t), reverse=True)) \
+                + tuple(sorted(w for w in c.widths if w > t))
             spot = None
             for w in widths:
                 if w >= blocked or not any(len(g) >= w for g in free.values()):
@@ -177,6 +203,9 @@ class StagePoolPolicy(Policy):
                 if c.on_time:
                     blocked = min(blocked, min(c.widths))
                 kept.append(item)
+                taken.add(rid)  # decided (to wait): no batch takes it along
+                m = f.request.model
+                self._ahead[m] = self._ahead.get(m, 0.0) + c.narrowest * c.time[c.narrowest]
                 continue
             node, gpus, load = spot
             batch = [rid] + self._companions(f, c, w, scanned, choices, taken, now, slack, load)
@@ -203,8 +232,24 @@ class StagePoolPolicy(Policy):
             wide = max([w for w in on_time if w in efficient] or on_time[:1])
             prefer = (wide,) + tuple(w for w in on_time if w != wide)
             return _Choice(prefer, on_time[0], time, rest, True)
-        prefer = tuple(sorted(efficient, reverse=True))
-        return _Choice(prefer, prefer[0], time, rest, False)
+        # late: its widest efficient width (the earliest finish without wasting GPUs), and it
+        # waits for that rather than run for much longer on fewer
+        return _Choice((max(efficient),), max(efficient), time, rest, False)
+
+    def _share_out(self, order, choices: dict[str, _Choice], gpus: int) -> dict[str, int]:
+        """Each on-time task's width now: the free GPUs cover every on-time task's narrowest
+        on-time width first, then widen tasks, in deadline order, towards their preferred width."""
+        on_time = [choices[it[2]] for it in order if choices[it[2]].on_time]
+        spare = gpus - sum(c.narrowest for c in on_time)
+        out = {}
+        for it in order:
+            c = choices[it[2]]
+            if not c.on_time:
+                continue
+            fit = [w for w in c.widths if w - c.narrowest <= max(spare, 0)] or [c.narrowest]
+            out[it[2]] = w = max(fit)
+            spare -= w - c.narrowest
+        return out
 
     def _place(self, f: _Flight, w: int, free: dict[int, set[int]], now: float,
                work_s: float) -> tuple[int, tuple[int, ...], float] | None:
@@ -222,15 +267,17 @@ class StagePoolPolicy(Policy):
         if best is None:
             return None
         _, n, gpus, load = best
-        if load >= self.model_load_s:  # another model's GPUs: only within our share, and only
-            # if waiting for our own GPUs would finish later
-            held = self._budget[1]
-            if held.get(r.model, 0) >= self._budget[0].get(r.model, 0) and held.get(r.model, 0) >= w:
-                return None
-            wait = self._wait_for_model(r.model, w, now)
-            on_time_waiting = wait + work_s <= r.deadline
-            if wait > now and (on_time_waiting or wait < now + load):
-                return None
+        if load >= self.model_load_s:  # another model's GPUs: only within our share, and only if
+            # waiting for our own GPUs (their first free moment, then the work queued ahead of us
+            # shared over them) finishes later or misses; always where ours can never hold `w`
+            own = self._wait_for_model(r.model, w, now)
+            if own < _INF:
+                budget, count = self._budget
+                if count.get(r.model, 0) >= budget.get(r.model, 0):
+                    return None
+                wait = own + self._ahead.get(r.model, 0.0) / max(count.get(r.model, 0), 1)
+                if wait > now and (wait + work_s <= r.deadline or wait < now + load):
+                    return None
         return n, gpus, load
 
     def _candidates(self, f: _Flight, n: int, free: set[int], w: int) -> list[tuple[int, ...]]:

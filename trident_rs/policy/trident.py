@@ -1,4 +1,11 @@
-"""`TridentPolicy`: our stage-level policy = placement solver + dispatcher + controller.
+"""trident, our stage-level policy, in its two placements (`make_trident`).
+
+- `placement="pool"` (the simulator's default): `StagePoolPolicy`, each stage launched on a
+  shared GPU pool at its own width (`policy/stage_pool.py`).
+- `placement="groups"`: `TridentPolicy` below, what the Serve runtime runs today (its stage
+  deployments are fixed-width replica groups): placement solver + dispatcher + controller.
+
+`TridentPolicy`: our stage-level policy = placement solver + dispatcher + controller.
 
 Each request runs encode -> diffuse -> decode as three launches on separate replica groups
 (encode and decode on narrow groups, diffuse on groups of several widths), so decode never
@@ -32,6 +39,20 @@ if TYPE_CHECKING:
 
 _DISPATCH_OPTIONS = ("mode", "late_width", "late_delay_s", "max_batch", "batch_max_pixels", "exact_max_tasks",
                      "on_time_width")
+
+
+PLACEMENTS = ("pool", "groups")
+
+
+def make_trident(cluster: Cluster, cost: "CostModel", placement: str = "pool", **options: Any) -> Policy:
+    """The `trident` policy: stage-level dispatch on a shared pool, or on the solver's groups."""
+    if placement == "pool":
+        from trident_rs.policy.stage_pool import StagePoolPolicy
+
+        return StagePoolPolicy(cluster, cost, **options)
+    if placement == "groups":
+        return TridentPolicy(cluster, cost, **options)
+    raise ConfigError(f"trident placement must be one of {PLACEMENTS}, got {placement!r}")
 
 
 class TridentPolicy(Policy):

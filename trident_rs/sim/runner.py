@@ -21,7 +21,7 @@ from trident_rs.vocab import percentile
 
 # policies told which models the workload serves and their shares of GPU time, as a deployment
 # config would (trident uses them for its first plan, before any request has arrived)
-_TAKES_MODELS = {"static-pipeline", "static-best", "static-best-fcfs", "static-stage", "trident", "trident-pool"}
+_TAKES_MODELS = {"static-pipeline", "static-best", "static-best-fcfs", "static-stage", "trident"}
 _TAKES_WIDTH = {"static-pipeline", "static-stage"}
 
 

@@ -1,0 +1,144 @@
+"""trident's shared-pool placement (`StagePoolPolicy`) and the weight-residency rule it shares
+with the simulator."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trident_rs.errors import ConfigError
+from trident_rs.policy import registry
+from trident_rs.policy.cost_model import CostModel
+from trident_rs.policy.residency import WeightResidency
+from trident_rs.policy.slo import slo_seconds
+from trident_rs.policy.stage_pool import StagePoolPolicy, _LogError
+from trident_rs.policy.trident import TridentPolicy
+from trident_rs.policy.types import STAGES, Cluster, Request, Shape
+from trident_rs.sim import SimConfig, simulate
+
+COST = CostModel.default()
+SHAPES = {"flux": [Shape(512, 512), Shape(1024, 1024), Shape(2048, 2048)],
+          "sd3": [Shape(512, 512), Shape(1024, 1024)],
+          "cogvideox": [Shape(768, 432, 17), Shape(768, 1360, 49)]}
+
+
+def workload(n: int, gap: float, seed: int, models, slo_scale: float = 4.0) -> list[Request]:
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    for i in range(n):
+        m = rng.choice(models)
+        s = rng.choice(SHAPES[m])
+        steps = 50 if m == "cogvideox" else 28
+        t += rng.expovariate(1.0 / gap)
+        out.append(Request(f"r{i}", m, s, steps, t, t + slo_seconds(COST, m, s, steps, slo_scale)))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(nodes=st.integers(1, 2), gap=st.floats(0.05, 3.0), seed=st.integers(0, 1000),
+       models=st.sampled_from([("flux",), ("flux", "sd3"), ("sd3", "cogvideox")]),
+       slo_scale=st.sampled_from([1.0, 2.0, 8.0]), noise=st.sampled_from([0.0, 0.3]))
+def test_pool_never_over_allocates_and_loses_no_request(nodes, gap, seed, models, slo_scale, noise):
+    """The engine raises PolicyViolation on a launch on a busy GPU, a stage out of order, a batch
+    of mixed shapes or a request launched twice; here every request must also finish (the
+    shapes all fit 48 GB GPUs at some width of each stage), under overload and noise alike."""
+    cluster = Cluster(nodes, 8)
+    reqs = workload(60, gap, seed, models, slo_scale)
+    policy = StagePoolPolicy(cluster, COST, models=dict.fromkeys(models, 1.0))
+    res = simulate(cluster, policy, COST, reqs, SimConfig(noise=noise, seed=seed))
+    assert not res.failed
+    assert len(res.finish) == len(reqs)
+    assert policy.pending() == 0 and not policy.ready
+    assert res.busy_gpu_seconds <= cluster.total_gpus * res.end_time + 1e-6
+    for r in reqs:  # each stage exactly once, in order, as its own launch
+        assert [rec.stages for rec in res.timeline[r.id]] == [(s,) for s in STAGES]
+
+
+def test_decode_does_not_hold_the_diffuse_gpus():
+    # one 2048² FLUX image on an idle node with a tight SLO: diffuse goes wide, decode (whose
+    # efficiency is poor) takes fewer GPUs, and the rest are free for others meanwhile
+    cluster = Cluster(1, 8)
+    s = Shape(2048, 2048)
+    r = Request("r0", "flux", s, 28, 0.0, slo_seconds(COST, "flux", s, 28, 1.5))
+    res = simulate(cluster, StagePoolPolicy(cluster, COST), COST, [r], SimConfig.ideal())
+    enc, dif, dec = res.timeline["r0"]
+    assert enc.width == 1 and dif.width >= 2 and dec.width < dif.width
+    assert dif.extra_s < 0.1  # the start loaded the whole pipeline on the GPUs: no weights to copy
+    assert res.finish["r0"] <= r.deadline
+
+
+def test_a_late_request_is_not_starved_by_new_arrivals():
+    # one GPU, a long request that is already late at arrival, then a stream of short on-time
+    # ones: the late request runs once new arrivals' deadlines pass its deadline + SLO
+    cluster = Cluster(1, 1)
+    big, small = Shape(2048, 2048), Shape(512, 512)
+    late = Request("late", "flux", big, 28, 0.0, 1.0)  # cannot make it: late at once
+    slo = slo_seconds(COST, "flux", small, 28, 4.0)
+    stream = [Request(f"s{i}", "flux", small, 28, 0.5 + 2.0 * i, 0.5 + 2.0 * i + slo) for i in range(200)]
+    res = simulate(cluster, StagePoolPolicy(cluster, COST), COST, [late, *stream], SimConfig.ideal())
+    start = res.timeline["late"][0].start
+    overtaken = [r for r in stream if res.timeline[r.id][0].start < start]
+    assert all(r.deadline <= late.deadline + late.slo_s + 1e-9 for r in overtaken)
+    assert len(res.finish) == len(stream) + 1
+
+
+def test_model_loads_are_avoided_while_the_model_has_its_own_gpus():
+    # two models on one node at a steady mix: once each holds GPUs, a stage loads a model onto
+    # a GPU of the other only to move GPUs between the models' shares, not on every launch
+    cluster = Cluster(1, 8)
+    reqs = workload(80, 3.0, 3, ("flux", "sd3"), 8.0)
+    res = simulate(cluster, StagePoolPolicy(cluster, COST, models={"flux": 1, "sd3": 1}), COST, reqs,
+                   SimConfig(start_cost_s=20.0))
+    loads = sum(1 for r in reqs for rec in res.timeline[r.id] if rec.extra_s >= 20.0)
+    assert len(res.finish) == len(reqs)
+    assert loads <= 8  # of 240 launches
+
+
+def test_residency_prices_model_loads_weight_copies_and_regroups():
+    s = Shape(1024, 1024)
+    res = WeightResidency(COST, 48.0, model_load_s=20.0, regroup_s=1.0)
+    assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 0.0  # never used: the start loaded it
+    res.record("flux", ("diffuse",), 0, (0, 1), s)
+    assert res.holds(0, 0).stages == set(STAGES)  # the first model is loaded whole where it fits
+    assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 0.0
+    res.record("flux", ("diffuse",), 0, (0, 1), Shape(4096, 4096))  # no room for the others now
+    assert res.load_s("flux", ("diffuse",), 0, (1, 0)) == 0.0  # same group, other order
+    assert res.load_s("flux", ("decode",), 0, (0,)) == pytest.approx(COST.weights_load_s("flux", ("decode",)))
+    assert res.load_s("sd3", ("encode",), 0, (1,)) == 20.0
+    res.record("flux", ("decode",), 0, (0,), s)  # width 1 keeps GPU 0 in its group of 2
+    assert res.holds(0, 0).stages == {"diffuse", "decode"}  # both fit 48 GB: both kept
+    assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 0.0
+    res.record("flux", ("diffuse",), 0, (0, 2), s)
+    assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 1.0  # GPU 0 regrouped with 2 since
+    # weights that do not fit with the launch's activations are dropped
+    tight = WeightResidency(COST, 30.0, model_load_s=20.0, regroup_s=1.0)
+    tight.record("flux", ("diffuse",), 0, (0,), s)
+    tight.record("flux", ("decode",), 0, (0,), Shape(4096, 4096))
+    assert tight.holds(0, 0).stages == {"decode"}
+
+
+def test_slack_comes_from_the_measured_error():
+    e = _LogError()
+    assert e.factor(1.28) == 1.0  # too few samples: no slack
+    for ratio in [1.0, 1.2, 0.8, 1.1, 0.9] * 4:
+        e.add(ratio)
+    assert 1.1 < e.factor(1.28) < 1.3
+    exact = _LogError()
+    for _ in range(20):
+        exact.add(1.0)
+    assert exact.factor(1.28) == pytest.approx(1.0)
+
+
+def test_trident_placements_and_bad_options():
+    cluster = Cluster(1, 8)
+    assert isinstance(registry.make_policy("trident", cluster, COST), StagePoolPolicy)
+    assert isinstance(registry.make_policy("trident", cluster, COST, placement="groups", models=["flux"]),
+                      TridentPolicy)
+    with pytest.raises(ConfigError, match="placement"):
+        registry.make_policy("trident", cluster, COST, placement="ring")
+    with pytest.raises(ConfigError, match="unknown"):
+        registry.make_policy("trident", cluster, COST, late_width="best")
+    with pytest.raises(ConfigError, match="confidence"):
+        StagePoolPolicy(cluster, COST, confidence=1.5)
