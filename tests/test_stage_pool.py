@@ -101,14 +101,14 @@ def test_residency_prices_model_loads_weight_copies_and_regroups():
     res = WeightResidency(COST, 48.0, model_load_s=20.0, regroup_s=1.0)
     assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 0.0  # never used: the start loaded it
     res.record("flux", ("diffuse",), 0, (0, 1), s)
-    assert res.holds(0, 0).stages == set(STAGES)  # the first model is loaded whole where it fits
+    assert res.holds(0, 0).stages_of("flux") == set(STAGES)  # the first model is loaded whole where it fits
     assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 0.0
     res.record("flux", ("diffuse",), 0, (0, 1), Shape(4096, 4096))  # no room for the others now
     assert res.load_s("flux", ("diffuse",), 0, (1, 0)) == 0.0  # same group, other order
     assert res.load_s("flux", ("decode",), 0, (0,)) == pytest.approx(COST.weights_load_s("flux", ("decode",)))
     assert res.load_s("sd3", ("encode",), 0, (1,)) == 20.0
     res.record("flux", ("decode",), 0, (0,), s)  # width 1 keeps GPU 0 in its group of 2
-    assert res.holds(0, 0).stages == {"diffuse", "decode"}  # both fit 48 GB: both kept
+    assert res.holds(0, 0).stages_of("flux") == {"diffuse", "decode"}  # both fit 48 GB: both kept
     assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 0.0
     res.record("flux", ("diffuse",), 0, (0, 2), s)
     assert res.load_s("flux", ("diffuse",), 0, (0, 1)) == 1.0  # GPU 0 regrouped with 2 since
@@ -116,7 +116,7 @@ def test_residency_prices_model_loads_weight_copies_and_regroups():
     tight = WeightResidency(COST, 30.0, model_load_s=20.0, regroup_s=1.0)
     tight.record("flux", ("diffuse",), 0, (0,), s)
     tight.record("flux", ("decode",), 0, (0,), Shape(4096, 4096))
-    assert tight.holds(0, 0).stages == {"decode"}
+    assert tight.holds(0, 0).stages_of("flux") == {"decode"}
 
 
 def test_slack_comes_from_the_measured_error():

@@ -4,13 +4,14 @@ Policies that use the GPUs as one shared pool (launches without a replica group)
 weights a launch needs that its GPUs do not hold. The simulator charges with this rule and the
 pool policies predict with it, so both see the same costs:
 
-- another model on a GPU: a full model load (`model_load_s`, the start cost);
+- a model the GPU holds no weights of: a full model load (`model_load_s`, the start cost);
 - the same model but a stage whose weights are not resident (a GPU that decoded now diffuses):
   the weights copied from host memory (`CostModel.weights_load_s`), as diffusers' offload does;
 - a sequence-parallel launch on GPUs that did not last form that group: a regroup (`regroup_s`).
 
-A GPU keeps the weights of every stage of its model it has run, as long as they fit together
-with the launch's activations (`CostModel.launch_memory`); otherwise only the launch's stages.
+A GPU keeps the weights it has loaded (its model's other stages, other models' stages: the most
+recently run first) as long as they fit beside the launch's own peak (`CostModel.launch_memory`);
+what does not fit is dropped.
 A GPU's first launch is free (the runtime's start loaded its model: the whole pipeline where it
 fits, else the launch's stages).
 Offloaded stages (`Launch.offload`) stay in host memory and are charged by the runtime.
@@ -26,9 +27,20 @@ GPU = tuple[int, int]  # (node, index)
 
 @dataclass(frozen=True)
 class Resident:
-    model: str
-    stages: frozenset[str]
+    weights: tuple[tuple[str, frozenset[str]], ...]  # (model, stages) held, the last run first
     group: tuple[int, ...] | None  # the GPUs of its last sequence-parallel group (None: never in one)
+
+    @property
+    def model(self) -> str:
+        """The model the GPU ran last."""
+        return self.weights[0][0]
+
+    def stages_of(self, model: str) -> frozenset[str] | None:
+        """The stages of `model` whose weights the GPU holds (None: not loaded at all)."""
+        for m, stages in self.weights:
+            if m == model:
+                return stages
+        return None
 
 
 class WeightResidency:
@@ -38,7 +50,7 @@ class WeightResidency:
         self.cost, self.gpu_memory_gb = cost, gpu_memory_gb
         self.model_load_s, self.regroup_s = model_load_s, regroup_s
         self.gpus: dict[GPU, Resident] = {}
-        self._fits: dict[tuple, bool] = {}
+        self._peaks: dict[tuple, float] = {}
 
     def load_s(self, model: str, stages: tuple[str, ...], node: int, gpus: tuple[int, ...],
                offload: tuple[str, ...] = ()) -> float:
@@ -51,43 +63,63 @@ class WeightResidency:
             held = self.gpus.get((node, i))
             if held is None:
                 continue
-            if held.model != model:
+            stages = held.stages_of(model)
+            if stages is None:
                 return self.model_load_s
-            missing |= need - held.stages
+            missing |= need - stages
             regroup = regroup or (len(gpus) > 1 and held.group not in (None, group))
         load = self._weights_load_s(model, tuple(s for s in STAGES if s in missing)) if missing else 0.0
         return load + (self.regroup_s if regroup else 0.0)
 
     def record(self, model: str, stages: tuple[str, ...], node: int, gpus: tuple[int, ...], shape: Shape,
                offload: tuple[str, ...] = ()) -> None:
-        """`gpus` now hold the launch's weights (and keep their model's others where they fit)."""
+        """`gpus` now hold the launch's weights, and keep the other weights they held (their
+        model's other stages, other models' stages; the most recently run first) where those
+        fit beside the launch."""
         need = frozenset(stages) - frozenset(offload)
         group = tuple(sorted(gpus))
+        width = len(gpus)
         for i in gpus:
             held = self.gpus.get((node, i))
             keep = need
-            if held is None and self._fit(model, frozenset(STAGES), shape, len(gpus)):
-                keep = frozenset(STAGES)  # a GPU's first model is loaded whole at the start, where it fits
-            elif held is not None and held.model == model and not held.stages <= need:
-                union = held.stages | need
-                if self._fit(model, union, shape, len(gpus)):
-                    keep = union
+            if held is None:
+                if self._fit(model, frozenset(STAGES), shape, width):
+                    keep = frozenset(STAGES)  # a GPU's first model is loaded whole at the start, where it fits
+                weights = ((model, keep),)
+            else:
+                mine = held.stages_of(model)
+                if mine is not None and not mine <= need and self._fit(model, mine | need, shape, width):
+                    keep = mine | need
+                weights = ((model, keep),)
+                room = self.gpu_memory_gb - self._peak(model, keep, shape, width)
+                for m, kept in held.weights:
+                    size = sum(self._weights_gb(m, s) for s in kept)
+                    if m != model and size <= room:
+                        weights += ((m, kept),)
+                        room -= size
             # a width-1 launch leaves the GPU's last sequence-parallel group as it was
-            last = group if len(gpus) > 1 else (held.group if held is not None else None)
-            self.gpus[(node, i)] = Resident(model, keep, last)
+            last = group if width > 1 else (held.group if held is not None else None)
+            self.gpus[(node, i)] = Resident(weights, last)
 
     def holds(self, node: int, gpu: int) -> Resident | None:
         return self.gpus.get((node, gpu))
 
     def _fit(self, model: str, stages: frozenset[str], shape: Shape, width: int) -> bool:
+        return self._peak(model, stages, shape, width) <= self.gpu_memory_gb + 1e-9
+
+    def _peak(self, model: str, stages: frozenset[str], shape: Shape, width: int) -> float:
+        """Peak memory per GPU of running `stages` of `model` with all their weights resident."""
         key = (model, stages, shape, width)
-        hit = self._fits.get(key)
-        if hit is None:
+        peak = self._peaks.get(key)
+        if peak is None:
             fn = getattr(self.cost, "launch_memory", None)
             ordered = tuple(s for s in STAGES if s in stages)
-            hit = fn is None or fn(model, ordered, shape, width) <= self.gpu_memory_gb + 1e-9
-            self._fits[key] = hit
-        return hit
+            peak = self._peaks[key] = 0.0 if fn is None else float(fn(model, ordered, shape, width))
+        return peak
+
+    def _weights_gb(self, model: str, stage: str) -> float:
+        fn = getattr(self.cost, "weights_gb", None)
+        return float(fn(model, stage)) if fn is not None else 0.0
 
     def _weights_load_s(self, model: str, stages: tuple[str, ...]) -> float:
         fn = getattr(self.cost, "weights_load_s", None)

@@ -181,6 +181,7 @@ class StagePoolPolicy(Policy):
         launches, kept, taken = [], [], set()
         self._ahead: dict[str, float] = {}  # GPU-seconds of tasks this pass left waiting, per model
         blocked = _INF  # narrowest width an on-time task found no room for: later ones stay narrower
+        hold = None  # (node, GPUs, when): the first on-time task without room waits for these
         for item in order:
             rid = item[2]
             if rid in taken:
@@ -194,14 +195,19 @@ class StagePoolPolicy(Policy):
                 + tuple(sorted(w for w in c.widths if w > t))
             spot = None
             for w in widths:
-                if w >= blocked or not any(len(g) >= w for g in free.values()):
+                room = free if hold is None else _backfill(free, hold, now + slack * c.time[w])
+                if w >= blocked or not any(len(g) >= w for g in room.values()):
                     continue
-                spot = self._place(f, w, free, now, slack * (c.time[w] + c.rest))
+                spot = self._place(f, w, room, now, slack * (c.time[w] + c.rest))
                 if spot is not None:
                     break
             if spot is None:
                 if c.on_time:
                     blocked = min(blocked, min(c.widths))
+                    if hold is None:
+                        hold = self._reserve(c.narrowest, free, now)
+                        if hold is not None and hold[2] + slack * (c.time[c.narrowest] + c.rest) > f.request.deadline:
+                            hold = None  # it would be late anyway: no reason to hold GPUs for it
                 kept.append(item)
                 taken.add(rid)  # decided (to wait): no batch takes it along
                 m = f.request.model
@@ -235,6 +241,18 @@ class StagePoolPolicy(Policy):
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer
         return _Choice((max(efficient),), max(efficient), time, rest, False)
+
+    def _reserve(self, w: int, free: dict[int, set[int]], now: float) -> tuple[int, frozenset[int], float] | None:
+        """The `w` GPUs of one node predicted to be free soonest, and when (EASY backfilling's
+        reservation for the first task that finds no room)."""
+        best = None
+        for n in range(self.cluster.nodes):
+            idle = free.get(n, set())
+            when = sorted((now if i in idle else max(self.busy_until.get((n, i), now), now), i)
+                          for i in range(self.cluster.gpus_per_node))[:w]
+            if len(when) == w and (best is None or when[-1][0] < best[2]):
+                best = (n, frozenset(i for _, i in when), when[-1][0])
+        return best
 
     def _share_out(self, order, choices: dict[str, _Choice], gpus: int) -> dict[str, int]:
         """Each on-time task's width now: the free GPUs cover every on-time task's narrowest
@@ -290,7 +308,7 @@ class StagePoolPolicy(Policy):
         if w > 1:
             for i in free:
                 held = self.residency.holds(n, i)
-                if held is not None and held.model == model and held.group is not None \
+                if held is not None and held.stages_of(model) is not None and held.group is not None \
                         and len(held.group) == w and set(held.group) <= free:
                     out.append(held.group)
                     break
@@ -299,8 +317,9 @@ class StagePoolPolicy(Policy):
             held = self.residency.holds(n, i)
             if held is None:
                 return (1, i)
-            if held.model == model:
-                return (0 if stage in held.stages else 1, i)
+            mine = held.stages_of(model)
+            if mine is not None:
+                return (0 if stage in mine else 1, i)
             budget, count = self._budget
             return (2, budget.get(held.model, 0) - count.get(held.model, 0), i)  # most over its share first
 
@@ -314,7 +333,7 @@ class StagePoolPolicy(Policy):
             times = []
             for i in range(self.cluster.gpus_per_node):
                 held = self.residency.holds(n, i)
-                if held is None or held.model == model:
+                if held is None or held.stages_of(model) is not None:
                     times.append(max(now, self.busy_until.get((n, i), now)))
             if len(times) >= w:
                 best = min(best, sorted(times)[w - 1])
@@ -372,7 +391,8 @@ class StagePoolPolicy(Policy):
         budget = {m: max(1, math.ceil(gpus * v / total)) for m, v in self.demand.items()}
         count: dict[str, int] = {}
         for held in self.residency.gpus.values():
-            count[held.model] = count.get(held.model, 0) + 1
+            for m, _ in held.weights:
+                count[m] = count.get(m, 0) + 1
         return budget, count
 
     # ---- cost-model lookups (cached) -------------------------------------------------------
@@ -411,6 +431,19 @@ class StagePoolPolicy(Policy):
         r = f.request
         self.seq += 1
         heapq.heappush(self.ready, (r.deadline + (r.slo_s if f.late else 0.0), self.seq, rid))
+
+
+def _backfill(free: dict[int, set[int]], hold: tuple[int, frozenset[int], float], end: float) -> dict[int, set[int]]:
+    """The free GPUs a launch ending at `end` may use: all, if it ends before the reservation
+    starts; else all but the reserved ones."""
+    node, gpus, when = hold
+    if end <= when or node not in free:
+        return free
+    out = dict(free)
+    out[node] = free[node] - gpus
+    if not out[node]:
+        del out[node]
+    return out
 
 
 def _key(launch: Launch) -> tuple:
