@@ -24,8 +24,10 @@ Each point declares (see `SuitePoint`):
 The arrival window is cut to about `target` requests (150 quick, 300 on 32 GPUs, 500 on 128),
 between 120 and 1,200 s; every request arrived is run to completion.
 
-No policy sees the future: static policies and trident's first plan get each model's share of
-GPU time from the same generator at another seed (yesterday's traffic).
+No policy sees the future: static policies and trident (its prior of the models' shares of the
+pool) get each model's share of GPU time from the same generator at another seed (yesterday's
+traffic). `trident` is the shared-pool placement; `trident:placement=groups` runs the solver's
+replica groups (what Serve runs) side by side.
 
 Checking points: every point whose index is 4 mod 5 is `check`: chosen before any policy
 change, reported apart, never tuned on (`--only tune` leaves them out).
@@ -319,6 +321,38 @@ def summary(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def breakdown(points: list[dict]) -> str:
+    """Mean attainment per policy by each axis of the suite, trident's P95 against the best
+    other policy's, and the tune points where trident regresses (check points: counts only)."""
+    points = [{**pt, "policies": {n: m for n, m in pt["policies"].items() if "error" not in m}} for pt in points]
+    names = [n for n in POLICIES if any(n in pt["policies"] for pt in points)]
+    lines = []
+    for axis in ("family", "steps", "arrivals", "load", "slo_scale", "gpus"):
+        values = sorted({pt["point"][axis] for pt in points}, key=str)
+        lines.append(f"\n{'by ' + axis:<20}" + "".join(f"{str(v):>19}" for v in values))
+        for n in names:
+            cells = []
+            for v in values:
+                att = [pt["policies"][n]["slo_attainment"] for pt in points
+                       if pt["point"][axis] == v and n in pt["policies"]]
+                cells.append(f"{np.mean(att):>15.3f} ({len(att):>2})" if att else f"{'-':>19}")
+            lines.append(f"{n:<20}" + "".join(cells))
+    js = [(pt, judge(pt)) for pt in points]
+    ratios = [pt["policies"]["trident"]["p95_latency_s"] / pt["policies"][j["best_other"]]["p95_latency_s"]
+              for pt, j in js if j and pt["policies"][j["best_other"]]["p95_latency_s"] > 0]
+    if ratios:
+        lines.append(f"\ntrident P95 / best other's P95: median {np.median(ratios):.2f}x, "
+                     f"geometric mean {math.exp(np.mean(np.log(ratios))):.2f}x, <= 1 at {sum(r <= 1 for r in ratios)}/{len(ratios)}")
+    lost = [(pt, j) for pt, j in js if j and not j["no_regression"]]
+    lines.append(f"trident below the best other - 0.02 at {len(lost)} points "
+                 f"({sum(pt['check'] for pt, _ in lost)} of them check points, not listed):")
+    for pt, j in lost:
+        if not pt["check"]:
+            lines.append(f"  {pt['name']:<58} {j['best_other']:<17} {j['best_other_attainment']:.3f}  "
+                         f"trident {j['trident_attainment']:.3f}")
+    return "\n".join(lines)
+
+
 def bound_table(points: list[dict]) -> str:
     """The tightened bound next to the old one (alone and fluid only) at each point."""
     lines = [f"{'point':<58}{'old':>7}{'energetic':>10}{'t-indexed':>10}{'new':>7}{'trident':>8}"]
@@ -386,6 +420,7 @@ def main() -> int:
     if args.report:
         doc = json.loads(Path(args.report).read_text())
         print(summary(doc["points"]))
+        print(breakdown(doc["points"]))
         print("\n" + bound_table(doc["points"]))
         return 0
     points = suite_points(args.quick)
@@ -416,6 +451,7 @@ def main() -> int:
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=float))
     plot(results, out / f"{stem}.png")
     print(summary(results))
+    print(breakdown(results))
     if "bound" in args.policies:
         print("\n" + bound_table(results))
     print(f"\n{len(results)} points in {wall:.0f} s; wrote {out / (stem + '.json')} and {stem}.png")

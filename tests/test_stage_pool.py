@@ -119,6 +119,21 @@ def test_residency_prices_model_loads_weight_copies_and_regroups():
     assert tight.holds(0, 0).stages_of("flux") == {"decode"}
 
 
+def test_two_models_share_a_gpu_where_their_weights_fit():
+    # SD3's DiT (5 GB) and CogVideoX's (12 GB) fit one 48 GB GPU together: after running both,
+    # going back to SD3 costs nothing; FLUX's pipeline (37 GB of weights) pushes them out
+    s, v = Shape(1024, 1024), Shape(768, 432, 17)
+    res = WeightResidency(COST, 48.0, model_load_s=20.0, regroup_s=1.0)
+    res.record("sd3", ("diffuse",), 0, (0,), s)
+    assert res.load_s("cogvideox", ("diffuse",), 0, (0,)) == 20.0
+    res.record("cogvideox", ("diffuse",), 0, (0,), v)
+    assert res.holds(0, 0).model == "cogvideox" and res.holds(0, 0).stages_of("sd3") is not None
+    assert res.load_s("sd3", ("diffuse",), 0, (0,)) == 0.0
+    res.record("flux", STAGES, 0, (0,), s)
+    assert res.holds(0, 0).stages_of("sd3") is None and res.holds(0, 0).stages_of("cogvideox") is None
+    assert res.load_s("sd3", ("diffuse",), 0, (0,)) == 20.0
+
+
 def test_slack_comes_from_the_measured_error():
     e = _LogError()
     assert e.factor(1.28) == 1.0  # too few samples: no slack
