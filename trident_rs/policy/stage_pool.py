@@ -122,6 +122,7 @@ class StagePoolPolicy(Policy):
         self._times: dict[tuple, float] = {}
         self._widths: dict[tuple, tuple[int, ...]] = {}
         self._batch: dict[tuple, int] = {}
+        self._classes: dict[tuple, tuple] = {}
         # each model's share of the pool: its decayed predicted GPU-seconds of arrivals, the
         # prior (`models`: model -> share, from past traffic or equal) only breaking ties
         prior = dict(models) if isinstance(models, dict) else dict.fromkeys(models or (), 1.0)
@@ -190,6 +191,9 @@ class StagePoolPolicy(Policy):
             if not c.on_time and not f.late:
                 f.late = True
                 item = (f.request.deadline + f.request.slo_s, item[1], rid)
+            if not free:  # nothing left to place on: the rest wait
+                kept.append(item)
+                continue
             t = target.get(rid, c.widths[0])
             widths = (t,) + tuple(sorted((w for w in c.widths if w < t), reverse=True)) \
                 + tuple(sorted(w for w in c.widths if w > t))
@@ -226,13 +230,8 @@ class StagePoolPolicy(Policy):
 
     # ---- decisions -------------------------------------------------------------------------
     def _choose(self, f: _Flight, now: float, slack: float) -> _Choice:
-        r, stage = f.request, STAGES[f.stage]
-        ws = self._feasible(r.model, stage, r.shape)
-        time = {w: self._time(r.model, stage, r.shape, w, r.steps) for w in ws}
-        rest = sum(min(self._time(r.model, s, r.shape, w, r.steps) for w in self._feasible(r.model, s, r.shape))
-                   for s in STAGES[f.stage + 1:])
-        w0 = ws[0]
-        efficient = [w for w in ws if time[w0] * w0 / (time[w] * w) >= self.threshold]
+        r = f.request
+        ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, r.steps)
         on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
         if on_time:
             wide = max([w for w in on_time if w in efficient] or on_time[:1])
@@ -396,6 +395,22 @@ class StagePoolPolicy(Policy):
         return budget, count
 
     # ---- cost-model lookups (cached) -------------------------------------------------------
+    def _class(self, model: str, stage_index: int, shape: Shape, steps: int):
+        """(feasible widths, stage seconds per width, fastest seconds of the stages after it,
+        widths with parallel efficiency >= threshold) of a stage of a request class."""
+        k = (model, stage_index, shape, steps)
+        out = self._classes.get(k)
+        if out is None:
+            stage = STAGES[stage_index]
+            ws = self._feasible(model, stage, shape)
+            time = {w: self._time(model, stage, shape, w, steps) for w in ws}
+            rest = sum(min(self._time(model, s, shape, w, steps) for w in self._feasible(model, s, shape))
+                       for s in STAGES[stage_index + 1:])
+            w0 = ws[0]
+            efficient = [w for w in ws if time[w0] * w0 / (time[w] * w) >= self.threshold]
+            out = self._classes[k] = (ws, time, rest, efficient)
+        return out
+
     def _feasible(self, model: str, stage: str, shape: Shape) -> tuple[int, ...]:
         """Widths `stage` runs at, that fit in memory, within a node (the widest if none fits)."""
         k = (model, stage, shape)
