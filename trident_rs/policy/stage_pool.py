@@ -16,10 +16,10 @@ Decisions, each from the cost model:
   log of observed / predicted launch times (z for `confidence`), learned online.
 - **Width**: a task's on-time widths are those whose predicted finish (this stage, then the
   fastest rest, with slack) meets its deadline. The free GPUs go first to every scanned
-  on-time task's narrowest on-time width; what is left widens tasks, in deadline order,
-  towards their widest on-time width with parallel efficiency >= `threshold` (spare GPUs
-  shorten latency; scarce ones are spent on the fewest GPU-seconds). A late request takes its
-  widest efficient width. A width with no room now falls back to narrower on-time widths.
+  on-time task's narrowest on-time width; what is left widens tasks, in deadline order, up to
+  their widest on-time width (spare GPUs shorten latency; scarce ones are spent on the fewest
+  GPU-seconds). A late request waits for its widest width with parallel efficiency >=
+  `threshold`. A width with no room now falls back to narrower on-time widths.
 - **Placement**: the GPUs to use are those that cost least to start on (`WeightResidency`:
   the request's own previous GPUs, a past sequence-parallel group of that width, GPUs holding
   the model and stage), then the node with the fewest free GPUs.
@@ -62,7 +62,7 @@ class _Flight:
 
 @dataclass(frozen=True)
 class _Choice:
-    widths: tuple[int, ...]  # in order of preference
+    widths: tuple[int, ...]  # on time: the on-time widths, narrowest first; late: the one it waits for
     narrowest: int  # for the demand estimate
     time: dict[int, float]  # stage seconds per width (batch 1)
     rest: float  # fastest seconds of the stages after this one
@@ -233,10 +233,8 @@ class StagePoolPolicy(Policy):
         r = f.request
         ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, r.steps)
         on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
-        if on_time:
-            wide = max([w for w in on_time if w in efficient] or on_time[:1])
-            prefer = (wide,) + tuple(w for w in on_time if w != wide)
-            return _Choice(prefer, on_time[0], time, rest, True)
+        if on_time:  # which of them: `_share_out`, from the free GPUs
+            return _Choice(tuple(on_time), on_time[0], time, rest, True)
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer
         return _Choice((max(efficient),), max(efficient), time, rest, False)
@@ -255,7 +253,8 @@ class StagePoolPolicy(Policy):
 
     def _share_out(self, order, choices: dict[str, _Choice], gpus: int) -> dict[str, int]:
         """Each on-time task's width now: the free GPUs cover every on-time task's narrowest
-        on-time width first, then widen tasks, in deadline order, towards their preferred width."""
+        on-time width first, then widen tasks, in deadline order, up to their widest on-time
+        width."""
         on_time = [choices[it[2]] for it in order if choices[it[2]].on_time]
         spare = gpus - sum(c.narrowest for c in on_time)
         out = {}
