@@ -5,7 +5,6 @@ import pytest
 from policy_fakes import ListPolicy
 
 from trident_rs.policy.baselines import DynamicPipelinePolicy, StaticPipelinePolicy, StaticStagePolicy
-from trident_rs.policy.interface import Policy
 from trident_rs.policy.types import (
     STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request, SchedulerOutput, Shape,
 )
@@ -117,25 +116,16 @@ def test_metrics_on_hand_computed_scenario():
     assert m.completed == m.requests == 3
 
 
-class AddsAGroupLater(Policy):
+class AddsAGroupLater(ListPolicy):
     """Starts with no plan; on the first arrival asks for one width-2 group and uses it when ready."""
 
     name = "adds-group"
 
     def __init__(self):
-        self.queue: list[Request] = []
+        super().__init__()
         self.planned = False
         self.group = ReplicaGroup("g0", "flux", STAGES, 2, 0, (0, 1))
         self.ready_seen_at: float | None = None
-
-    def initial_plan(self, now):
-        return None
-
-    def add_request(self, request, now):
-        self.queue.append(request)
-
-    def on_launch_done(self, launch, now):
-        pass
 
     def schedule(self, state):
         if not self.planned:

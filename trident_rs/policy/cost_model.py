@@ -324,7 +324,7 @@ class CostModel:
 
     def offload_s(self, model: str, stages: tuple[str, ...] | list[str]) -> float:
         """Seconds a launch spends moving the weights of offloaded `stages` to the GPU and back."""
-        return sum(2.0 * self.weights_gb(model, s) / HOST_LINK_GBPS for s in stages)
+        return 2.0 * self.weights_load_s(model, stages)
 
     def weights_load_s(self, model: str, stages: tuple[str, ...] | list[str]) -> float:
         """Seconds to copy the weights of `stages` from host memory to a GPU (one way)."""

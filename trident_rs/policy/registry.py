@@ -1,7 +1,8 @@
 """Policy names -> factories `(cluster, cost, **options) -> Policy`.
 
 `trident` is `make_trident`: its `placement` option picks the shared pool (default) or the
-solver's replica groups (what the Serve runtime runs). `paper` and `trident` are imported lazily (and skipped with a warning where not installed).
+solver's replica groups (what the Serve runtime runs). `paper` and `trident` are imported
+lazily (and skipped with a warning where not installed).
 `static-best` is not a policy of its own: the runtime runs every variant in `STATIC_VARIANTS`
 (static-pipeline and static-stage, FCFS and EDF, at every width in `STATIC_BEST_WIDTHS`) and
 reports the best; `static-best-fcfs` is the best FCFS static-pipeline width, the xDiT-style

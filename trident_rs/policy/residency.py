@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from trident_rs.vocab import STAGES, Shape
 
 GPU = tuple[int, int]  # (node, index)
+# Seconds to form a new sequence-parallel group: a stated guess (Hetu-DiT's switch_parallel_env
+# + hotspa_model); `SimConfig(regroup_s=...)` varies it.
+DEFAULT_REGROUP_S = 1.0
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from statistics import NormalDist
 from trident_rs.errors import ConfigError
 from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.residency import WeightResidency
+from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
 
 _INF = float("inf")
@@ -63,10 +63,13 @@ class _Flight:
 @dataclass(frozen=True)
 class _Choice:
     widths: tuple[int, ...]  # on time: the on-time widths, narrowest first; late: the one it waits for
-    narrowest: int  # for the demand estimate
     time: dict[int, float]  # stage seconds per width (batch 1)
     rest: float  # fastest seconds of the stages after this one
     on_time: bool
+
+    @property
+    def narrowest(self) -> int:
+        return self.widths[0]
 
 
 class _LogError:
@@ -93,7 +96,7 @@ class StagePoolPolicy(Policy):
 
     def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, confidence: float = 0.9,
                  scan_limit: int = 64, max_batch: int = 8, batch_max_pixels: int = 1024 * 1024,
-                 model_load_s: float = 20.0, regroup_s: float = 1.0, models=None, share_window_s: float = 120.0,
+                 model_load_s: float = 20.0, regroup_s: float = DEFAULT_REGROUP_S, models=None, share_window_s: float = 120.0,
                  **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
@@ -141,8 +144,10 @@ class StagePoolPolicy(Policy):
         self._push(request.id)
         self._decay(now)
         r = request
-        work = sum(min(w * self._time(r.model, s, r.shape, w, r.steps) for w in self._feasible(r.model, s, r.shape))
-                   for s in STAGES)
+        work = 0.0  # GPU-seconds of all its stages, each at its cheapest width
+        for i in range(len(STAGES)):
+            ws, time, _, _ = self._class(r.model, i, r.shape, r.steps)
+            work += min(w * time[w] for w in ws)
         self.demand[r.model] = self.demand.get(r.model, 0.0) + work
 
     def on_launch_done(self, launch: Launch, now: float) -> None:
@@ -234,10 +239,10 @@ class StagePoolPolicy(Policy):
         ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, r.steps)
         on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
         if on_time:  # which of them: `_share_out`, from the free GPUs
-            return _Choice(tuple(on_time), on_time[0], time, rest, True)
+            return _Choice(tuple(on_time), time, rest, True)
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer
-        return _Choice((max(efficient),), max(efficient), time, rest, False)
+        return _Choice((max(efficient),), time, rest, False)
 
     def _reserve(self, w: int, free: dict[int, set[int]], now: float) -> tuple[int, frozenset[int], float] | None:
         """The `w` GPUs of one node predicted to be free soonest, and when (EASY backfilling's

@@ -79,11 +79,12 @@ def _policy_options(cfg: AppConfig, cost: Any) -> dict[str, Any]:
     """The configured options; for `trident` without a forecast, the served models (those the
     cost model knows) as its prior, so that its first plan is ready before the first request."""
     options = dict(cfg.policy.options)
-    if cfg.policy.name == "trident":
-        # Serve's stage deployments are fixed-width replica groups: trident dispatches on the
-        # solver's groups there (the shared-pool placement needs replicas that regroup)
-        options.setdefault("placement", "groups")
-    if cfg.policy.name == "trident" and not {"forecast", "workload", "models"} & options.keys():
+    if cfg.policy.name != "trident":
+        return options
+    # Serve's stage deployments are fixed-width replica groups: trident dispatches on the
+    # solver's groups there (the shared-pool placement needs replicas that regroup)
+    options.setdefault("placement", "groups")
+    if not {"forecast", "workload", "models"} & options.keys():
         known = set(cost.models())
         served = [m for m in cfg.models if m in known]
         if served:

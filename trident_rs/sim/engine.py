@@ -17,7 +17,7 @@ from trident_rs.errors import TridentError
 from trident_rs.models.spec import REGISTRY as MODEL_SPECS
 from trident_rs.policy.baselines import stage_width
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.residency import WeightResidency
+from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
 _DONE, _READY, _WAKE = 0, 1, 2
@@ -37,8 +37,6 @@ SERVE_REQUEST_OVERHEAD_S = 0.030
 # A shared-pool launch on a sequence-parallel group its GPUs did not last form pays for the
 # switch: Hetu-DiT runs `switch_parallel_env` (pre-built communicators) and `hotspa_model`
 # (re-wrapping the model for the new degree) before the request. Not measured here (no GPU):
-# 1 s is a stated guess; `benchmarks/suite.py --regroup-s` varies it.
-DEFAULT_REGROUP_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -382,7 +380,7 @@ class Simulator:
             sigma = self.config.noise
             compute *= self.rng.lognormvariate(-sigma * sigma / 2, sigma)
         transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
-        extra = transfer + self.config.hop_overhead_s + self._regroup_time(launch, first.shape)
+        extra = transfer + self.config.hop_overhead_s + self._pool_load_s(launch, first.shape)
         if launch.offload:
             extra += self.cost.offload_s(launch.model, launch.offload)
         duration = compute + extra
@@ -410,7 +408,7 @@ class Simulator:
         self.policy.on_launch_refused(launch, self.now)
         return True
 
-    def _regroup_time(self, launch: Launch, shape) -> float:
+    def _pool_load_s(self, launch: Launch, shape) -> float:
         """Shared-pool launches (no replica group) pay for the weights their GPUs lack and for
         regrouping (`WeightResidency`). Replica groups pay their start cost instead."""
         if launch.group_id:
