@@ -159,3 +159,73 @@ def test_transfer_between_nodes_adds_time():
     hops = simulate(cluster, policy, cost, reqs, SimConfig.ideal(inter_node_gbps=0.001))
     embeddings, latent = 512 * 4096 * 2, 128 * 128 * 16 * 2
     assert hops.finish["a"] == pytest.approx(compute + (embeddings + latent) / 1e6)
+
+
+class Scripted(GreedyOnGpuZero):
+    """Runs a fixed list of launches one after another, each no earlier than its start time."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[tuple[float, Launch]]):
+        super().__init__()
+        self.script, self.busy = list(script), False
+
+    def on_launch_done(self, launch, now):
+        self.busy = False
+
+    def schedule(self, state):
+        if self.busy or not self.script or self.script[0][0] > state.now:
+            return SchedulerOutput()
+        self.busy = True
+        return SchedulerOutput((self.script.pop(0)[1],))
+
+    def next_wakeup(self, now):
+        return self.script[0][0] if self.script and not self.busy else None
+
+
+def _chunked(rid: str, ranges, pause_at: float = 0.0, gpus=((0,), (1,))):
+    script = [(0.0, Launch((rid,), "img", ("encode",), 1, 0, (0,)))]
+    for i, steps in enumerate(ranges):
+        g = gpus[i % len(gpus)]
+        script.append((pause_at if i == 1 else 0.0, Launch((rid,), "img", ("diffuse",), len(g), 0, g, steps=steps)))
+    script.append((0.0, Launch((rid,), "img", ("decode",), 1, 0, (0,))))
+    return script
+
+
+def test_diffuse_chunks_cost_their_steps_plus_boundary_and_moves():
+    from trident_rs.policy.payload_size import chunk_state_bytes
+
+    shape = Shape(1024, 1024)
+    reqs = [Request("a", "img", shape, 4, 0.0, 100.0)]
+    cluster, cost = Cluster(1, 2), FakeCost()
+    config = SimConfig.ideal(chunk_boundary_s=0.5, intra_node_gbps=0.001)
+    whole = simulate(cluster, Scripted(_chunked("a", [None])), cost, reqs, config)
+    chunked = simulate(cluster, Scripted(_chunked("a", [(0, 1), (1, 4)], gpus=((0,),))), cost, reqs, config)
+    # same GPUs, resumed at once: one boundary, nothing moved
+    assert chunked.finish["a"] == pytest.approx(whole.finish["a"] + 0.5)
+    assert [r.steps for r in chunked.timeline["a"]] == [None, (0, 1), (1, 4), None]
+    assert chunked.peak_paused_gb == 0
+    # paused until t=10, resumed on the other GPU: the state comes back from host memory
+    paused = simulate(cluster, Scripted(_chunked("a", [(0, 2), (2, 4)], pause_at=10.0)), cost, reqs, config)
+    state_s = chunk_state_bytes("img", 1024, 1024, 1) / 1e6
+    diffuse2 = cost.stage_time("img", "diffuse", shape, 1, steps=2)
+    decode = cost.stage_time("img", "decode", shape)
+    latent_s = 128 * 128 * 16 * 2 / 1e6  # decode on the first GPU again
+    assert paused.finish["a"] == pytest.approx(10.0 + 0.5 + state_s + diffuse2 + latent_s + decode)
+    assert paused.peak_paused_gb == pytest.approx(chunk_state_bytes("img", 1024, 1024, 1) / 1e9)
+    assert paused.timeline["a"][2].queued_s == pytest.approx(10.0 - paused.timeline["a"][1].end)
+
+
+def test_engine_rejects_bad_chunks_and_paused_state_over_budget():
+    reqs = [Request("a", "img", Shape(1024, 1024), 4, 0.0, 100.0)]
+    cluster, cost = Cluster(1, 2), FakeCost()
+    with pytest.raises(PolicyViolation, match="chunk \\(1, 3\\) of request a, which has done 0"):
+        simulate(cluster, Scripted(_chunked("a", [(1, 3)])), cost, reqs)
+    with pytest.raises(PolicyViolation, match="chunk \\(2, 5\\)"):
+        simulate(cluster, Scripted(_chunked("a", [(0, 2), (2, 5)])), cost, reqs)
+    bad = [(0.0, Launch(("a",), "img", ("encode", "diffuse"), 1, 0, (0,), steps=(0, 2)))]
+    with pytest.raises(PolicyViolation, match="diffuse-only"):
+        simulate(cluster, Scripted(bad), cost, reqs)
+    with pytest.raises(PolicyViolation, match="over the 0.0001 GB budget"):
+        simulate(cluster, Scripted(_chunked("a", [(0, 2), (2, 4)], pause_at=10.0)), cost, reqs,
+                 SimConfig(host_memory_gb=1e-4))

@@ -107,6 +107,11 @@ class Launch:
     (shared GPU pool) leave it empty and pick GPUs directly. `offload` names stages of a
     multi-stage launch whose weights are loaded only while they run (see
     `CostModel.launch_memory`); the runtime charges the transfer.
+
+    `steps` = (a, b) makes a diffuse-only launch a *chunk*: denoising steps [a, b) of every
+    request in it (each must have done exactly a steps). A request whose chunk ends before its
+    last step stays at diffuse, its latents and solver state kept, until a later chunk (at any
+    width, on any GPUs) resumes it. None: all the steps still to do.
     """
 
     request_ids: tuple[str, ...]
@@ -117,10 +122,15 @@ class Launch:
     gpus: tuple[int, ...]
     group_id: str = ""
     offload: tuple[Stage, ...] = ()  # stages whose weights stay in host memory between uses
+    steps: tuple[int, int] | None = None  # diffuse chunk: steps [a, b)
 
     @property
     def batch(self) -> int:
         return len(self.request_ids)
+
+    def finishes_stage(self, total_steps: int) -> bool:
+        """Whether the launch completes its last stage (a chunk only at the request's last step)."""
+        return self.steps is None or self.steps[1] >= total_steps
 
 
 @dataclass(frozen=True)

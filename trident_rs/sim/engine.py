@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 from trident_rs.errors import TridentError
-from trident_rs.models.spec import REGISTRY as MODEL_SPECS
 from trident_rs.policy.baselines import stage_width
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.payload_size import TEXT_EMBEDDING_BYTES, chunk_state_bytes, latent_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
@@ -34,6 +34,10 @@ class PolicyViolation(TridentError, RuntimeError):
 # and finish) on top of its stage hops (69 ms for a zero-work request with three hops).
 SERVE_HOP_OVERHEAD_S = 0.013
 SERVE_REQUEST_OVERHEAD_S = 0.030
+# A diffuse chunk that resumes a request (steps [a, b) with a > 0) restores its latents and
+# solver state and re-enters the pipeline's loop: the time a chunk call adds on the tiny CPU
+# models (benchmarks/chunk_boundary.py), on top of the hop overhead every launch pays.
+CHUNK_BOUNDARY_S = 0.02
 # A shared-pool launch on a sequence-parallel group its GPUs did not last form pays for the
 # switch: Hetu-DiT runs `switch_parallel_env` (pre-built communicators) and `hotspa_model`
 # (re-wrapping the model for the new degree) before the request. Not measured here (no GPU):
@@ -50,7 +54,10 @@ class SimConfig:
     new replica group (`start_cost_s`) and, for shared-pool launches (no replica group),
     regrouping GPUs into a new sequence-parallel group (`regroup_s`), loading another model
     onto them (`model_load_s`, default the start cost) or copying in a stage's weights they do
-    not hold (`WeightResidency`)."""
+    not hold (`WeightResidency`). Diffuse chunks (`Launch.steps`) pay `chunk_boundary_s` when
+    they resume a request, and move its chunk state (`chunk_state_bytes`) between GPUs, or back
+    from host memory where the request was paused; paused state beyond `host_memory_gb` is a
+    policy violation."""
 
     noise: float = 0.0  # sigma of a mean-1 lognormal factor on every launch's compute time
     seed: int = 0
@@ -64,6 +71,8 @@ class SimConfig:
     request_overhead_s: float = SERVE_REQUEST_OVERHEAD_S  # added to every request's latency
     regroup_s: float = DEFAULT_REGROUP_S
     model_load_s: float | None = None  # None: start_cost_s
+    chunk_boundary_s: float = CHUNK_BOUNDARY_S  # added to every chunk that resumes a request
+    host_memory_gb: float = 512.0  # paused requests' chunk state held in host memory, cluster-wide
 
     @classmethod
     def ideal(cls, **overrides) -> "SimConfig":
@@ -86,6 +95,7 @@ class StageRecord:
     node: int
     batch: int
     extra_s: float = 0.0  # transfer, overhead, regroup and offload time inside [start, end]
+    steps: tuple[int, int] | None = None  # diffuse chunk: steps [a, b)
 
     @property
     def queued_s(self) -> float:
@@ -117,24 +127,17 @@ class SimResult:
     memory_refusals: int = 0  # launches refused
     timeline: dict[str, list[StageRecord]] = field(default_factory=dict)
     demoted: frozenset[str] = frozenset()  # requests the policy demoted as late (if it says)
+    peak_paused_gb: float = 0.0  # most chunk state paused requests held in host memory at once
 
     def request_timeline(self, request_id: str) -> dict:
         """Queue and run time per launch, width, and whether the policy demoted the request."""
         recs = self.timeline.get(request_id, [])
         return {"stages": [{"stages": list(r.stages), "queued_s": r.queued_s, "run_s": r.run_s, "width": r.width,
-                            "node": r.node, "batch": r.batch, "extra_s": r.extra_s} for r in recs],
+                            "node": r.node, "batch": r.batch, "extra_s": r.extra_s,
+                            **({"steps": list(r.steps)} if r.steps else {})} for r in recs],
                 "demoted": request_id in self.demoted, "failed": self.failed.get(request_id, "")}
 
 
-def latent_bytes(model: str, height: int, width: int, frames: int) -> float:
-    """bf16 latent of one request: latent pixels × 16 channels × 2 bytes."""
-    spec = MODEL_SPECS.get(model)
-    scale, tc = (spec.vae_scale, spec.temporal_compression) if spec else (8, 4)
-    lat_frames = 1 if frames <= 1 else (frames - 1) // tc + 1
-    return (height // scale) * (width // scale) * lat_frames * 16 * 2.0
-
-
-TEXT_EMBEDDING_BYTES = 512 * 4096 * 2.0  # T5-XXL prompt embeddings, bf16
 
 
 class Simulator:
@@ -185,6 +188,12 @@ class Simulator:
             cost, cluster.gpu_memory_gb, self.config.start_cost_s if self.config.model_load_s is None
             else self.config.model_load_s, self.config.regroup_s)
         self.running: dict[int, tuple[Launch, float, float]] = {}  # id(launch) in flight -> (launch, start, extra s)
+        # diffuse chunks: steps done per request; requests whose chunk just ended (paused unless
+        # the policy resumes them at once); paused requests and the host memory they hold
+        self.steps_done: dict[str, int] = {}
+        self.at_boundary: list[str] = []
+        self.paused: dict[str, float] = {}  # request -> bytes of chunk state in host memory
+        self.paused_bytes = self.peak_paused_bytes = 0.0
 
     # ---- event plumbing -------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: object) -> None:
@@ -321,17 +330,38 @@ class Simulator:
         return t
 
     def _transfer_time(self, req: Request, launch: Launch) -> float:
+        """Moving what the launch needs from where the request's last launch left it: nothing
+        on the same GPUs; a paused request's chunk state comes back from host memory."""
+        s = req.shape
+        if req.id in self.paused:
+            return self.paused[req.id] / (self.config.intra_node_gbps * 1e9)
         prev = self.where.get(req.id)
         if prev is None:
             return 0.0
         node, gpus = prev
         if node == launch.node and not set(gpus).isdisjoint(launch.gpus):
             return 0.0
-        prev_stage = STAGES[self.next_stage[req.id] - 1]
-        s = req.shape
-        size = TEXT_EMBEDDING_BYTES if prev_stage == "encode" else latent_bytes(req.model, s.height, s.width, s.frames)
+        if self.steps_done.get(req.id) and STAGES[self.next_stage[req.id]] == "diffuse":
+            size = chunk_state_bytes(req.model, s.height, s.width, s.frames)
+        elif STAGES[self.next_stage[req.id] - 1] == "encode":
+            size = TEXT_EMBEDDING_BYTES
+        else:
+            size = latent_bytes(req.model, s.height, s.width, s.frames)
         gbps = self.config.intra_node_gbps if node == launch.node else self.config.inter_node_gbps
         return size / (gbps * 1e9)
+
+    def _steps_of(self, launch: Launch) -> int:
+        """Denoising steps the launch runs (checked: a chunk starts where each request stands)."""
+        if launch.steps is None:
+            return max(self.by_id[r].steps - self.steps_done.get(r, 0) for r in launch.request_ids)
+        a, b = launch.steps
+        if launch.stages != ("diffuse",):
+            self._fail(f"a step range needs a diffuse-only launch, got {launch.stages}")
+        for rid in launch.request_ids:
+            if self.steps_done.get(rid, 0) != a or not a < b <= self.by_id[rid].steps:
+                self._fail(f"chunk {launch.steps} of request {rid}, which has done "
+                           f"{self.steps_done.get(rid, 0)} of {self.by_id[rid].steps} steps")
+        return b - a
 
     def _launch(self, launch: Launch) -> None:
         if not launch.request_ids:
@@ -373,7 +403,7 @@ class Simulator:
         batch = len(launch.request_ids)
         if self.config.enforce_memory and self._refuse_for_memory(launch, first, batch):
             return
-        steps = max(self.by_id[r].steps for r in launch.request_ids)
+        steps = self._steps_of(launch)
         compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps)
                       for s in launch.stages)
         if self.config.noise > 0:
@@ -381,6 +411,10 @@ class Simulator:
             compute *= self.rng.lognormvariate(-sigma * sigma / 2, sigma)
         transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
         extra = transfer + self.config.hop_overhead_s + self._pool_load_s(launch, first.shape)
+        if launch.steps is not None and launch.steps[0] > 0:
+            extra += self.config.chunk_boundary_s
+        for rid in launch.request_ids:
+            self.paused_bytes -= self.paused.pop(rid, 0.0)
         if launch.offload:
             extra += self.cost.offload_s(launch.model, launch.offload)
         duration = compute + extra
@@ -405,6 +439,7 @@ class Simulator:
         self.memory_refusals += 1
         for rid in launch.request_ids:
             self.failed[rid] = why
+            self.paused_bytes -= self.paused.pop(rid, 0.0)
         self.policy.on_launch_refused(launch, self.now)
         return True
 
@@ -425,11 +460,16 @@ class Simulator:
             self.in_flight.discard(rid)
             self.timeline.setdefault(rid, []).append(StageRecord(
                 launch.stages, self.ready_at.get(rid, start), start, self.now, launch.width, launch.node,
-                len(launch.request_ids), extra))
+                len(launch.request_ids), extra, launch.steps))
             self.ready_at[rid] = self.now
+            self.where[rid] = (launch.node, launch.gpus)
+            if not launch.finishes_stage(self.by_id[rid].steps):
+                self.steps_done[rid] = launch.steps[1]
+                self.at_boundary.append(rid)
+                continue
+            self.steps_done.pop(rid, None)
             i = self.next_stage[rid] + n
             self.next_stage[rid] = i
-            self.where[rid] = (launch.node, launch.gpus)
             if i == len(STAGES):
                 self.finish[rid] = self.now + self.config.request_overhead_s
                 del self.where[rid]
@@ -456,6 +496,21 @@ class Simulator:
             self.wakeup_at = wake
             self._push(wake, _WAKE, wake)
         return bool(out.launches) or out.new_plan is not None
+
+    def _pause_the_unresumed(self) -> None:
+        """Chunks that ended now and were not resumed at once: their state goes to host memory."""
+        for rid in self.at_boundary:
+            if rid in self.in_flight or rid in self.failed:
+                continue
+            r = self.by_id[rid]
+            size = chunk_state_bytes(r.model, r.shape.height, r.shape.width, r.shape.frames)
+            self.paused[rid] = size
+            self.paused_bytes += size
+        self.at_boundary.clear()
+        self.peak_paused_bytes = max(self.peak_paused_bytes, self.paused_bytes)
+        if self.paused_bytes > self.config.host_memory_gb * 1e9:
+            self._fail(f"paused requests hold {self.paused_bytes / 1e9:.1f} GB of host memory, "
+                       f"over the {self.config.host_memory_gb:g} GB budget")
 
     def run(self, progress=None) -> SimResult:
         """Simulate to the end (or `config.until`); `progress(n_arrived)` is called as requests arrive."""
@@ -499,6 +554,7 @@ class Simulator:
                 # now, or the rest of its queue waits for an unrelated event (each refusal fails a
                 # request for good, so this ends)
                 acted = self._schedule() or acted
+            self._pause_the_unresumed()
             if only_wakeup and not acted and not self.in_flight and i == n and not self.starting:
                 idle_wakeups += 1
                 if idle_wakeups >= self.config.max_idle_wakeups:
@@ -518,6 +574,7 @@ class Simulator:
             in_flight_at_end=unfinished, replan_reasons=self.replan_reasons, failed=dict(self.failed),
             memory_refusals=self.memory_refusals, timeline=self.timeline,
             demoted=frozenset(getattr(self.policy, "demoted", ()) or ()),
+            peak_paused_gb=self.peak_paused_bytes / 1e9,
         )
 
 

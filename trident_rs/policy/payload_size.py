@@ -1,0 +1,21 @@
+"""Bytes a request's tensors take between stages (and between diffuse chunks): what a runtime
+moves over PCIe or the network, and what a paused request keeps in host memory."""
+from __future__ import annotations
+
+from trident_rs.models.spec import REGISTRY as MODEL_SPECS
+
+TEXT_EMBEDDING_BYTES = 512 * 4096 * 2.0  # T5-XXL prompt embeddings, bf16
+
+
+def latent_bytes(model: str, height: int, width: int, frames: int) -> float:
+    """bf16 latent of one request: latent pixels × 16 channels × 2 bytes."""
+    spec = MODEL_SPECS.get(model)
+    scale, tc = (spec.vae_scale, spec.temporal_compression) if spec else (8, 4)
+    lat_frames = 1 if frames <= 1 else (frames - 1) // tc + 1
+    return (height // scale) * (width // scale) * lat_frames * 16 * 2.0
+
+
+def chunk_state_bytes(model: str, height: int, width: int, frames: int) -> float:
+    """What a paused diffuse holds between chunks: its latents, a multistep solver's history
+    (a few latents more; counted as two) and the prompt embeddings."""
+    return 3 * latent_bytes(model, height, width, frames) + TEXT_EMBEDDING_BYTES
