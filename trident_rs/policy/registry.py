@@ -7,6 +7,8 @@ lazily (and skipped with a warning where not installed).
 (static-pipeline and static-stage, FCFS and EDF, at every width in `STATIC_BEST_WIDTHS`) and
 reports the best; `static-best-fcfs` is the best FCFS static-pipeline width, the xDiT-style
 baseline the paper compares against. `bound` is analytic (`BoundPolicy.evaluate`).
+`tetriserve` and `genserve` are step-level baselines after those papers (diffuse in step
+chunks, the degree chosen per chunk; `policy/tetriserve.py`, `policy/genserve.py`).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ _FACTORIES: dict[str, tuple[str, str]] = {
     "paper": ("trident_rs.policy.paper", "PaperPolicy"),
     "trident": ("trident_rs.policy.trident", "make_trident"),
     "bound": ("trident_rs.policy.bound", "BoundPolicy"),
+    "tetriserve": ("trident_rs.policy.tetriserve", "TetriServePolicy"),
+    "genserve": ("trident_rs.policy.genserve", "GenServePolicy"),
 }
 ANALYTIC = frozenset({"bound"})  # evaluated, not simulated
 SWEPT = frozenset({"static-best", "static-best-fcfs"})  # run at every width (and variant), best reported
