@@ -86,6 +86,16 @@ def test_genserve_preempts_a_video_for_an_urgent_image():
     assert preemptions(pinned, "vid") == 0
 
 
+def test_genserve_batches_images_that_would_miss_one_after_the_other():
+    # one GPU, two small same-class images at once: one after the other the second misses;
+    # batched (1.3x the time of one, FakeCost) both make it
+    cluster = Cluster(1, 1)
+    imgs = [Request(f"i{j}", "img", Shape(256, 256), 28, 0.0, 4.5) for j in range(2)]  # 2.8 s each alone
+    res = simulate(cluster, GenServePolicy(cluster, COST), COST, imgs, SimConfig.ideal())
+    assert all(res.finish[r.id] <= r.deadline for r in imgs)
+    assert [rec.batch for rec in res.timeline["i0"] if rec.stages == ("diffuse",)] == [2]
+
+
 def test_tetriserve_widens_a_request_when_gpus_free_up():
     # four GPUs, a video and three urgent images at once: each gets one GPU (the on-time degree
     # with the fewest GPU-seconds); once the images are done, a round boundary widens the video

@@ -140,19 +140,18 @@ class GenServePolicy(StepLevelPolicy):
         while size > 1 and mem is not None and mem(req.model, ("diffuse",), req.shape, p.width, size) \
                 > self.cluster.gpu_memory_gb:
             size //= 2
-        mates = [q for q in waiting if q.done == 0 and not q.running and
-                 (q.request.model, q.request.shape, q.request.steps) == (req.model, req.shape, req.steps)]
-        if size <= 1 or not mates:
-            return
-        size = min(size, 1 + len(mates))
-        run = self._time(req.model, "diffuse", req.shape, p.width, size) * req.steps
-        end = now + p.load + run + self.overhead_s + self._after(req, 1)
-        group = sorted([p.req, *mates[:size - 1]], key=lambda q: q.request.deadline)
-        if end > group[0].request.deadline:
-            return
-        p.companions = [q for q in group if q is not p.req]
-        for q in p.companions:
-            waiting.remove(q)
+        mates = sorted((q for q in waiting if q.done == 0 and not q.running and
+                        (q.request.model, q.request.shape, q.request.steps) == (req.model, req.shape, req.steps)),
+                       key=lambda q: q.request.deadline)
+        for b in range(min(size, 1 + len(mates)), 1, -1):  # the largest batch that keeps its members on time
+            run = self._time(req.model, "diffuse", req.shape, p.width, b) * req.steps
+            end = now + p.load + run + self.overhead_s + self._after(req, 1)
+            ok = [q for q in mates if q.request.deadline >= end]
+            if req.deadline >= end and len(ok) >= b - 1:
+                p.companions = ok[:b - 1]
+                for q in p.companions:
+                    waiting.remove(q)
+                return
 
     def _best_batch(self, req, width: int) -> int:
         key = (req.model, req.shape, req.steps, width)
