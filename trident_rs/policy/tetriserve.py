@@ -193,6 +193,8 @@ class StepLevelPolicy(Policy):
         self.model_load_s = opts["model_load_s"]
         self.residency = WeightResidency(cost, cluster.gpu_memory_gb, opts["model_load_s"], opts["regroup_s"])
         self._own_free: dict[tuple[str, int], float] = {}  # per schedule call, see `_may_load`
+        self._kinds: dict[tuple, int] = {}
+        self._loads: dict[tuple, float] = {}
         self.busy_until: dict[tuple[int, int], float] = {}  # GPU -> predicted end of its launch
         self.reqs: dict[str, _Req] = {}
         self.stage_q: list[tuple[float, int, str]] = []  # encode / decode ready: (deadline, seq, id)
@@ -256,6 +258,8 @@ class StepLevelPolicy(Policy):
         if not free or not (self.stage_q or self.diffuse_q):
             return SchedulerOutput()
         self._own_free = {}
+        self._kinds: dict[tuple, int] = {}  # per call: what a free GPU holds, for `_place`
+        self._loads: dict[tuple, float] = {}  # per call: load seconds of a free GPU set
         launches: list[Launch] = []
         self._continue_pinned(now, free, launches)
         reserved = {(self.reqs[rid].node, i) for rid in self.boundary for i in self.reqs[rid].gpus
@@ -529,14 +533,20 @@ class StepLevelPolicy(Policy):
 
             kind = {}  # 0: holds the stage's weights, 1: the model's (or nothing), 2: another model's
             for i in g:
-                held = self.residency.holds(n, i)
-                mine = None if held is None else held.stages_of(model)
-                kind[i] = 1 if held is None else 2 if mine is None else 0 if stage in mine else 1
+                c = self._kinds.get((n, i, model, stage))
+                if c is None:  # a free GPU's weights do not change within a call: cached
+                    held = self.residency.holds(n, i)
+                    mine = None if held is None else held.stages_of(model)
+                    c = self._kinds[(n, i, model, stage)] = \
+                        1 if held is None else 2 if mine is None else 0 if stage in mine else 1
+                kind[i] = c
             cands.append(tuple(sorted(sorted(g, key=lambda i: (kind[i], (n, i) in avoid, i))[:k])))
             if avoid:
                 cands.append(tuple(sorted(sorted(g, key=lambda i: ((n, i) in avoid, kind[i], i))[:k])))
             for gpus in cands:
-                load = self.residency.load_s(model, (stage,), n, gpus)
+                load = self._loads.get((model, stage, n, gpus))
+                if load is None:
+                    load = self._loads[(model, stage, n, gpus)] = self.residency.load_s(model, (stage,), n, gpus)
                 score = (load, sum((n, i) in avoid for i in gpus), n != r.node, len(g), n)
                 if best is None or score < best[0]:
                     best = (score, n, gpus, load)
