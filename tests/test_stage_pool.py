@@ -52,8 +52,11 @@ def test_pool_never_over_allocates_and_loses_no_request(nodes, gap, seed, models
     assert len(res.finish) == len(reqs)
     assert policy.pending() == 0 and not policy.ready
     assert res.busy_gpu_seconds <= cluster.total_gpus * res.end_time + 1e-6
-    for r in reqs:  # each stage exactly once, in order, as its own launch
-        assert [rec.stages for rec in res.timeline[r.id]] == [(s,) for s in STAGES]
+    for r in reqs:  # each stage exactly once, in order, as its own launch; diffuse in chunks
+        recs = res.timeline[r.id]
+        assert [rec.stages for rec in recs] == [("encode",)] + [("diffuse",)] * (len(recs) - 2) + [("decode",)]
+        chunks = [rec.steps for rec in recs[1:-1]]
+        assert [a for a, _ in chunks] == [0] + [b for _, b in chunks[:-1]] and chunks[-1][1] == r.steps
 
 
 def test_decode_does_not_hold_the_diffuse_gpus():
@@ -63,9 +66,10 @@ def test_decode_does_not_hold_the_diffuse_gpus():
     s = Shape(2048, 2048)
     r = Request("r0", "flux", s, 28, 0.0, slo_seconds(COST, "flux", s, 28, 1.5))
     res = simulate(cluster, StagePoolPolicy(cluster, COST), COST, [r], SimConfig.ideal())
-    enc, dif, dec = res.timeline["r0"]
-    assert enc.width == 1 and dif.width >= 2 and dec.width < dif.width
-    assert dif.extra_s < 0.1  # the start loaded the whole pipeline on the GPUs: no weights to copy
+    enc, *chunks, dec = res.timeline["r0"]
+    assert enc.width == 1 and all(dif.width >= 2 and dec.width < dif.width for dif in chunks)
+    # the start loaded the whole pipeline on the GPUs: no weights to copy; chunks go on in place
+    assert all(dif.extra_s < 0.1 for dif in chunks)
     assert res.finish["r0"] <= r.deadline
 
 
@@ -157,3 +161,46 @@ def test_trident_placements_and_bad_options():
         registry.make_policy("trident", cluster, COST, late_width="best")
     with pytest.raises(ConfigError, match="confidence"):
         StagePoolPolicy(cluster, COST, confidence=1.5)
+
+
+def _pauses(res, rid: str) -> list[float]:
+    """How long each resumed diffuse chunk of a request waited after its previous chunk."""
+    recs = [rec for rec in res.timeline[rid] if rec.steps and rec.steps[0] > 0]
+    return [rec.queued_s for rec in recs if rec.queued_s > 1e-9]
+
+
+@settings(max_examples=20, deadline=None)
+@given(gap=st.floats(0.05, 1.0), seed=st.integers(0, 1000), max_preemptions=st.integers(0, 3),
+       max_pause_s=st.sampled_from([5.0, 30.0]), models=st.sampled_from([("flux",), ("sd3", "cogvideox")]))
+def test_preemption_is_bounded(gap, seed, max_preemptions, max_pause_s, models):
+    """Under overload no request yields its GPUs at more than `max_preemptions` chunk
+    boundaries, and none stays paused much past `max_pause_s`: once over it, the request goes
+    first and is reserved the next GPUs, so it waits at most for a launch to end."""
+    cluster = Cluster(1, 8)
+    reqs = workload(60, gap, seed, models, 2.0)
+    policy = StagePoolPolicy(cluster, COST, models=dict.fromkeys(models, 1.0), max_preemptions=max_preemptions,
+                             max_pause_s=max_pause_s)
+    res = simulate(cluster, policy, COST, reqs, SimConfig(noise=0.3, seed=seed))
+    assert len(res.finish) == len(reqs)
+    longest = max(rec.run_s for r in reqs for rec in res.timeline[r.id])
+    for r in reqs:
+        pauses = _pauses(res, r.id)
+        assert len(pauses) <= max_preemptions
+        assert all(p <= max_pause_s + longest + 1e-6 for p in pauses), (r.id, pauses, longest)
+
+
+def test_a_chunked_request_yields_its_gpus_to_an_urgent_one_and_resumes():
+    # one GPU: a lax 2048² FLUX image starts alone; a tight 512² image arrives meanwhile. At the
+    # next chunk boundary the big one pauses, the small one runs and meets its deadline, then
+    # the big one resumes where it stopped (and meets its own); without chunks the small one misses
+    cluster = Cluster(1, 1)
+    big, small = Shape(2048, 2048), Shape(512, 512)
+    t_small = sum(COST.stage_time("flux", s, small, 1, 1, 28) for s in STAGES)
+    reqs = [Request("big", "flux", big, 28, 0.0, 10_000.0), Request("small", "flux", small, 28, 5.0, 5.0 + 2 * t_small)]
+    for elastic in (True, False):
+        res = simulate(cluster, StagePoolPolicy(cluster, COST, elastic=elastic), COST, reqs, SimConfig.ideal())
+        made = {r.id: res.finish[r.id] <= r.deadline for r in reqs}
+        assert made == {"big": True, "small": elastic}
+    assert len(_pauses(res, "big")) == 0
+    res = simulate(cluster, StagePoolPolicy(cluster, COST), COST, reqs, SimConfig.ideal())
+    assert len(_pauses(res, "big")) == 1

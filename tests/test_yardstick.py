@@ -170,12 +170,13 @@ def test_timeline_records_queue_and_run_per_stage():
     res = run.result
     for r in reqs:
         recs = res.timeline[r.id]
-        assert [rec.stages for rec in recs] == [("encode",), ("diffuse",), ("decode",)]
+        assert [rec.stages for rec in recs] == [("encode",)] + [("diffuse",)] * (len(recs) - 2) + [("decode",)]
         assert recs[0].ready == r.arrival
         for a, b in zip(recs, recs[1:]):
             assert b.ready == a.end and b.start >= b.ready
         info = res.request_timeline(r.id)
-        assert len(info["stages"]) == 3 and isinstance(info["demoted"], bool)
+        assert len(info["stages"]) == len(recs) and isinstance(info["demoted"], bool)
+        assert [c["steps"] for c in info["stages"][1:-1]][-1][1] == r.steps  # diffuse chunks, to the last step
     assert res.finish[reqs[0].id] == pytest.approx(res.timeline[reqs[0].id][-1].end + SimConfig().request_overhead_s)
 
 

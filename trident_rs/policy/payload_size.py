@@ -1,10 +1,15 @@
 """Bytes a request's tensors take between stages (and between diffuse chunks): what a runtime
-moves over PCIe or the network, and what a paused request keeps in host memory."""
+moves over PCIe or the network, and what a paused request keeps in host memory; and the time
+a chunk boundary adds."""
 from __future__ import annotations
 
 from trident_rs.models.spec import REGISTRY as MODEL_SPECS
 
 TEXT_EMBEDDING_BYTES = 512 * 4096 * 2.0  # T5-XXL prompt embeddings, bf16
+# A diffuse chunk that resumes a request (steps [a, b) with a > 0) restores its latents and
+# solver state and re-enters the pipeline's loop: the time a chunk call adds on the tiny CPU
+# models (benchmarks/chunk_boundary.py), on top of the hop overhead every launch pays.
+CHUNK_BOUNDARY_S = 0.02
 
 
 def latent_bytes(model: str, height: int, width: int, frames: int) -> float:

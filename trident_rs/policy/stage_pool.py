@@ -30,6 +30,14 @@ Decisions, each from the cost model:
   queued ahead on them) would finish later or miss the deadline.
 - **Batching**: same-shape small images (<= `batch_max_pixels`) share a launch, up to the size
   with the best throughput, while each stays on time.
+- **Step elasticity** (`elastic`): diffuse runs in chunks of steps (`Launch.steps`), each as
+  long as makes the boundary's cost (`boundary_s`) at most `chunk_overhead` of it. At every
+  boundary the request is decided again like any ready task, with its remaining steps: it
+  goes on where it ran (free of cost), moves to another width where that pays for the
+  regroup, or yields its GPUs to more urgent work and pauses (its state in host memory).
+  Starvation is bounded: after `max_preemptions` pauses a request runs its remaining steps in
+  one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs.
+  Paused state never exceeds `host_memory_gb`: a request whose pause would overflow it goes on.
 """
 from __future__ import annotations
 
@@ -41,12 +49,14 @@ from statistics import NormalDist
 from trident_rs.errors import ConfigError
 from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, chunk_state_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
 
 _INF = float("inf")
 # options the runtimes give every trident placement; the pool has no use for them
 _SHARED_OPTIONS = frozenset({"slo_scale", "seed", "tick_s", "forecast", "workload"})
+SERVE_HOP_S = 0.013  # what every launch costs the runtime (the simulator's `hop_overhead_s`)
 
 
 @dataclass
@@ -58,6 +68,13 @@ class _Flight:
     late: bool = False
     node: int = -1  # where its last stage ran
     gpus: tuple[int, ...] = ()
+    done: int = 0  # diffuse steps done (chunks)
+    pauses: int = 0  # chunk boundaries at which it yielded its GPUs
+    urgent: bool = False  # paused past the bound: goes first
+
+    @property
+    def steps_left(self) -> int:
+        return self.request.steps - self.done
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,8 @@ class StagePoolPolicy(Policy):
     def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, confidence: float = 0.9,
                  scan_limit: int = 64, max_batch: int = 8, batch_max_pixels: int = 1024 * 1024,
                  model_load_s: float = 20.0, regroup_s: float = DEFAULT_REGROUP_S, models=None, share_window_s: float = 120.0,
+                 elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_S + CHUNK_BOUNDARY_S,
+                 max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
                  **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
@@ -105,13 +124,27 @@ class StagePoolPolicy(Policy):
             threshold, confidence, share_window_s = float(threshold), float(confidence), float(share_window_s)
             scan_limit, max_batch, batch_max_pixels = int(scan_limit), int(max_batch), int(batch_max_pixels)
             model_load_s, regroup_s = float(model_load_s), float(regroup_s)
+            elastic = elastic if isinstance(elastic, bool) else str(elastic).lower() in ("1", "true", "yes", "on")
+            chunk_overhead, boundary_s = float(chunk_overhead), float(boundary_s)
+            max_preemptions, max_pause_s, host_memory_gb = int(max_preemptions), float(max_pause_s), float(host_memory_gb)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"trident (pool): bad option value ({e})") from None
         if not 0.5 <= confidence < 1 or not 0 < threshold <= 1 or scan_limit < 1 or max_batch < 1:
             raise ConfigError("trident (pool): need 0.5 <= confidence < 1, 0 < threshold <= 1, "
                               "scan_limit >= 1, max_batch >= 1")
+        if not 0 < chunk_overhead <= 1 or boundary_s < 0 or max_preemptions < 0 or max_pause_s <= 0 \
+                or host_memory_gb < 0:
+            raise ConfigError("trident (pool): need 0 < chunk_overhead <= 1, boundary_s >= 0, max_preemptions >= 0, "
+                              "max_pause_s > 0, host_memory_gb >= 0")
         self.cluster, self.cost = cluster, cost
         self.threshold, self.scan_limit = threshold, scan_limit
+        self.elastic, self.chunk_overhead, self.boundary_s = elastic, chunk_overhead, boundary_s
+        self.max_preemptions, self.max_pause_s = max_preemptions, max_pause_s
+        self.host_bytes, self.paused_bytes = host_memory_gb * 1e9, 0.0
+        self.regroup_s = regroup_s
+        self._boundary: list[str] = []  # requests whose chunk ended at this instant
+        self._launched: set[str] = set()  # requests launched at this instant
+        self.paused: dict[str, float] = {}  # paused request -> since when
         self.max_batch, self.batch_max_pixels = max_batch, batch_max_pixels
         self.z = NormalDist().inv_cdf(confidence)
         self.model_load_s = model_load_s
@@ -156,8 +189,14 @@ class StagePoolPolicy(Policy):
             self.error.add((now - start) / predicted)
         for rid in launch.request_ids:
             f = self.flights[rid]
-            f.stage += len(launch.stages)
             f.node, f.gpus = launch.node, launch.gpus
+            if not launch.finishes_stage(f.request.steps):  # a chunk: decided again at the boundary
+                f.done = launch.steps[1]
+                self._boundary.append(rid)
+                self._push(rid)
+                continue
+            f.done = 0
+            f.stage += len(launch.stages)
             if f.stage == len(STAGES):
                 del self.flights[rid]
             else:
@@ -166,14 +205,27 @@ class StagePoolPolicy(Policy):
     def on_launch_refused(self, launch: Launch, now: float) -> None:
         self.started.pop(_key(launch), None)
         for rid in launch.request_ids:
-            self.flights.pop(rid, None)
+            f = self.flights.pop(rid, None)
+            if self.paused.pop(rid, None) is not None:
+                self.paused_bytes -= self._state_bytes(f)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When the longest-paused request reaches the pause bound (it goes first then)."""
+        due = [since + self.max_pause_s for rid, since in self.paused.items() if not self.flights[rid].urgent]
+        return min(due) if due else None
 
     def pending(self) -> int:
         return len(self.flights)
 
     def schedule(self, state: ClusterState) -> SchedulerOutput:
+        out = self._schedule(state)
+        self._pause_the_unresumed(state.now)
+        return out
+
+    def _schedule(self, state: ClusterState) -> SchedulerOutput:
         now = state.now
         free = {n: set(g) for n, g in state.free_gpus.items() if g}
+        self._mark_urgent(now)
         if not self.ready or not free:
             return SchedulerOutput()
         slack = self.error.factor(self.z)
@@ -184,7 +236,8 @@ class StagePoolPolicy(Policy):
         order = [it for it in scanned if choices[it[2]].on_time] + sorted(
             (it for it in scanned if not choices[it[2]].on_time), key=lambda it: self.flights[it[2]].request.arrival)
         target = self._share_out(order, choices, sum(len(g) for g in free.values()))
-        launches, kept, taken = [], [], set()
+        launches, kept, taken = self._go_on_where_paused_state_would_overflow(scanned, choices, free, now), [], set()
+        taken.update(rid for launch in launches for rid in launch.request_ids)
         self._ahead: dict[str, float] = {}  # GPU-seconds of tasks this pass left waiting, per model
         blocked = _INF  # narrowest width an on-time task found no room for: later ones stay narrower
         hold = None  # (node, GPUs, when): the first on-time task without room waits for these
@@ -193,7 +246,7 @@ class StagePoolPolicy(Policy):
             if rid in taken:
                 continue
             f, c = self.flights[rid], choices[rid]
-            if not c.on_time and not f.late:
+            if not c.on_time and not f.late and not f.urgent:
                 f.late = True
                 item = (f.request.deadline + f.request.slo_s, item[1], rid)
             if not free:  # nothing left to place on: the rest wait
@@ -205,7 +258,7 @@ class StagePoolPolicy(Policy):
             spot = None
             for w in widths:
                 room = free if hold is None else _backfill(free, hold, now + slack * c.time[w])
-                if w >= blocked or not any(len(g) >= w for g in room.values()):
+                if (w >= blocked and not f.urgent) or not any(len(g) >= w for g in room.values()):
                     continue
                 spot = self._place(f, w, room, now, slack * (c.time[w] + c.rest))
                 if spot is not None:
@@ -215,7 +268,8 @@ class StagePoolPolicy(Policy):
                     blocked = min(blocked, min(c.widths))
                     if hold is None:
                         hold = self._reserve(c.narrowest, free, now)
-                        if hold is not None and hold[2] + slack * (c.time[c.narrowest] + c.rest) > f.request.deadline:
+                        if hold is not None and not f.urgent and \
+                                hold[2] + slack * (c.time[c.narrowest] + c.rest) > f.request.deadline:
                             hold = None  # it would be late anyway: no reason to hold GPUs for it
                 kept.append(item)
                 taken.add(rid)  # decided (to wait): no batch takes it along
@@ -236,13 +290,22 @@ class StagePoolPolicy(Policy):
     # ---- decisions -------------------------------------------------------------------------
     def _choose(self, f: _Flight, now: float, slack: float) -> _Choice:
         r = f.request
-        ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, r.steps)
+        ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, f.steps_left)
+        if f.done:  # mid-diffuse: going on at its width is free, another width regroups, and it
+            # widens only where that is faster even so
+            cur = len(f.gpus)
+            time = {w: t + (0.0 if w == cur else self.regroup_s) for w, t in time.items()}
+            ws = tuple(w for w in ws if w <= cur or time[w] < time.get(cur, _INF))
+        if f.urgent:  # paused past the bound: any width, as soon as possible
+            return _Choice(ws, time, rest, True)
         on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
         if on_time:  # which of them: `_share_out`, from the free GPUs
             return _Choice(tuple(on_time), time, rest, True)
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
-        # waits for that rather than run for much longer on fewer
-        return _Choice((max(efficient),), time, rest, False)
+        # waits for that rather than run for much longer on fewer; mid-diffuse, it goes on at
+        # its own width where the wider one has no room
+        late = (max(efficient),) if not f.done or len(f.gpus) == max(efficient) else (max(efficient), len(f.gpus))
+        return _Choice(late, time, rest, False)
 
     def _reserve(self, w: int, free: dict[int, set[int]], now: float) -> tuple[int, frozenset[int], float] | None:
         """The `w` GPUs of one node predicted to be free soonest, and when (EASY backfilling's
@@ -288,6 +351,8 @@ class StagePoolPolicy(Policy):
         if best is None:
             return None
         _, n, gpus, load = best
+        if load >= self.model_load_s and f.done and not f.urgent:
+            return None  # a paused diffuse waits for GPUs holding its model rather than load it
         if load >= self.model_load_s:  # another model's GPUs: only within our share, and only if
             # waiting for our own GPUs (their first free moment, then the work queued ahead of us
             # shared over them) finishes later or misses; always where ours can never hold `w`
@@ -348,13 +413,13 @@ class StagePoolPolicy(Policy):
         r, stage = f.request, STAGES[f.stage]
         if not c.on_time or r.shape.pixels > self.batch_max_pixels or stage == "decode":
             return []
-        size = self._best_batch(r.model, stage, r.shape, w, r.steps)
+        size = self._best_batch(r.model, stage, r.shape, w, f.steps_left)
         mem = getattr(self.cost, "launch_memory", None)
         while size > 1 and mem is not None and mem(r.model, (stage,), r.shape, w, size) > self.cluster.gpu_memory_gb:
             size //= 2
         if size <= 1:
             return []
-        t = load + slack * (self._time(r.model, stage, r.shape, w, r.steps, size) + c.rest)
+        t = load + slack * (self._time(r.model, stage, r.shape, w, f.steps_left, size) + c.rest)
         if now + t > r.deadline:
             return []
         out = []
@@ -365,20 +430,84 @@ class StagePoolPolicy(Policy):
             if rid in taken or rid == r.id or not choices[rid].on_time or g.stage != f.stage:
                 continue
             q = g.request
-            if (q.model, q.shape, q.steps) == (r.model, r.shape, r.steps) and now + t <= q.deadline:
+            if (q.model, q.shape, q.steps, g.done, g.pauses < self.max_preemptions) == \
+                    (r.model, r.shape, r.steps, f.done, f.pauses < self.max_preemptions) and now + t <= q.deadline:
                 out.append(rid)
         return out
 
     def _launch(self, batch: list[str], f: _Flight, w: int, node: int, gpus: tuple[int, ...], now: float,
                 load: float) -> Launch:
         r, stage = f.request, STAGES[f.stage]
-        launch = Launch(tuple(batch), r.model, (stage,), w, node, gpus)
-        predicted = load + self._time(r.model, stage, r.shape, w, r.steps, len(batch))
+        steps, n = None, f.steps_left
+        if stage == "diffuse" and self.elastic:
+            if f.pauses < self.max_preemptions:
+                n = min(n, self._chunk_steps(r.model, r.shape, w, len(batch)))
+            steps = (f.done, f.done + n)
+        for rid in batch:
+            self._launched.add(rid)
+            if self.paused.pop(rid, None) is not None:
+                g = self.flights[rid]
+                self.paused_bytes -= self._state_bytes(g)
+                g.urgent = False
+        launch = Launch(tuple(batch), r.model, (stage,), w, node, gpus, steps=steps)
+        predicted = load + self._time(r.model, stage, r.shape, w, n, len(batch))
         self.residency.record(r.model, (stage,), node, gpus, r.shape)
         self.started[_key(launch)] = (now, predicted)
         for i in gpus:
             self.busy_until[(node, i)] = now + predicted
         return launch
+
+    # ---- step elasticity -------------------------------------------------------------------
+    def _chunk_steps(self, model: str, shape: Shape, w: int, batch: int) -> int:
+        """Steps per chunk: the fewest whose time makes the boundary at most `chunk_overhead` of it."""
+        per_step = self._time(model, "diffuse", shape, w, 1, batch)
+        return max(1, math.ceil(self.boundary_s / (self.chunk_overhead * per_step)))
+
+    def _state_bytes(self, f: _Flight) -> float:
+        s = f.request.shape
+        return chunk_state_bytes(f.request.model, s.height, s.width, s.frames)
+
+    def _pause_the_unresumed(self, now: float) -> None:
+        """Chunks that ended now and did not go on yielded their GPUs: they are paused."""
+        for rid in self._boundary:
+            f = self.flights.get(rid)
+            if f is not None and rid not in self._launched and rid not in self.paused:
+                self.paused[rid] = now
+                f.pauses += 1
+                self.paused_bytes += self._state_bytes(f)
+        self._boundary.clear()
+        self._launched.clear()
+
+    def _mark_urgent(self, now: float) -> None:
+        """Paused past `max_pause_s`: first in the queue from now on."""
+        for rid, since in self.paused.items():
+            f = self.flights[rid]
+            if not f.urgent and now - since >= self.max_pause_s - 1e-9:
+                f.urgent = True
+                self.ready = [it for it in self.ready if it[2] != rid]
+                heapq.heapify(self.ready)
+                self._push(rid)
+
+    def _go_on_where_paused_state_would_overflow(self, scanned, choices, free, now: float) -> list[Launch]:
+        """A request at a boundary whose pause would overflow host memory goes on where it ran."""
+        out = []
+        budget = self.host_bytes - self.paused_bytes
+        for _, _, rid in scanned:
+            f = self.flights[rid]
+            if rid not in self._boundary:
+                continue
+            need = self._state_bytes(f)
+            if need <= budget:
+                budget -= need
+                continue
+            node, gpus = f.node, f.gpus
+            if not set(gpus) <= free.get(node, set()):
+                continue  # cannot happen: its GPUs were freed at this instant
+            out.append(self._launch([rid], f, len(gpus), node, gpus, now, 0.0))
+            free[node] -= set(gpus)
+            if not free[node]:
+                del free[node]
+        return out
 
     # ---- shares of the pool ----------------------------------------------------------------
     def _decay(self, now: float) -> None:
@@ -449,7 +578,8 @@ class StagePoolPolicy(Policy):
         f = self.flights[rid]
         r = f.request
         self.seq += 1
-        heapq.heappush(self.ready, (r.deadline + (r.slo_s if f.late else 0.0), self.seq, rid))
+        key = -_INF if f.urgent else r.deadline + (r.slo_s if f.late else 0.0)
+        heapq.heappush(self.ready, (key, self.seq, rid))
 
 
 def _backfill(free: dict[int, set[int]], hold: tuple[int, frozenset[int], float], end: float) -> dict[int, set[int]]:

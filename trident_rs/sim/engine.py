@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from trident_rs.errors import TridentError
 from trident_rs.policy.baselines import stage_width
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.payload_size import TEXT_EMBEDDING_BYTES, chunk_state_bytes, latent_bytes
+from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, TEXT_EMBEDDING_BYTES, chunk_state_bytes, latent_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
@@ -34,10 +34,6 @@ class PolicyViolation(TridentError, RuntimeError):
 # and finish) on top of its stage hops (69 ms for a zero-work request with three hops).
 SERVE_HOP_OVERHEAD_S = 0.013
 SERVE_REQUEST_OVERHEAD_S = 0.030
-# A diffuse chunk that resumes a request (steps [a, b) with a > 0) restores its latents and
-# solver state and re-enters the pipeline's loop: the time a chunk call adds on the tiny CPU
-# models (benchmarks/chunk_boundary.py), on top of the hop overhead every launch pays.
-CHUNK_BOUNDARY_S = 0.02
 # A shared-pool launch on a sequence-parallel group its GPUs did not last form pays for the
 # switch: Hetu-DiT runs `switch_parallel_env` (pre-built communicators) and `hotspa_model`
 # (re-wrapping the model for the new degree) before the request. Not measured here (no GPU):
