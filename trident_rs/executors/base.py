@@ -20,11 +20,17 @@ class StagePayload:
     encode: tensors = {} in, prompt embeddings out
     diffuse: embeddings in, {"latents": ...} out
     decode: latents in, {"frames": uint8 array (F, H, W, 3)} out
+
+    Diffuse may run a range of steps: `step_range=(a, b)` runs steps [a, b) of `params.steps`
+    (None: all). A chunk that stops before the last step returns the embeddings plus the chunk
+    state at b ("chunk/..." tensors, see `trident_rs.models.chunking`); give that payload
+    `step_range=(b, c)` to go on. The chunk ending at the last step returns {"latents": ...}.
     """
 
     params: GenerationParams
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # timings, stage that produced it, ...
+    step_range: tuple[int, int] | None = None  # diffuse only
 
 
 class StageExecutor(ABC):

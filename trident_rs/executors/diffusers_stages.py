@@ -3,6 +3,9 @@
 Each executor loads only its stage's modules, runs same-shape payloads in one batched call
 (a batch of N gives what N single calls give: every request draws its initial noise from its
 own generator), and records its wall time in `payload.meta["timings_s"][stage]`.
+
+Diffuse runs each payload's `step_range` (steps [a, b); all steps when None); payloads with the
+same shape and range share a call. `meta["diffuse_steps"]` records the range that ran.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 
 from trident_rs.errors import ConfigError, InvalidRequestError
 from trident_rs.executors.base import StageExecutor, StagePayload
+from trident_rs.models.chunking import check_chunk_state, check_step_range, scheduler_name
 from trident_rs.models.families import get_family
 from trident_rs.models.spec import get_spec
 from trident_rs.models.tensors import StepCallback, gather, to_uint8
@@ -51,21 +55,24 @@ class DiffusersStageExecutor(StageExecutor):
 
     def run(self, batch: list[StagePayload]) -> list[StagePayload]:
         resolved = [self._resolve(p) for p in batch]  # validate everything before any compute
+        ranges = [self._step_range(p, params) for p, params in zip(batch, resolved)]
         groups: dict[tuple, list[int]] = {}
         for i, params in enumerate(resolved):
-            groups.setdefault(batch_key(params), []).append(i)
+            groups.setdefault((*batch_key(params), ranges[i]), []).append(i)
         out: list[StagePayload | None] = [None] * len(batch)
-        for indices in groups.values():
+        for (*_, step_range), indices in groups.items():
             params = [resolved[i] for i in indices]
             start = time.perf_counter()
             with torch.inference_mode():
-                tensors = self._run_group(params, [batch[i].tensors for i in indices])
+                tensors = self._run_group(params, [batch[i].tensors for i in indices], step_range)
             elapsed = time.perf_counter() - start
             for i, t in zip(indices, tensors):
                 meta = dict(batch[i].meta)
                 meta["timings_s"] = {**meta.get("timings_s", {}), self.stage: elapsed}
                 meta["batch_sizes"] = {**meta.get("batch_sizes", {}), self.stage: len(indices)}
                 meta["stage"] = self.stage
+                if step_range is not None:
+                    meta["diffuse_steps"] = step_range
                 out[i] = StagePayload(params=resolved[i], tensors=t, meta=meta)
         return out  # type: ignore[return-value]
 
@@ -74,12 +81,22 @@ class DiffusersStageExecutor(StageExecutor):
             raise InvalidRequestError("model", f"{payload.params.model!r} sent to a {self.model!r} executor")
         return payload.params.resolved()
 
-    def _run_group(self, params: list[GenerationParams], inputs: list[dict]) -> list[dict]:
+    def _step_range(self, payload: StagePayload, params: GenerationParams) -> tuple[int, int] | None:
+        """Diffuse: the validated range of steps to run (a payload without one runs them all)."""
+        if self.stage != "diffuse":
+            return None
+        a, b = check_step_range(payload.tensors, payload.step_range, params.steps)
+        if a > 0:
+            shape = self.family.latents_shape(self.pipe, params)
+            check_chunk_state(payload.tensors, shape, scheduler_name(self.pipe))
+        return a, b
+
+    def _run_group(self, params: list[GenerationParams], inputs: list[dict],
+                   step_range: tuple[int, int] | None = None) -> list[dict]:
         if self.stage == "encode":
             return self.family.encode(self.pipe, params)
         if self.stage == "diffuse":
-            latents = self.family.diffuse(self.pipe, params, inputs, on_step=self.on_step)
-            return [{"latents": x} for x in latents]
+            return self.family.diffuse(self.pipe, params, inputs, on_step=self.on_step, step_range=step_range)
         frames = self.family.decode(self.pipe, params, gather(inputs, "latents"))
         return [{"frames": to_uint8(f), **({"frames_float": f} if self.keep_float else {})} for f in frames]
 

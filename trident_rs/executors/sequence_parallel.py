@@ -73,9 +73,17 @@ class _XFuserCallAdapter:
     uncond + g · (cond − uncond) is exactly cond, as diffusers computes without CFG.
     """
 
+    # Sequence parallelism splits the latents (and any per-step scheduler tensors) across ranks.
+    shards_latents = True
+
     def __init__(self, pipeline: Any, batches_cfg: bool):
         self._pipeline = pipeline
         self._batches_cfg = batches_cfg
+
+    @property
+    def diffusers_pipeline(self) -> Any:
+        """The wrapped diffusers pipeline (whose `scheduler` xfuser's loop reads)."""
+        return self._pipeline.module
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pipeline, name)

@@ -148,8 +148,16 @@ class FamilyStages(ABC):
 
     @abstractmethod
     def diffuse(self, pipe, params: list["GenerationParams"], embeddings: list[dict[str, np.ndarray]],
-                on_step: StepCallback | None = None) -> list[np.ndarray]:
-        """Embeddings + per-request seeds -> final latents, in the pipeline's own layout."""
+                on_step: StepCallback | None = None, step_range: tuple[int, int] | None = None
+                ) -> list[dict[str, np.ndarray]]:
+        """Embeddings + per-request seeds -> `{"latents": final latents}` per request, in the
+        pipeline's own layout. With `step_range=(a, b)` only steps [a, b) run
+        (`trident_rs.models.chunking`): from the chunk state in `embeddings` when a > 0, and
+        returning the embeddings and the chunk state at b when b < steps."""
+
+    @abstractmethod
+    def latents_shape(self, pipe, params: "GenerationParams") -> tuple[int, ...]:
+        """One request's latents shape (batch dim 1) in the pipeline's layout, as diffuse returns them."""
 
     @abstractmethod
     def decode(self, pipe, params: list["GenerationParams"], latents: list[np.ndarray]) -> list[np.ndarray]:

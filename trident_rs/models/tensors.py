@@ -67,13 +67,14 @@ def generators(params: list["GenerationParams"]) -> list["torch.Generator"]:
     return [torch.Generator("cpu").manual_seed(p.seed) for p in params]
 
 
-def step_callback(on_step: StepCallback | None, total: int):
-    """A diffusers `callback_on_step_end` that reports progress, or None."""
+def step_callback(on_step: StepCallback | None, total: int, offset: int = 0):
+    """A diffusers `callback_on_step_end` that reports progress, or None. `offset`: the step the
+    pipeline's loop started at (a chunk of steps counts its own from 0)."""
     if on_step is None:
         return None
 
     def callback(pipe, i, t, callback_kwargs):
-        on_step(i + 1, total)
+        on_step(offset + i + 1, total)
         return callback_kwargs
 
     return callback

@@ -5,7 +5,8 @@ import numpy as np
 
 from trident_rs.models import tiny_parts as tp
 from trident_rs.models.family import TINY_WIDTHS, VIDEO_WIDTHS, Family, FamilyStages, ModelFacts, ModelSpec, XfuserPipeline
-from trident_rs.models.tensors import cfg_embeddings, cfg_inputs, generators, split, stack, step_callback
+from trident_rs.models.chunking import DenoiseChunk
+from trident_rs.models.tensors import cfg_embeddings, cfg_inputs, stack
 
 SPECS = (
     ModelSpec("cogvideox", "cogvideox", "THUDM/CogVideoX1.5-5B", "video", 16, 8, 2,
@@ -36,16 +37,22 @@ class CogVideoXStages(FamilyStages):
         )
         return cfg_embeddings(pe, ne, cfg)
 
-    def diffuse(self, pipe, params, embeddings, on_step=None):
+    def diffuse(self, pipe, params, embeddings, on_step=None, step_range=None):
         p0 = params[0]
         dtype, device = pipe.transformer.dtype, pipe._execution_device
         inputs = cfg_inputs(embeddings, p0.guidance_scale > 1, device, dtype)
-        latents = pipe(
-            **inputs, height=p0.height, width=p0.width, num_frames=p0.num_frames,
-            num_inference_steps=p0.steps, guidance_scale=p0.guidance_scale, generator=generators(params),
-            output_type="latent", return_dict=False, callback_on_step_end=step_callback(on_step, p0.steps),
-        )[0]
-        return split(latents)  # (B, latent frames incl. CogVideoX1.5 padding, C, h, w)
+        with DenoiseChunk(pipe, params, embeddings, step_range) as chunk:
+            latents = pipe(**inputs, height=p0.height, width=p0.width, num_frames=p0.num_frames,
+                           guidance_scale=p0.guidance_scale, **chunk.pipeline_kwargs(on_step))[0]
+        return chunk.outputs(latents)  # (B, latent frames incl. CogVideoX1.5 padding, C, h, w)
+
+    def latents_shape(self, pipe, p):
+        frames = (p.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        patch_t = pipe.transformer.config.patch_size_t
+        if patch_t is not None:  # CogVideoX1.5 pads the latent frames to its temporal patch
+            frames += -frames % patch_t
+        f = pipe.vae_scale_factor_spatial
+        return (1, frames, pipe.transformer.config.in_channels, p.height // f, p.width // f)
 
     def decode(self, pipe, params, latents):
         p0 = params[0]

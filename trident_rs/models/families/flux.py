@@ -9,7 +9,8 @@ import numpy as np
 
 from trident_rs.models import tiny_parts as tp
 from trident_rs.models.family import IMAGE_WIDTHS, Family, FamilyStages, ModelFacts, ModelSpec, XfuserPipeline
-from trident_rs.models.tensors import gather, generators, split, stack, step_callback
+from trident_rs.models.chunking import DenoiseChunk
+from trident_rs.models.tensors import gather, split, stack
 
 SPECS = (
     ModelSpec("flux", "flux", "black-forest-labs/FLUX.1-dev", "image", 16, 8, 2,
@@ -41,16 +42,18 @@ class FluxStages(FamilyStages):
         pe, pp = split(pe), split(pp)
         return [{"prompt_embeds": pe[i], "pooled_prompt_embeds": pp[i]} for i in range(len(params))]
 
-    def diffuse(self, pipe, params, embeddings, on_step=None):
+    def diffuse(self, pipe, params, embeddings, on_step=None, step_range=None):
         p0 = params[0]
         dtype, device = pipe.transformer.dtype, pipe._execution_device
         inputs = {n: stack(gather(embeddings, n), device, dtype) for n in _NAMES}
-        packed = pipe(
-            **inputs, height=p0.height, width=p0.width, num_inference_steps=p0.steps,
-            guidance_scale=p0.guidance_scale, generator=generators(params), output_type="latent",
-            return_dict=False, callback_on_step_end=step_callback(on_step, p0.steps),
-        )[0]
-        return split(packed)  # packed (B, tokens, 4 × latent channels), as the pipeline returns
+        with DenoiseChunk(pipe, params, embeddings, step_range) as chunk:
+            packed = pipe(**inputs, height=p0.height, width=p0.width, guidance_scale=p0.guidance_scale,
+                          **chunk.pipeline_kwargs(on_step))[0]
+        return chunk.outputs(packed)  # packed (B, tokens, 4 × latent channels), as the pipeline returns
+
+    def latents_shape(self, pipe, p):
+        f = pipe.vae_scale_factor * 2  # 2×2 latent patches per token
+        return (1, (p.height // f) * (p.width // f), pipe.transformer.config.in_channels)
 
     def decode(self, pipe, params, latents):
         p0, vae = params[0], pipe.vae

@@ -5,7 +5,8 @@ import numpy as np
 
 from trident_rs.models import tiny_parts as tp
 from trident_rs.models.family import IMAGE_WIDTHS, Family, FamilyStages, ModelFacts, ModelSpec, XfuserPipeline
-from trident_rs.models.tensors import gather, generators, split, stack, step_callback
+from trident_rs.models.chunking import DenoiseChunk
+from trident_rs.models.tensors import gather, split, stack
 
 SPECS = (
     ModelSpec("sd3", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "image", 16, 8, 2,
@@ -42,17 +43,19 @@ class SD3Stages(FamilyStages):
         per_name = {n: split(t) for n, t in zip(names, tensors)}
         return [{n: per_name[n][i] for n in names} for i in range(len(params))]
 
-    def diffuse(self, pipe, params, embeddings, on_step=None):
+    def diffuse(self, pipe, params, embeddings, on_step=None, step_range=None):
         p0 = params[0]
         dtype, device = pipe.transformer.dtype, pipe._execution_device
         names = _POSITIVE + _NEGATIVE if p0.guidance_scale > 1 else _POSITIVE
         inputs = {n: stack(gather(embeddings, n), device, dtype) for n in names}
-        latents = pipe(
-            **inputs, height=p0.height, width=p0.width, num_inference_steps=p0.steps,
-            guidance_scale=p0.guidance_scale, generator=generators(params), output_type="latent",
-            return_dict=False, callback_on_step_end=step_callback(on_step, p0.steps),
-        )[0]
-        return split(latents)
+        with DenoiseChunk(pipe, params, embeddings, step_range) as chunk:
+            latents = pipe(**inputs, height=p0.height, width=p0.width, guidance_scale=p0.guidance_scale,
+                           **chunk.pipeline_kwargs(on_step))[0]
+        return chunk.outputs(latents)  # (B, C, h, w)
+
+    def latents_shape(self, pipe, p):
+        f = pipe.vae_scale_factor
+        return (1, pipe.transformer.config.in_channels, p.height // f, p.width // f)
 
     def decode(self, pipe, params, latents):
         vae = pipe.vae

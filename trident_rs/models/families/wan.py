@@ -19,7 +19,8 @@ import numpy as np
 
 from trident_rs.models import tiny_parts as tp
 from trident_rs.models.family import TINY_WIDTHS, VIDEO_WIDTHS, Family, FamilyStages, ModelFacts, ModelSpec
-from trident_rs.models.tensors import cfg_embeddings, cfg_inputs, generators, split, stack, step_callback
+from trident_rs.models.chunking import DenoiseChunk
+from trident_rs.models.tensors import cfg_embeddings, cfg_inputs, stack
 from trident_rs.vocab import Shape
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
@@ -58,17 +59,20 @@ class WanStages(FamilyStages):
         )
         return cfg_embeddings(pe, ne, cfg)
 
-    def diffuse(self, pipe, params, embeddings, on_step=None):
+    def diffuse(self, pipe, params, embeddings, on_step=None, step_range=None):
         p0 = params[0]
         dtype, device = pipe.transformer.dtype, pipe._execution_device
         inputs = cfg_inputs(embeddings, p0.guidance_scale > 1, device, dtype)
-        latents = pipe(
-            **inputs, height=p0.height, width=p0.width, num_frames=p0.num_frames,
-            num_inference_steps=p0.steps, guidance_scale=p0.guidance_scale, generator=generators(params),
-            max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="latent", return_dict=False,
-            callback_on_step_end=step_callback(on_step, p0.steps),
-        )[0]
-        return split(latents)  # (B, C, latent frames, h, w), float32 as the pipeline keeps them
+        with DenoiseChunk(pipe, params, embeddings, step_range) as chunk:
+            latents = pipe(**inputs, height=p0.height, width=p0.width, num_frames=p0.num_frames,
+                           guidance_scale=p0.guidance_scale, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                           **chunk.pipeline_kwargs(on_step))[0]
+        return chunk.outputs(latents)  # (B, C, latent frames, h, w), float32 as the pipeline keeps them
+
+    def latents_shape(self, pipe, p):
+        f = pipe.vae_scale_factor_spatial
+        frames = (p.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        return (1, pipe.transformer.config.in_channels, frames, p.height // f, p.width // f)
 
     def decode(self, pipe, params, latents):
         import torch
