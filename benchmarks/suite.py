@@ -72,7 +72,10 @@ ARRIVALS = ("poisson", "gamma", "azure", "shift")
 LOADS = (0.4, 0.7, 1.0, 1.5, 2.0, 3.0)
 SLO_SCALES = (2.0, 4.0, 8.0)
 CLUSTERS = (32, 128)
-POLICIES = ("static-best", "static-best-fcfs", "dynamic-pipeline", "paper", "trident", "bound")
+TRIDENT_NO_STEPS = "trident:elastic=0"  # trident without step elasticity (whole-stage diffuse launches)
+POLICIES = ("static-best", "static-best-fcfs", "dynamic-pipeline", "paper", "tetriserve", "genserve",
+            TRIDENT_NO_STEPS, "trident", "bound")
+OVERLOADED = 1.5  # loads from here up are the "overloaded points" of the step-elasticity criteria
 IMAGE_SHARE = 0.8  # of requests in image+video mixes
 
 
@@ -258,7 +261,8 @@ def run_point(args: tuple[SuitePoint, tuple[str, ...], bool]) -> dict:
 
 
 # ---- summary --------------------------------------------------------------------------------
-OTHERS = ("static-best", "static-best-fcfs", "dynamic-pipeline", "paper")
+OTHERS = ("static-best", "static-best-fcfs", "dynamic-pipeline", "paper", "tetriserve", "genserve")
+STEP_LEVEL = ("tetriserve", "genserve")
 
 
 def judge(point: dict) -> dict:
@@ -281,6 +285,14 @@ def judge(point: dict) -> dict:
         out["gain_over_fcfs"] = t["slo_attainment"] / max(fcfs["slo_attainment"], 1e-9)
     if "bound" in p:
         out["bound_minus_trident"] = p["bound"]["slo_attainment"] - t["slo_attainment"]
+    static = p.get("static-best")
+    if static is not None and static["slo_attainment"] <= 0.5:  # step elasticity: >= 1.1x the step-level baselines
+        out["gain_over_step_level"] = min(t["slo_attainment"] / max(p[n]["slo_attainment"], 1e-9)
+                                          for n in STEP_LEVEL if n in p) if any(n in p for n in STEP_LEVEL) else None
+    fixed = p.get(TRIDENT_NO_STEPS)
+    if fixed is not None and point["point"]["load"] >= OVERLOADED:  # step elasticity's tail criterion
+        out["p95_gain_over_no_steps"] = fixed["p95_latency_s"] / max(t["p95_latency_s"], 1e-9)
+        out["attainment_vs_no_steps"] = t["slo_attainment"] - fixed["slo_attainment"]
     return out
 
 
@@ -316,6 +328,14 @@ def summary(points: list[dict]) -> str:
                          f"where FCFS static-best <= 0.5: gain >= 2.5x at {sum(g >= 2.5 for g in fgains)}/{len(fgains)} "
                          f"(median {np.median(fgains) if fgains else math.nan:.2f}x); "
                          f"bound - trident median {np.median(bgap) if bgap else math.nan:.3f}")
+            steps = [j for j in js if "p95_gain_over_no_steps" in j]
+            sgain = [j["gain_over_step_level"] for j in js if j.get("gain_over_step_level") is not None]
+            if steps or sgain:
+                lines.append(f"step elasticity: on overloaded points (load >= {OVERLOADED}) P95 >= 2x lower than without "
+                             f"at equal or better attainment at {sum(j['p95_gain_over_no_steps'] >= 2 and j['attainment_vs_no_steps'] >= 0 for j in steps)}/{len(steps)} "
+                             f"(median P95 gain {np.median([j['p95_gain_over_no_steps'] for j in steps]) if steps else math.nan:.2f}x, "
+                             f"attainment >= without at {sum(j['attainment_vs_no_steps'] >= 0 for j in steps)}/{len(steps)}); "
+                             f"where static-best <= 0.5: >= 1.1x tetriserve and genserve at {sum(g >= 1.1 for g in sgain)}/{len(sgain)}")
     for name, policy, err in errors:
         lines.append(f"ERROR at {name}: {policy}: {err[:160]}")
     return "\n".join(lines)
