@@ -12,7 +12,8 @@ from policy_fakes import FakeCost, slo_of
 from trident_rs.errors import ConfigError
 from trident_rs.policy import registry
 from trident_rs.policy.genserve import GenServePolicy
-from trident_rs.policy.tetriserve import TetriServePolicy, knapsack
+from trident_rs.policy.step_level import knapsack
+from trident_rs.policy.tetriserve import TetriServePolicy
 from trident_rs.policy.types import STAGES, Cluster, Request, Shape
 from trident_rs.sim import SimConfig, simulate
 

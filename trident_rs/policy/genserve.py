@@ -54,7 +54,7 @@ forecast, workload, models: accepted and unused).
 from __future__ import annotations
 
 from trident_rs.policy.batching import best_batch_size
-from trident_rs.policy.tetriserve import (
+from trident_rs.policy.step_level import (
     COMMON_OPTIONS, EPS_GPU, EPS_RUN, EPS_SPEED, Plan, StepLevelPolicy, _Req, knapsack, parse_options,
 )
 from trident_rs.policy.types import Cluster, Launch
