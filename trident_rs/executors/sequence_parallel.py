@@ -97,7 +97,8 @@ class _XFuserCallAdapter:
                 if name in kwargs:
                     kwargs["negative_" + name] = kwargs[name]
         out = self._pipeline(**kwargs)
-        if out is None:  # not the rank that holds the latents
+        # Not the rank that holds the latents: None (SD3, FLUX) or a list of Nones (CogVideoX).
+        if out is None or not isinstance(out[0], torch.Tensor):
             return (torch.empty(0),)
         return out
 

@@ -150,8 +150,9 @@ class DenoiseChunk:
             import torch
 
             for g, t in zip(self.generators, embeddings):
-                g.set_state(torch.from_numpy(np.ascontiguousarray(t[RNG])))
-            self.latents = _stack(embeddings, LATENTS, pipe._execution_device)
+                g.set_state(torch.from_numpy(t[RNG].copy()))  # a copy: arrays from Ray are read-only
+            self.device = pipe._execution_device  # (not free: diffusers looks through every module)
+            self.latents = _stack(embeddings, LATENTS, self.device)
         self._window: _WindowedScheduler | None = None
 
     @property
@@ -314,7 +315,7 @@ class _WindowedScheduler:
 
     def _restore(self, tensors: list[dict[str, np.ndarray]]) -> None:
         """Put the saved state of the group's requests back (after set_timesteps reset it)."""
-        device = self._chunk.pipe._execution_device
+        device = self._chunk.device
         first = tensors[0]
         for name, kind in self._kinds.items():
             key = SCHEDULER + name
