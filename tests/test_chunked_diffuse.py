@@ -9,13 +9,14 @@ whose requests keep their own state, chunks alternating width 1 and width 2, and
 from __future__ import annotations
 
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from test_sequence_parallel import _width2_replica, needs_xfuser
 
-from trident_rs.errors import InvalidRequestError
+from trident_rs.errors import ConfigError, InvalidRequestError
 from trident_rs.executors.base import StagePayload, build_executor
 from trident_rs.models.chunking import LATENTS, RNG, SCHEDULER, SCHEDULER_CLASS, STEP
 from trident_rs.models.spec import get_spec
@@ -213,6 +214,50 @@ def test_bad_chunk_state(sd3_partial, change, step_range, match):
     }[change]
     with pytest.raises(InvalidRequestError, match=match):
         diffuse.run([StagePayload(partial.params, tensors, step_range=step_range)])
+
+
+@pytest.mark.parametrize("scheduler, match", [
+    ("EulerDiscreteScheduler", "the state its step\\(\\) keeps is not known"),
+    ("stochastic FlowMatchEulerDiscreteScheduler", "draws noise from torch's global RNG"),
+])
+def test_schedulers_that_cannot_resume_exactly_are_refused(scheduler, match):
+    import diffusers
+
+    diffuse = build_executor("diffusers", "tiny-sd3", "diffuse")
+    name = scheduler.split()[-1]
+    options = {"stochastic_sampling": True} if scheduler.startswith("stochastic") else {}
+    diffuse.pipe.scheduler = getattr(diffusers, name).from_config(diffuse.pipe.scheduler.config, **options)
+    encoded = _encoded("tiny-sd3")[:1]
+    assert diffuse.run(encoded)[0].tensors["latents"].shape == (1, 16, 8, 8)  # one call: as ever
+    with pytest.raises(ConfigError, match=match):
+        diffuse.run([StagePayload(encoded[0].params, encoded[0].tensors, step_range=(0, 2))])
+
+
+def test_sequence_parallel_refuses_carried_scheduler_tensors():
+    """Under xfuser the latents (and so a multistep solver's history) are split across ranks."""
+    from diffusers import UniPCMultistepScheduler
+
+    from trident_rs.executors.sequence_parallel import _XFuserCallAdapter
+    from trident_rs.models.chunking import DenoiseChunk
+
+    class XfuserLike:  # what the adapter wraps: xfuser's pipeline wrapper, its diffusers pipeline in .module
+        module = SimpleNamespace(scheduler=UniPCMultistepScheduler())
+
+    adapter = _XFuserCallAdapter(XfuserLike(), batches_cfg=True)
+    chunk = DenoiseChunk(adapter, [_params("tiny-sd3")], [{}], step_range=(0, 2))
+    with pytest.raises(ConfigError, match="per-step tensors, which sequence parallelism splits across ranks"):
+        with chunk:
+            pass
+    assert isinstance(XfuserLike.module.scheduler, UniPCMultistepScheduler)  # left as it was
+
+
+def test_ranks_without_the_result_return_no_payloads():
+    """xfuser's CogVideoX returns a list of Nones on ranks that hold no latents (SD3, FLUX: None)."""
+    from trident_rs.executors.sequence_parallel import _XFuserCallAdapter
+
+    for result in (None, ([None, None],)):
+        (out,) = _XFuserCallAdapter(lambda **kw: result, batches_cfg=False)(guidance_scale=6.0)
+        assert out.shape == (0,)
 
 
 # --- chunks alternating width 1 and width 2 (xfuser over gloo) ----------------------------------
