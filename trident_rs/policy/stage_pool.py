@@ -16,7 +16,8 @@ Decisions, each from the cost model:
   log of observed / predicted launch times (z for `confidence`), learned online.
 - **Width**: a task's on-time widths are those whose predicted finish (this stage, then the
   fastest rest, with slack) meets its deadline. The free GPUs go first to every scanned
-  on-time task's narrowest on-time width; what is left widens tasks, in deadline order, up to
+  on-time task's narrowest on-time width (the scan is the `scan_limit` most urgent ready tasks:
+  a deep scan stops widening while queued work would use the GPUs); what is left widens tasks, in deadline order, up to
   their widest on-time width (spare GPUs shorten latency; scarce ones are spent on the fewest
   GPU-seconds). A late request waits for its widest width with parallel efficiency >=
   `threshold`. A width with no room now falls back to narrower on-time widths.
@@ -112,7 +113,7 @@ class StagePoolPolicy(Policy):
     name = "trident"
 
     def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, confidence: float = 0.9,
-                 scan_limit: int = 64, max_batch: int = 8, batch_max_pixels: int = 1024 * 1024,
+                 scan_limit: int = 256, max_batch: int = 8, batch_max_pixels: int = 1024 * 1024,
                  model_load_s: float = 20.0, regroup_s: float = DEFAULT_REGROUP_S, models=None, share_window_s: float = 120.0,
                  elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_S + CHUNK_BOUNDARY_S,
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
