@@ -140,6 +140,18 @@ def test_chunk_state_is_numpy_and_needed(case):
         assert _max_diff(one_call, diffuse.run(fresh)) > 1e-3
 
 
+def test_bfloat16_latents_travel_exactly():
+    """numpy has no bfloat16: the latents travel as float32 (lossless) and are resumed in bfloat16,
+    which CogVideoX's pipeline (it does not cast given latents) needs."""
+    model = "tiny-cogvideox"
+    diffuse = build_executor("diffusers", model, "diffuse", dtype=torch.bfloat16)
+    encoded = _encoded(model)[:1]
+    one_call = diffuse.run(encoded)
+    first = _run_chunks([diffuse], encoded, (2,))
+    assert first[0].tensors[LATENTS].dtype == np.float32 and str(first[0].tensors[LATENTS + ".dtype"]) == "bfloat16"
+    assert _max_diff(one_call, _run_chunks([diffuse], encoded, (2, 2))) <= TOL
+
+
 def test_progress_counts_the_whole_loop():
     seen = []
     model = "tiny-flux"
