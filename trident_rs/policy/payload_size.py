@@ -7,8 +7,10 @@ from trident_rs.models.spec import REGISTRY as MODEL_SPECS
 
 TEXT_EMBEDDING_BYTES = 512 * 4096 * 2.0  # T5-XXL prompt embeddings, bf16
 # A diffuse chunk that resumes a request (steps [a, b) with a > 0) restores its latents and
-# solver state and re-enters the pipeline's loop: the time a chunk call adds on the tiny CPU
-# models (benchmarks/chunk_boundary.py), on top of the hop overhead every launch pays.
+# solver state and re-enters the pipeline's loop. benchmarks/chunk_boundary.py measures 3-8 ms
+# of CPU per boundary on the tiny models (pickling 0.2-0.3 ms of it; the rest is the pipeline
+# call's fixed cost); charged at 20 ms, on top of the hop overhead every launch pays, for the
+# larger latents and embeddings of real shapes (~10 MB, a few ms over PCIe).
 CHUNK_BOUNDARY_S = 0.02
 
 
