@@ -224,3 +224,19 @@ def test_a_wide_replica_that_fits_nowhere_gets_room_from_idle_narrow_ones(publis
     assert "d" not in reg.replicas and b.defrags[-1]["for"] == "diffuse-w8"
     b.ray_nodes = lambda: {"A": 8.0, "B": 8.0, "C": 8.0}
     assert b.defrag("diffuse-w8") == []  # an empty node: it fits, Ray is still placing it
+
+
+def test_a_request_cancelled_mid_diffuse_stays_cancelled_when_the_policy_launches_its_next_stage(published):
+    """The policy has no cancel: it sees the diffuse launch end and launches the decode, which the
+    broker voids at once (no GPU is held); the request log must not show it decoding again."""
+    async def go():
+        ctl = mod.Controller(CFG)
+        grant = (await ctl.submit("c", "sd3", Shape(512, 512), 4))["grant"]
+        grant = await ctl.acquire("c", "diffuse", grant)
+        assert ctl.progress["c"]["state"] == "diffusing"
+        await ctl.finish("c", "cancelled")
+        ctl.broker.schedule()
+        st = await ctl.request_status("c")
+        assert st["state"] == "cancelled" and st["stage"] is None, st
+        assert ctl.inflight == {} and ctl.broker.granted == {}
+    _run(go())

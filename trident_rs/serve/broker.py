@@ -241,11 +241,12 @@ class Broker:
         replica = self.bindings().get(launch.group_id) if launch.group_id else None
         for rid in launch.request_ids:
             grant = Grant.for_launch(rid, launch, launch_id, deployment, replica)
-            self.on_grant(grant)
             key = (rid, grant.stage)
-            if rid in self.ended:  # the request already failed: nobody will run it
-                self.done(grant)
-            elif key in self.waiters:
+            if rid in self.ended:  # the request already ended (failed, cancelled): nobody will run it.
+                self.done(grant)  # The policy, which has no cancel, still launches its later stages
+                continue
+            self.on_grant(grant)
+            if key in self.waiters:
                 fut = self.waiters.pop(key)
                 if not fut.done():
                     fut.set_result(grant)
