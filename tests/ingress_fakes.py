@@ -201,25 +201,28 @@ def run_http(config: dict, scenario: Any, **kw: Any) -> Any:
 
 
 # -- HTTP fuzzing (tests/test_admission.py runs a few hundred; benchmarks/fuzz_http.py 10,000) -------
-FUZZ_CONFIG = {"models": ["tiny-sd3", "tiny-cogvideox"],
+FUZZ_CONFIG = {"models": ["tiny-sd3", "tiny-cogvideox"], "files": {"url": "memory://trident-fuzz"},
                "limits": {"max_body_bytes": 4096, "max_queue_per_model": 8, "max_n": 4}}
 
 
 def http_requests():
-    """Hypothesis strategy of (method, path, headers, body bytes) aimed at the ingress."""
+    """Hypothesis strategy of (method, path, headers, body bytes) aimed at the ingress: the
+    generation endpoints (JSON and form bodies, idempotency keys), the videos API (list, retrieve,
+    content, delete), stored files, progress and cancel."""
     import json
 
     from hypothesis import strategies as st
 
     scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                         st.text(max_size=30), st.sampled_from(["64x64", "256x256", "x", "0x0", "64X64",
-                                                               "99999x99999", "tiny-sd3", "tiny-cogvideox"]))
+                                                               "99999x99999", "tiny-sd3", "tiny-cogvideox",
+                                                               "url", "b64_json", "4", "0.5", "-1", "1e9"]))
     values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=4),
                                                        st.dictionaries(st.text(max_size=8), c, max_size=4)),
                           max_leaves=12)
     keys = st.sampled_from(["model", "prompt", "n", "size", "steps", "seed", "guidance_scale", "num_frames",
                             "negative_prompt", "slo_ms", "wait", "response_format", "height", "width",
-                            "quality", "user", "bogus"])
+                            "quality", "user", "bogus", "seconds", "input_reference"])
     good = st.fixed_dictionaries({"model": st.sampled_from(["tiny-sd3", "tiny-cogvideox", "nope", "sd3"]),
                                   "prompt": st.text(max_size=20)})
     body_obj = st.one_of(
@@ -234,10 +237,27 @@ def http_requests():
                                         b'"steps": 1e999}', b"x" * 5000, b"\x80\x04\x95 pickle?"]))
     post_paths = st.sampled_from(["/v1/images/generations", "/v1/videos", "/v1/generate",
                                   "/v1/requests/x/cancel", "/v1/requests/x-0/cancel"])
-    get_paths = st.one_of(st.sampled_from(["/v1/models", "/healthz", "/v1/status", "/metrics", "/nope"]),
-                          st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/?#%"),
-                                  min_size=1, max_size=12).flatmap(
-                              lambda s: st.sampled_from([f"/v1/videos/{s}", f"/v1/requests/{s}"])))
-    ctypes = st.sampled_from([{"content-type": "application/json"}, {}, {"content-type": "text/plain"}])
-    return st.one_of(st.tuples(st.just("POST"), post_paths, ctypes, bodies),
-                     st.tuples(st.just("GET"), get_paths, st.just({}), st.just(b"")))
+    ids = st.one_of(st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/?#%"),
+                            min_size=1, max_size=12),
+                    st.sampled_from(["video_" + "0" * 32, "file_" + "0" * 32, "file_..", "video_"]))
+    queries = st.lists(st.tuples(st.sampled_from(["limit", "order", "after", "variant", "x"]),
+                                 st.one_of(st.sampled_from(["0", "1", "100", "101", "-5", "asc", "desc", "up",
+                                                            "video", "thumbnail", "spritesheet", "", "1e99"]),
+                                           ids)), max_size=3).map(lambda q: "&".join(f"{k}={v}" for k, v in q))
+    get_paths = st.one_of(
+        st.sampled_from(["/v1/models", "/healthz", "/v1/status", "/metrics", "/nope", "/v1/videos"]),
+        st.builds(lambda q: f"/v1/videos?{q}", queries),
+        st.builds(lambda s, q: f"/v1/videos/{s}/content?{q}", ids, queries),
+        ids.flatmap(lambda s: st.sampled_from([f"/v1/videos/{s}", f"/v1/requests/{s}", f"/v1/files/{s}",
+                                               f"/v1/files/{s}/content"])))
+    ctypes = st.sampled_from([{"content-type": "application/json"}, {}, {"content-type": "text/plain"},
+                              {"content-type": "multipart/form-data; boundary=zz"},
+                              {"content-type": "application/x-www-form-urlencoded"}])
+    keys_h = st.one_of(st.just({}), st.builds(
+        lambda name, v: {name: v}, st.sampled_from(["idempotency-key", "x-request-id"]),
+        st.one_of(st.sampled_from(["k", "k2", " ", "x" * 300]),
+                  st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=10))))
+    post_headers = st.builds(lambda a, b: {**a, **b}, ctypes, keys_h)
+    return st.one_of(st.tuples(st.just("POST"), post_paths, post_headers, bodies),
+                     st.tuples(st.just("GET"), get_paths, st.just({}), st.just(b"")),
+                     st.tuples(st.just("DELETE"), ids.map(lambda s: f"/v1/videos/{s}"), st.just({}), st.just(b"")))

@@ -116,7 +116,7 @@ def test_openai_client_gets_an_image(base_url):
     ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "steps": 0}, 422, "steps"),
     ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "n": "many"}, 422, "n"),
     ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "n": 99}, 422, "n"),
-    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "response_format": "url"}, 422,
+    ("/tiny/v1/images/generations", {"model": "tiny-sd3", "prompt": "x", "response_format": "gif"}, 422,
      "response_format"),
     ("/tiny/v1/images/generations", {"model": "tiny-sd3"}, 422, "prompt"),
     ("/tiny/v1/generate", {"model": "tiny-sd3", "prompt": "x", "bogus": 1}, 422, "bogus"),

@@ -69,12 +69,19 @@ class TridentClient:
         return base64.b64decode(out["b64"]), out
 
     def video(self, prompt: str, model: str, poll_s: float = 0.5, **knobs: Any) -> bytes:
-        """MP4 bytes: submits a job and polls it until it completes (raises if it failed)."""
+        """MP4 bytes: submits a job, polls it until it completes (raises if it failed or was
+        cancelled), then downloads its content."""
         job = self._call("POST", "/v1/videos", json={"model": model, "prompt": prompt, **knobs})
         while job["status"] not in ("completed", "failed", "cancelled"):
             time.sleep(poll_s)
             job = self._call("GET", f"/v1/videos/{job['id']}")
         if job["status"] != "completed":
-            code = 499 if job["status"] == "cancelled" else 500
-            raise TridentHTTPError(code, job.get("error", {}).get("message", f"video job {job['status']}"))
-        return base64.b64decode(job["b64_json"])
+            err = job.get("error") or {}
+            cancelled = job["status"] == "cancelled" or err.get("code") == "cancelled"
+            raise TridentHTTPError(499 if cancelled else 500, err.get("message", f"video job {job['status']}"))
+        if "b64_json" in job:  # a server before the content endpoint
+            return base64.b64decode(job["b64_json"])
+        r = self.http.get(f"/v1/videos/{job['id']}/content")
+        if r.status_code >= 400:
+            raise TridentHTTPError(r.status_code, r.text)
+        return r.content

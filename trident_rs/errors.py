@@ -84,3 +84,37 @@ class UnknownRequestError(TridentError, KeyError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class NotFoundError(TridentError, KeyError):
+    """No such resource (a video job, a stored file); `field` names the path parameter."""
+
+    http_status = 404
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class ConflictError(TridentError):
+    """The resource is not in a state that allows this (e.g. the content of an unfinished video,
+    deleting a finished one, an idempotency key reused for another request)."""
+
+    http_status = 409
+
+    def __init__(self, field: str | None, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+class GoneError(TridentError):
+    """The resource existed but has expired and was removed."""
+
+    http_status = 410
+
+    def __init__(self, field: str | None, message: str):
+        self.field = field
+        super().__init__(message)

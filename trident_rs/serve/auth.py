@@ -1,17 +1,21 @@
 """Optional bearer-token authentication for the HTTP API (issue 8).
 
 Keys come from `limits.api_keys` in the app config plus the comma-separated env var
-`TRIDENT_API_KEYS`; with no key at all the API is open. `/healthz` is always open.
+`TRIDENT_API_KEYS`; with no key at all the API is open. `/healthz` is always open, and so is
+`/v1/files/{id}/content` (the URLs `response_format: url` hands out): a stored file's id is 128
+random bits, the credential itself, as in a presigned URL (`trident_rs.serve.files`).
 Comparison is constant-time (`hmac.compare_digest`).
 """
 from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections.abc import Iterable
 
 ENV_VAR = "TRIDENT_API_KEYS"
 OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATH_RE = re.compile(r"^/v1/files/file_[0-9a-f]{32}/content$")
 
 
 def load_keys(configured: Iterable[str] = (), env: dict[str, str] | None = None) -> tuple[str, ...]:
@@ -32,7 +36,7 @@ def bearer(header_value: str | None) -> str | None:
 
 def authorized(keys: tuple[str, ...], path: str, header_value: str | None) -> bool:
     """Whether a request to `path` with this Authorization header may pass."""
-    if not keys or path in OPEN_PATHS:
+    if not keys or path in OPEN_PATHS or OPEN_PATH_RE.match(path):
         return True
     token = bearer(header_value)
     if token is None:

@@ -59,7 +59,8 @@ class LimitsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_n: int = Field(4, ge=1, description="images per /v1/images/generations call")
-    max_video_jobs: int = Field(64, ge=1, description="finished video jobs kept for polling")
+    max_video_jobs: int = Field(64, ge=1, description="video jobs kept for polling and GET /v1/videos (finished "
+                                "ones dropped first; when all are running a new one gets 429)")
     request_timeout_s: float = Field(600.0, gt=0, description="longer requests are cancelled -> 504")
     # -- issue 8: enforced by trident_rs.serve.limits / admission / auth ----------------------------
     max_body_bytes: int = Field(1 << 20, ge=256, description="larger request bodies get 413")
@@ -73,6 +74,21 @@ class LimitsConfig(BaseModel):
     admission_servers: int | None = Field(
         None, ge=1, description="parallel servers the SLO prediction assumes (None: configured diffuse replicas)")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens (plus env TRIDENT_API_KEYS); empty: open")
+
+
+class FilesConfig(BaseModel):
+    """Where `response_format: "url"` results and video contents are stored (trident_rs.serve.files),
+    served at `GET /v1/files/{id}/content`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(None, description="an fsspec URL: a local directory (default <tmp>/trident_rs_files), "
+                            "s3://bucket/prefix (s3fs), gs://bucket/prefix (gcsfs), ...")
+    expires_after_s: float | None = Field(3600.0, gt=0, description="stored files are removed this long after "
+                                          "they were written (then 410); None: kept")
+    public_url: str | None = Field(None, description="base of the URLs handed out, e.g. "
+                                   "'https://gen.example.com' (default: the URL the request came in on)")
+    sweep_s: float = Field(60.0, gt=0, description="how often expired files are looked for and removed")
 
 
 class FaultsConfig(BaseModel):
@@ -118,6 +134,7 @@ class AppConfig(BaseModel):
     slo_scale: float = Field(4.0, gt=0, description="deadline = slo_scale × predicted latency at width 1")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
     replica_cpus: float = Field(0.0, ge=0, description="num_cpus per stage replica (0 lets many share 2 cores)")
     gpu_wait_s: float = Field(
         30.0, ge=0, description="app build waits this long for a Ray node with the GPUs the widest real "

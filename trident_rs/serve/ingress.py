@@ -1,5 +1,10 @@
 """The HTTP ingress (FastAPI on Serve): OpenAI-compatible images/videos, native generate, models.
 
+OpenAI-compatible surface: `POST /v1/images/generations` (`response_format` b64_json or url),
+the videos API (`POST/GET /v1/videos`, `GET/DELETE /v1/videos/{id}`, `GET .../content`; jobs and
+their objects in `trident_rs.serve.videos`), and stored results at `GET /v1/files/{id}/content`
+(`trident_rs.serve.files`, fsspec).
+
 For each generation it validates (`GenerationParams.resolved()`: typed errors -> 4xx JSON),
 admits it (bounded queue, 429), tells the controller of the arrival (the answer brings the first
 stage's grant), then for each later stage asks the controller for a grant (reporting the stage
@@ -17,18 +22,18 @@ import functools
 import json
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from trident_rs.errors import InvalidRequestError, RequestTimedOutError, TridentError
+from trident_rs.errors import (ConfigError, ConflictError, GoneError, InvalidRequestError, OverloadedError,
+                               RequestTimedOutError, TridentError)
 from trident_rs.media import mp4_bytes, png_bytes
 from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
@@ -37,9 +42,12 @@ from trident_rs.serve.admission import Admission
 from trident_rs.serve.cancellation import Inflight, RequestCancelled
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.controller_link import ControllerLink
+from trident_rs.serve.files import FileStore
 from trident_rs.serve.grant import Grant, is_wrong_replica
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 from trident_rs.serve.stage_retry import is_replica_failure, run_stage
+from trident_rs.serve.videos import (StageTimes, VideoJob, VideoJobs, check_deletable, estimate_progress,
+                                     file_url, fps_for, frames_for_seconds)
 from trident_rs.vocab import STAGES, error_body
 
 api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
@@ -87,7 +95,8 @@ class ImagesRequest(BaseModel):
     prompt: str
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description="'WxH', e.g. '1024x1024'")
-    response_format: Literal["b64_json"] = "b64_json"
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="'url': PNGs stored (config `files`) and served at GET /v1/files/{id}/content")
     quality: str | None = None  # accepted for compatibility, ignored
     style: str | None = None
     user: str | None = None
@@ -99,13 +108,17 @@ class ImagesRequest(BaseModel):
 
 
 class VideosRequest(BaseModel):
-    """Video generation body (OpenAI videos-style `model`, `prompt`, `size`) plus every knob."""
+    """OpenAI `videos.create` body (JSON or multipart form, as the official client sends it):
+    `prompt`, `model` (default: the first video model served), `seconds` (mapped to frames at the
+    family's fps, `trident_rs.serve.videos`), `size` 'WxH'; plus every knob."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str | None = None
     prompt: str
     size: str | None = None
+    seconds: Any = Field(None, description="clip length, e.g. '4' (or give num_frames)")
+    input_reference: Any = Field(None, description="not supported (text-to-video only)")
     num_frames: int | None = None
     steps: int | None = None
     seed: int = Field(0, ge=0, lt=2**63)
@@ -113,6 +126,9 @@ class VideosRequest(BaseModel):
     negative_prompt: str = ""
     slo_ms: float | None = Field(None, gt=0)
     wait: bool = Field(False, description="answer with the MP4 instead of a job id to poll")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="'url': the completed job carries the MP4's URL; 'b64_json' (wait only, its default): "
+        "the MP4 inline")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -132,7 +148,13 @@ class Ingress:
         self.cfg = AppConfig.parse(config)
         self.controller = controller
         self.stages = stages
-        self.jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.videos = VideoJobs(self.cfg.limits.max_video_jobs)  # OpenAI video jobs, for polling
+        self.stage_times = StageTimes(self.cfg)  # predicted stage times: video progress
+        f = self.cfg.files
+        try:
+            self.files = FileStore(f.url, f.expires_after_s, f.sweep_s)  # response_format url, video content
+        except (ImportError, ValueError, OSError) as e:
+            raise ConfigError(f"files.url {f.url!r} cannot be used: {type(e).__name__}: {e}") from None
         self.admission = Admission.from_config(self.cfg)  # bounded queue per model -> 429
         configure_guard(self.cfg)
         self.inflight = Inflight()  # DeploymentResponses per request id, for cancellation
@@ -142,31 +164,37 @@ class Ingress:
                                    timeout_s=f.controller_timeout_s, probe_s=f.controller_probe_s)
 
     # -- the pipeline -----------------------------------------------------------------------------
-    def _params(self, **fields: Any) -> GenerationParams:
+    def _checked(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """`fn(...)`; a `TridentError` it raises (bad input) is counted as a rejection, then raised."""
         try:
-            if fields.get("model") not in self.cfg.models:
-                get_spec(fields.get("model"))  # unknown everywhere -> 404 with the known names
-                raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
-            return check_limits(self.cfg.limits, GenerationParams(**fields).resolved())
+            return fn(*args, **kw)
         except TridentError as e:
             self._reject(e)
             raise
 
+    def _resolve(self, **fields: Any) -> GenerationParams:
+        if fields.get("model") not in self.cfg.models:
+            get_spec(fields.get("model"))  # unknown everywhere -> 404 with the known names
+            raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
+        return check_limits(self.cfg.limits, GenerationParams(**fields).resolved())
+
+    def _params(self, **fields: Any) -> GenerationParams:
+        return self._checked(self._resolve, **fields)
+
     def _size(self, size: str | None) -> tuple[int | None, int | None]:
-        try:
-            return parse_size(size)
-        except TridentError as e:
-            self._reject(e)
-            raise
+        return self._checked(parse_size, size)
 
     def _reject(self, e: Exception) -> None:
         """Count a request refused before admission (fire and forget: the 4xx must not wait)."""
         self.controller.reject.remote(type(e).__name__)
 
-    async def generate(self, params: GenerationParams, rid: str | None = None) -> StagePayload:
+    async def generate(self, params: GenerationParams, rid: str | None = None, track: dict | None = None
+                       ) -> StagePayload:
         """Run the three stages of one request; returns the decode payload (frames).
 
         `rid` (default: a fresh id) is what `GET /v1/requests/{rid}` reports progress under.
+        `track` (a video job's): set to the running stage (`stage`, `t`, `width`), with the stages
+        done appended to `track["done"]` as (stage, width).
         Ends in exactly one final state, reported to the controller: done, failed, cancelled
         (cancel endpoint or client disconnect) or timed_out (`limits.request_timeout_s`, 504).
         """
@@ -176,7 +204,8 @@ class Ingress:
         state = RequestState.FAILED
         last: list[Grant | None] = [None]  # the grant of the last stage that ran to completion
         try:
-            result = await asyncio.wait_for(self._stages(rid, params, last), self.cfg.limits.request_timeout_s)
+            result = await asyncio.wait_for(self._stages(rid, params, last, track),
+                                            self.cfg.limits.request_timeout_s)
             result.meta["latency_s"] = time.perf_counter() - t0
             state = RequestState.DONE
             return result
@@ -193,7 +222,8 @@ class Ingress:
             self.admission.release(rid)
             self.link.finish(rid, state, last[0])  # sent, not waited for
 
-    async def _stages(self, rid: str, params: GenerationParams, last: list) -> StagePayload:
+    async def _stages(self, rid: str, params: GenerationParams, last: list, track: dict | None = None
+                      ) -> StagePayload:
         """Encode, diffuse, decode: each stage where its grant says, re-run if its replica dies.
         Each acquire carries the previous stage's grant: that is how the controller hears it is done."""
         await self.link.submit(rid, params)
@@ -203,8 +233,12 @@ class Ingress:
         for stage in STAGES:
             grant = await self.link.acquire(rid, stage, params, watch, done=last[0])
             last[0] = None
+            if track is not None:
+                track.update(stage=stage, t=time.monotonic(), width=grant.width)
             out, n, grant = await self._run_stage(rid, stage, grant, out, watch)
             last[0] = grant
+            if track is not None:
+                track["done"].append((stage, grant.width))
             retries += n
         out.meta["retries"] = retries
         return out
@@ -237,6 +271,10 @@ class Ingress:
                 grant = await self.link.regrant(rid, grant, watch, here)
 
     # -- OpenAI-compatible endpoints ------------------------------------------------------------------
+    def _base_url(self, request: Request) -> str:
+        """Where this server's files are reached: `files.public_url`, else the URL the request came to."""
+        return self.cfg.files.public_url or str(request.base_url)
+
     @api.post("/v1/images/generations")
     async def images(self, body: ImagesRequest, request: Request) -> dict:
         if body.n > self.cfg.limits.max_n:
@@ -251,6 +289,9 @@ class Ingress:
             e = InvalidRequestError("model", f"{base.model} makes videos; use POST /v1/videos")
             self._reject(e)
             raise e
+        return await self._images(body, base, request)
+
+    async def _images(self, body: ImagesRequest, base: GenerationParams, request: Request) -> dict:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         rids = [rid if body.n == 1 else f"{rid}-{i}" for i in range(body.n)]
         self.admission.admit_many(rids, base)  # all n or none (429)
@@ -260,63 +301,214 @@ class Ingress:
         finally:  # also frees slots of generations cancelled before they started
             for r in rids:
                 self.admission.release(r)
-        data = [{"b64_json": base64.b64encode(png_bytes(r.tensors["frames"][0])).decode(),
-                 "revised_prompt": body.prompt} for r in results]
+        pngs = [png_bytes(r.tensors["frames"][0]) for r in results]
+        if body.response_format == "url":
+            metas = await asyncio.to_thread(
+                lambda: [self.files.put(png, "image/png", f"{r}.png", "image") for png, r in zip(pngs, rids)])
+            base_url = self._base_url(request)
+            data = [{"url": file_url(base_url, m["id"]), "revised_prompt": body.prompt} for m in metas]
+        else:
+            data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": body.prompt} for png in pngs]
         return {"created": int(time.time()), "data": data}
 
-    @api.post("/v1/videos")
-    async def videos(self, body: VideosRequest) -> dict:
-        h, w = self._size(body.size)
-        params = self._params(model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
-                              height=h, width=w, num_frames=body.num_frames, steps=body.steps,
-                              guidance_scale=body.guidance_scale, seed=body.seed, slo_ms=body.slo_ms)
-        if not get_spec(params.model).is_video:
-            e = InvalidRequestError("model", f"{params.model} makes images; use POST /v1/images/generations")
-            self._reject(e)
-            raise e
-        job_id = f"video_{uuid.uuid4().hex}"
-        if not body.wait:
-            self.admission.admit(job_id, params)  # 429 now, not a failed job later
-        job: dict[str, Any] = {"id": job_id, "object": "video", "model": params.model, "status": "queued",
-                               "created_at": int(time.time())}
-        if body.wait:
-            job.update(await self._video_result(params, job_id))
-            return job
-        self.jobs[job_id] = job
-        while len(self.jobs) > self.cfg.limits.max_video_jobs:
-            self.jobs.popitem(last=False)
-        job["_task"] = asyncio.get_running_loop().create_task(self._video_job(job, params))
-        return {k: v for k, v in job.items() if not k.startswith("_")}
-
-    async def _video_result(self, params: GenerationParams, rid: str | None = None) -> dict:
-        result = await self.generate(params, rid)
-        mp4 = await asyncio.to_thread(mp4_bytes, result.tensors["frames"])
-        return {"status": "completed", "b64_json": base64.b64encode(mp4).decode(),
-                "num_frames": int(result.tensors["frames"].shape[0])}
-
-    async def _video_job(self, job: dict, params: GenerationParams) -> None:
-        job["status"] = "in_progress"
+    # -- videos (OpenAI's videos API; trident_rs.serve.videos) ------------------------------------------
+    @staticmethod
+    async def _video_body(request: Request) -> VideosRequest:
+        """The body as JSON or as a form (the official client posts multipart/form-data)."""
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            try:
+                form = await request.form()
+            except Exception as e:  # noqa: BLE001 - any parser error is the client's
+                raise InvalidRequestError("body", f"malformed form data ({type(e).__name__}: {str(e)[:120]})") from None
+            data: Any = {}
+            for k, v in form.multi_items():
+                if not isinstance(v, str):
+                    raise InvalidRequestError(k, "file uploads are not supported: videos are made from text only")
+                data[k] = v
+        else:
+            try:
+                data = json.loads(await request.body())
+            except ValueError as e:
+                raise InvalidRequestError("body", f"malformed JSON ({type(e).__name__})") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("body", "must be a JSON object (or a form)")
         try:
-            job.update(await self._video_result(params, job["id"]))
-        except Exception as e:  # the job records the failure; the poller sees it
-            job.update(status="cancelled" if isinstance(e, RequestCancelled) else "failed",
-                       error={"message": str(e), "type": type(e).__name__})
+            return VideosRequest.model_validate(data)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
 
-    @api.get("/v1/videos/{job_id}")
-    async def video_job(self, job_id: str) -> Any:
-        job = self.jobs.get(job_id)
-        if job is None:
-            return _error(404, f"no video job {job_id!r}", "NotFoundError", "job_id")
-        return {k: v for k, v in job.items() if not k.startswith("_")}
+    def _video_params(self, body: VideosRequest) -> GenerationParams:
+        model = body.model
+        if model is None:
+            videos = [m for m in self.cfg.models if get_spec(m).is_video]
+            if not videos:
+                raise InvalidRequestError("model", f"no video model is served here; served: {self.cfg.models}")
+            model = videos[0]
+        if model not in self.cfg.models:
+            get_spec(model)  # unknown everywhere -> 404 with the known names
+            raise InvalidRequestError("model", f"{model!r} is not served here; served: {self.cfg.models}")
+        if not get_spec(model).is_video:
+            raise InvalidRequestError("model", f"{model} makes images; use POST /v1/images/generations")
+        if body.input_reference is not None:
+            raise InvalidRequestError("input_reference", "not supported: videos are made from text only")
+        frames = body.num_frames
+        if body.seconds is not None:
+            if frames is not None:
+                raise InvalidRequestError("seconds", "give seconds or num_frames, not both")
+            frames = frames_for_seconds(model, body.seconds)
+        if body.response_format == "b64_json" and not body.wait:
+            raise InvalidRequestError("response_format", "b64_json needs wait: true; a job's MP4 is at "
+                                      "GET /v1/videos/{id}/content, or ask for url")
+        h, w = parse_size(body.size)
+        return self._resolve(model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, height=h,
+                             width=w, num_frames=frames, steps=body.steps, guidance_scale=body.guidance_scale,
+                             seed=body.seed, slo_ms=body.slo_ms)
+
+    @api.post("/v1/videos", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": VideosRequest.model_json_schema()},
+        "multipart/form-data": {"schema": VideosRequest.model_json_schema()}}}})
+    async def videos(self, request: Request) -> dict:
+        """Create a video job (OpenAI `videos.create`); with `wait: true` answer when it is done."""
+        body = await self._video_body_checked(request)
+        params = self._checked(self._video_params, body)
+        if body.wait:
+            return await self._video_wait(body, params, request)
+        return self._video_object(self.videos.get(await self._video_start(body, params, request)))
+
+    async def _video_body_checked(self, request: Request) -> VideosRequest:
+        try:
+            return await self._video_body(request)
+        except (TridentError, RequestValidationError) as e:
+            self._reject(e)
+            raise
+
+    async def _video_start(self, body: VideosRequest, params: GenerationParams, request: Request) -> str:
+        """Admit and start a job; its id."""
+        kept = self.videos
+        if len(kept) >= kept.max_jobs and not any(j.finished for j in kept.jobs.values()):
+            raise OverloadedError(f"{len(kept)} video jobs are running (limits.max_video_jobs); retry later", 5.0)
+        job_id = f"video_{uuid.uuid4().hex}"
+        self.admission.admit(job_id, params)  # 429 now, not a failed job later
+        job = VideoJob(job_id, params.model, body.prompt, params, body.response_format, self._base_url(request))
+        kept.add(job)
+        job.task = asyncio.get_running_loop().create_task(self._video_job(job))
+        return job_id
+
+    async def _video_wait(self, body: VideosRequest, params: GenerationParams, request: Request) -> dict:
+        """A job answered when done: its object plus the MP4 (`b64_json`, the default) or its `url`."""
+        job = self.videos.get(await self._video_start(body, params, request))
+        mp4 = await job.task  # a disconnect cancels the task, and so the request
+        if job.exc is not None:
+            raise job.exc
+        out = self._video_object(job)
+        if body.response_format != "url":  # else the object carries its `url`
+            out["b64_json"] = base64.b64encode(mp4).decode()
+        return out
+
+    async def _video_job(self, job: VideoJob) -> bytes | None:
+        """Run a job to its end: the MP4 and its thumbnail stored, or the failure recorded. Returns
+        the MP4 (None if it failed; a cancelled task raises)."""
+        try:
+            result = await self.generate(job.params, job.id, track=job.track)
+            frames = result.tensors["frames"]
+            mp4 = await asyncio.to_thread(mp4_bytes, frames, fps_for(job.model))
+            thumb = png_bytes(frames[0])
+            metas = await asyncio.to_thread(lambda: (self.files.put(mp4, "video/mp4", f"{job.id}.mp4", "video"),
+                                                     self.files.put(thumb, "image/png", f"{job.id}.png", "thumbnail")))
+            job.files = {"video": metas[0]["id"], "thumbnail": metas[1]["id"]}
+            job.expires_at = metas[0]["expires_at"]
+            job.status, job.completed_at = "completed", int(time.time())
+            return mp4
+        except asyncio.CancelledError:
+            job.status, job.error = "failed", {"code": "cancelled", "message": f"video job {job.id!r} was cancelled"}
+            raise
+        except Exception as e:  # the job records the failure; the poller sees it
+            job.progress = estimate_progress(job, self.stage_times)
+            job.status, job.exc = "failed", e
+            job.error = {"code": "cancelled" if isinstance(e, RequestCancelled) else type(e).__name__,
+                         "message": str(e), "type": type(e).__name__}
+            return None
+        finally:
+            self.admission.release(job.id)  # generate releases it too; not if cancelled before it ran
+
+    def _video_object(self, job: VideoJob) -> dict:
+        return job.to_object(estimate_progress(job, self.stage_times))
+
+    @api.get("/v1/videos")
+    async def list_videos(self, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc") -> dict:
+        """OpenAI `videos.list`: the kept jobs by creation time, `limit` per page after the id `after`."""
+        jobs, more = self._checked(self.videos.page, after, limit, order)
+        data = [self._video_object(j) for j in jobs]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+    @api.get("/v1/videos/{video_id}")
+    async def video_job(self, video_id: str) -> dict:
+        """OpenAI `videos.retrieve`: the job's `video` object (status, progress 0-100, ...)."""
+        return self._video_object(self.videos.get(video_id))
+
+    @api.get("/v1/videos/{video_id}/content")
+    async def video_content(self, video_id: str,
+                            variant: Literal["video", "thumbnail", "spritesheet"] = "video") -> Response:
+        """OpenAI `videos.download_content`: the MP4, or `variant=thumbnail` (a PNG of the first frame)."""
+        job = self.videos.get(video_id)
+        if job.status != "completed":
+            why = (f"failed ({(job.error or {}).get('message', '')}): it has no content" if job.status == "failed"
+                   else f"{job.live_status} ({self._video_object(job)['progress']}%): its content is ready "
+                   "once it is completed")
+            raise ConflictError("video_id", f"video job {job.id!r} is {why}")
+        if variant not in job.files:
+            raise InvalidRequestError("variant", f"{variant!r} is not made here; use 'video' or 'thumbnail'")
+        if job.expires_at is not None and time.time() >= job.expires_at:
+            raise GoneError("video_id", f"the content of video job {job.id!r} expired at {job.expires_at} (unix time)")
+        data, meta = await asyncio.to_thread(self.files.read, job.files[variant])
+        ext = "mp4" if variant == "video" else "png"
+        return Response(data, media_type=meta["mime_type"],
+                        headers={"Content-Disposition": f'inline; filename="{job.id}.{ext}"'})
+
+    @api.delete("/v1/videos/{video_id}")
+    async def delete_video(self, video_id: str) -> dict:
+        """Cancel a queued or running job (its stage calls are cancelled and the controller frees its
+        GPUs, as `POST /v1/requests/{id}/cancel`) and forget it. A finished job: 409."""
+        job = self.videos.get(video_id)
+        check_deletable(job)
+        self.inflight.cancel(job.id)
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+            await asyncio.wait({job.task}, timeout=5.0)
+        self.videos.remove(job.id)
+        if job.files:  # it completed while being cancelled
+            await asyncio.to_thread(lambda: [self.files.delete(f) for f in job.files.values()])
+        return {"id": job.id, "object": "video.deleted", "deleted": True}
+
+    # -- stored files (response_format: url) --------------------------------------------------------------
+    @api.get("/v1/files/{file_id}")
+    async def file_meta(self, file_id: str) -> dict:
+        """A stored file's metadata (`bytes`, `created_at`, `expires_at`, ...); 404 unknown, 410 expired."""
+        meta = await asyncio.to_thread(self.files.meta, file_id)
+        return {k: v for k, v in meta.items() if k != "expires"}
+
+    @api.get("/v1/files/{file_id}/content")
+    async def file_content(self, file_id: str) -> Response:
+        """A stored image or video (the URLs `response_format: url` hands out); 404 unknown, 410 expired.
+        Open without an API key: the 128-bit random id is the credential, as in a presigned URL."""
+        data, meta = await asyncio.to_thread(self.files.read, file_id)
+        return Response(data, media_type=meta["mime_type"],
+                        headers={"Content-Disposition": f'inline; filename="{meta.get("filename", file_id)}"'})
 
     # -- native API ------------------------------------------------------------------------------------
     @api.post("/v1/generate")
     async def native(self, body: GenerationParams, request: Request) -> dict:
         params = self._params(**body.model_dump())
-        result = await self.generate(params, request.headers.get("x-request-id"))
+        return await self._native(params, request.headers.get("x-request-id"))
+
+    async def _native(self, params: GenerationParams, rid: str | None) -> dict:
+        result = await self.generate(params, rid)
         frames = result.tensors["frames"]
         if get_spec(params.model).is_video:
-            fmt, data = "mp4", await asyncio.to_thread(mp4_bytes, frames)
+            fmt, data = "mp4", await asyncio.to_thread(mp4_bytes, frames, fps_for(params.model))
         else:
             fmt, data = "png", png_bytes(frames[0])
         timings = {k: v for k, v in result.meta.items() if isinstance(v, (int, float, str)) and k != "request_id"}
@@ -347,7 +539,8 @@ class Ingress:
     async def status(self) -> Any:
         out = await self._ask_controller(self.controller.status.remote())
         if isinstance(out, dict):
-            out["ingress"] = {"admission": self.admission.snapshot(), "controller_link": self.link.snapshot()}
+            out["ingress"] = {"admission": self.admission.snapshot(), "controller_link": self.link.snapshot(),
+                              "video_jobs": len(self.videos), "files": self.files.snapshot()}
         return out
 
     @api.post("/v1/requests/{request_id}/cancel")
