@@ -1,4 +1,4 @@
-"""Issue 18 parts 3-4 without Ray: the OpenAI videos API and `response_format: url`,
+"""Issue 18 parts 3-5 without Ray: the OpenAI videos API, `response_format: url` and idempotency,
 driven by the official `openai` client (AsyncOpenAI over httpx's ASGI transport) and plain HTTP
 against the ingress's real FastAPI app, with a fake controller and fake stages
 (tests/ingress_fakes.py). tests/test_serve_e2e.py runs the same client against Ray Serve."""
@@ -15,6 +15,7 @@ from PIL import Image
 from ingress_fakes import _Call, _Method, run_http, settle
 from trident_rs.errors import ConflictError, InvalidRequestError, NotFoundError
 from trident_rs.request import GenerationParams
+from trident_rs.serve.idempotency import IdempotencyCache
 from trident_rs.serve.videos import VideoJob, estimate_progress, frames_for_seconds
 
 openai = pytest.importorskip("openai")
@@ -305,6 +306,98 @@ def test_an_unusable_store_fails_at_start_with_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="files.url"):
         run_http(_cfg(tmp_path, files={"url": "nosuchprotocol://bucket/x"}), lambda c, i: None)
+
+
+# -- idempotency -----------------------------------------------------------------------------------------
+def test_a_repeated_idempotency_key_never_starts_a_second_generation(tmp_path):
+    gate = asyncio.Event()
+    body = {"model": "tiny-sd3", "prompt": "x", "size": "64x64", "steps": 1, "response_format": "url"}
+
+    async def scenario(c, inst):
+        gate.__init__()
+        key = {"Idempotency-Key": "k1"}
+        first = asyncio.create_task(c.post("/v1/images/generations", json=body, headers=key))
+        await _until(lambda: len(inst.controller.submitted) == 1)
+        second = asyncio.create_task(c.post("/v1/images/generations", json=body, headers=key))  # joins the first
+        await asyncio.sleep(0.05)
+        gate.set()
+        a, b = await first, await second
+        assert a.status_code == b.status_code == 200 and a.json() == b.json()
+        c3 = await c.post("/v1/images/generations", json=body, headers=key)  # after: the same result
+        assert c3.json() == a.json()
+        assert len(inst.controller.submitted) == 1 and inst.stages["diffuse-w1"].calls == 1
+        r = await c.post("/v1/images/generations", json={**body, "prompt": "y"}, headers=key)
+        assert r.status_code == 409 and r.json()["error"]["param"] == "Idempotency-Key"
+        assert (await c.post("/v1/images/generations", json=body)).status_code == 200  # no key: a new one
+        assert len(inst.controller.submitted) == 2
+
+        # X-Request-Id works the same, on the native endpoint too
+        native = {"model": "tiny-sd3", "prompt": "x", "height": 64, "width": 64, "steps": 1}
+        rs = [await c.post("/v1/generate", json=native, headers={"X-Request-Id": "r7"}) for _ in range(2)]
+        assert rs[0].json() == rs[1].json() and len(inst.controller.submitted) == 3
+
+        # videos: the same job
+        jobs = [(await c.post("/v1/videos", json=VIDEO, headers={"Idempotency-Key": "v1"})).json()
+                for _ in range(2)]
+        assert jobs[0]["id"] == jobs[1]["id"]
+        await _until(lambda: inst.videos.jobs[jobs[0]["id"]].finished)
+        again = (await c.post("/v1/videos", json=VIDEO, headers={"Idempotency-Key": "v1"})).json()
+        assert again["id"] == jobs[0]["id"] and again["status"] == "completed"
+        assert len(inst.controller.submitted) == 4 and len(inst.videos) == 1
+        r = await c.post("/v1/videos", json=VIDEO, headers={"Idempotency-Key": "x" * 300})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "Idempotency-Key"
+        st = (await c.get("/v1/status")).json()["ingress"]["idempotency"]
+        assert st["runs"] == 3 and st["joined"] == 1 and st["replays"] >= 3 and st["conflicts"] == 1
+
+    run_http(_cfg(tmp_path), scenario, gate=gate)
+
+
+def test_a_key_whose_run_failed_or_whose_job_was_deleted_runs_again(tmp_path):
+    gate = asyncio.Event()
+
+    async def scenario(c, inst):
+        gate.__init__()
+        gate.set()
+        key = {"Idempotency-Key": "again"}
+        native = {"model": "tiny-sd3", "prompt": "x", "height": 64, "width": 64, "steps": 1}
+        inst.stages["decode-w1"].deaths = [ValueError("bad latents")]  # the request's own error
+        assert (await c.post("/v1/generate", json=native, headers=key)).status_code == 500
+        assert (await c.post("/v1/generate", json=native, headers=key)).status_code == 200  # ran again
+        assert len(inst.controller.submitted) == 2
+        gate.clear()  # the video job is held in diffuse
+        first = (await c.post("/v1/videos", json=VIDEO, headers=key)).json()
+        await _until(lambda: inst.stages["diffuse-w1"].calls == 3)
+        assert (await c.delete(f"/v1/videos/{first['id']}")).status_code == 200
+        second = (await c.post("/v1/videos", json=VIDEO, headers=key)).json()
+        assert second["id"] != first["id"]
+        gate.set()
+
+    run_http(_cfg(tmp_path), scenario, gate=gate)
+
+
+def test_idempotency_cache_bounds_and_ttl():
+    async def go():
+        now = [0.0]
+        cache = IdempotencyCache(ttl_s=10, max_keys=2, max_bytes=100, clock=lambda: now[0])
+        runs = []
+
+        async def make(v):
+            runs.append(v)
+            return v
+
+        for k in ("a", "b", "c"):
+            assert await cache.run("/x", ("K", k), "fp", lambda k=k: make(k)) == k
+        assert list(cache.entries) == [("/x", "b"), ("/x", "c")]  # least recent dropped
+        assert await cache.run("/x", ("K", "b"), "fp", lambda: make("again")) == "b"
+        with pytest.raises(ConflictError):
+            await cache.run("/x", ("K", "b"), "other", lambda: make("z"))
+        now[0] = 11
+        assert await cache.run("/x", ("K", "b"), "fp", lambda: make("fresh")) == "fresh"  # expired
+        await cache.run("/x", ("K", "big"), "fp", lambda: make("y" * 200))  # over max_bytes: not kept
+        assert ("/x", "big") not in cache.entries and cache.bytes <= 100
+        assert await cache.run("/y", None, "fp", lambda: make("nokey")) == "nokey"
+        assert runs == ["a", "b", "c", "fresh", "y" * 200, "nokey"]
+    asyncio.run(go())
 
 
 def test_video_jobs_keep_running_ones_and_refuse_more_when_all_run(tmp_path):

@@ -74,6 +74,12 @@ class LimitsConfig(BaseModel):
     admission_servers: int | None = Field(
         None, ge=1, description="parallel servers the SLO prediction assumes (None: configured diffuse replicas)")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens (plus env TRIDENT_API_KEYS); empty: open")
+    # -- issue 18: idempotency (trident_rs.serve.idempotency) -------------------------------------------
+    idempotency_ttl_s: float = Field(3600.0, gt=0, description="how long a repeated Idempotency-Key (or "
+                                     "X-Request-Id) returns the first call's job or result")
+    idempotency_keys: int = Field(1000, ge=1, description="keys remembered (least recent dropped first)")
+    idempotency_bytes: int = Field(256 << 20, ge=0, description="bytes of remembered results (b64 images "
+                                   "and MP4s); least recent dropped first")
 
 
 class FilesConfig(BaseModel):

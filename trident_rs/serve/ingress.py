@@ -2,8 +2,9 @@
 
 OpenAI-compatible surface: `POST /v1/images/generations` (`response_format` b64_json or url),
 the videos API (`POST/GET /v1/videos`, `GET/DELETE /v1/videos/{id}`, `GET .../content`; jobs and
-their objects in `trident_rs.serve.videos`), and stored results at `GET /v1/files/{id}/content`
-(`trident_rs.serve.files`, fsspec).
+their objects in `trident_rs.serve.videos`), stored results at `GET /v1/files/{id}/content`
+(`trident_rs.serve.files`, fsspec), and idempotent calls under an `Idempotency-Key` or
+`X-Request-Id` header (`trident_rs.serve.idempotency`).
 
 For each generation it validates (`GenerationParams.resolved()`: typed errors -> 4xx JSON),
 admits it (bounded queue, 429), tells the controller of the arrival (the answer brings the first
@@ -32,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from trident_rs.errors import (ConfigError, ConflictError, GoneError, InvalidRequestError, OverloadedError,
-                               RequestTimedOutError, TridentError)
+from trident_rs.errors import (ConfigError, ConflictError, GoneError, InvalidRequestError, NotFoundError,
+                               OverloadedError, RequestTimedOutError, TridentError)
 from trident_rs.media import mp4_bytes, png_bytes
 from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
@@ -44,6 +45,7 @@ from trident_rs.serve.config import AppConfig
 from trident_rs.serve.controller_link import ControllerLink
 from trident_rs.serve.files import FileStore
 from trident_rs.serve.grant import Grant, is_wrong_replica
+from trident_rs.serve.idempotency import IdempotencyCache, fingerprint, key_of
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 from trident_rs.serve.stage_retry import is_replica_failure, run_stage
 from trident_rs.serve.videos import (StageTimes, VideoJob, VideoJobs, check_deletable, estimate_progress,
@@ -150,6 +152,7 @@ class Ingress:
         self.stages = stages
         self.videos = VideoJobs(self.cfg.limits.max_video_jobs)  # OpenAI video jobs, for polling
         self.stage_times = StageTimes(self.cfg)  # predicted stage times: video progress
+        self.idem = IdempotencyCache.from_config(self.cfg)  # Idempotency-Key / X-Request-Id
         f = self.cfg.files
         try:
             self.files = FileStore(f.url, f.expires_after_s, f.sweep_s)  # response_format url, video content
@@ -275,6 +278,9 @@ class Ingress:
         """Where this server's files are reached: `files.public_url`, else the URL the request came to."""
         return self.cfg.files.public_url or str(request.base_url)
 
+    def _idem_key(self, request: Request) -> tuple[str, str] | None:
+        return self._checked(key_of, request.headers)
+
     @api.post("/v1/images/generations")
     async def images(self, body: ImagesRequest, request: Request) -> dict:
         if body.n > self.cfg.limits.max_n:
@@ -289,7 +295,9 @@ class Ingress:
             e = InvalidRequestError("model", f"{base.model} makes videos; use POST /v1/videos")
             self._reject(e)
             raise e
-        return await self._images(body, base, request)
+        key = self._idem_key(request)
+        return await self.idem.run("/v1/images/generations", key, fingerprint(body.model_dump()),
+                                   lambda: self._images(body, base, request))
 
     async def _images(self, body: ImagesRequest, base: GenerationParams, request: Request) -> dict:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -372,9 +380,19 @@ class Ingress:
         """Create a video job (OpenAI `videos.create`); with `wait: true` answer when it is done."""
         body = await self._video_body_checked(request)
         params = self._checked(self._video_params, body)
+        key = self._idem_key(request)
+        fp = fingerprint(body.model_dump())
         if body.wait:
-            return await self._video_wait(body, params, request)
-        return self._video_object(self.videos.get(await self._video_start(body, params, request)))
+            return await self.idem.run("/v1/videos", key, fp, lambda: self._video_wait(body, params, request, key))
+        for _ in range(2):
+            job_id = await self.idem.run("/v1/videos", key, fp, lambda: self._video_start(body, params, request, key))
+            job = self.videos.jobs.get(job_id)
+            if job is not None:
+                return self._video_object(job)
+            if key is None:
+                break
+            self.idem.forget("/v1/videos", key[1])  # the job this key made was deleted or dropped: a new one
+        raise NotFoundError("video_id", f"video job {job_id!r} was dropped as soon as it was made; retry")
 
     async def _video_body_checked(self, request: Request) -> VideosRequest:
         try:
@@ -383,21 +401,26 @@ class Ingress:
             self._reject(e)
             raise
 
-    async def _video_start(self, body: VideosRequest, params: GenerationParams, request: Request) -> str:
+    async def _video_start(self, body: VideosRequest, params: GenerationParams, request: Request,
+                           key: tuple[str, str] | None) -> str:
         """Admit and start a job; its id."""
         kept = self.videos
         if len(kept) >= kept.max_jobs and not any(j.finished for j in kept.jobs.values()):
             raise OverloadedError(f"{len(kept)} video jobs are running (limits.max_video_jobs); retry later", 5.0)
         job_id = f"video_{uuid.uuid4().hex}"
         self.admission.admit(job_id, params)  # 429 now, not a failed job later
-        job = VideoJob(job_id, params.model, body.prompt, params, body.response_format, self._base_url(request))
-        kept.add(job)
+        job = VideoJob(job_id, params.model, body.prompt, params, body.response_format, self._base_url(request),
+                       idem=("/v1/videos", key[1]) if key else None)
+        for old in kept.add(job):
+            if old.idem:
+                self.idem.forget(*old.idem)
         job.task = asyncio.get_running_loop().create_task(self._video_job(job))
         return job_id
 
-    async def _video_wait(self, body: VideosRequest, params: GenerationParams, request: Request) -> dict:
+    async def _video_wait(self, body: VideosRequest, params: GenerationParams, request: Request,
+                          key: tuple[str, str] | None) -> dict:
         """A job answered when done: its object plus the MP4 (`b64_json`, the default) or its `url`."""
-        job = self.videos.get(await self._video_start(body, params, request))
+        job = self.videos.get(await self._video_start(body, params, request, key))
         mp4 = await job.task  # a disconnect cancels the task, and so the request
         if job.exc is not None:
             raise job.exc
@@ -479,6 +502,8 @@ class Ingress:
             job.task.cancel()
             await asyncio.wait({job.task}, timeout=5.0)
         self.videos.remove(job.id)
+        if job.idem:
+            self.idem.forget(*job.idem)
         if job.files:  # it completed while being cancelled
             await asyncio.to_thread(lambda: [self.files.delete(f) for f in job.files.values()])
         return {"id": job.id, "object": "video.deleted", "deleted": True}
@@ -502,7 +527,9 @@ class Ingress:
     @api.post("/v1/generate")
     async def native(self, body: GenerationParams, request: Request) -> dict:
         params = self._params(**body.model_dump())
-        return await self._native(params, request.headers.get("x-request-id"))
+        key = self._idem_key(request)
+        return await self.idem.run("/v1/generate", key, fingerprint(body.model_dump()),
+                                   lambda: self._native(params, request.headers.get("x-request-id")))
 
     async def _native(self, params: GenerationParams, rid: str | None) -> dict:
         result = await self.generate(params, rid)
@@ -540,7 +567,8 @@ class Ingress:
         out = await self._ask_controller(self.controller.status.remote())
         if isinstance(out, dict):
             out["ingress"] = {"admission": self.admission.snapshot(), "controller_link": self.link.snapshot(),
-                              "video_jobs": len(self.videos), "files": self.files.snapshot()}
+                              "video_jobs": len(self.videos), "idempotency": self.idem.snapshot(),
+                              "files": self.files.snapshot()}
         return out
 
     @api.post("/v1/requests/{request_id}/cancel")

@@ -93,6 +93,7 @@ class VideoJob:
     files: dict[str, str] = field(default_factory=dict)  # variant -> stored file id
     track: dict = field(default_factory=lambda: {"done": []})  # stage, t, width; stages done (ingress)
     progress: int = 0  # last reported (monotone)
+    idem: tuple[str, str] | None = None  # (scope, key) it was created under
     task: Any = None  # the asyncio task running it
     exc: BaseException | None = None  # why it failed (re-raised to a `wait: true` caller)
 
