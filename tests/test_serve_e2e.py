@@ -209,3 +209,80 @@ def test_a_short_request_goes_to_the_idle_replica_not_behind_a_long_one(base_url
         assert not any(f.done() for f in longs)  # the long ones held their replicas throughout
         assert [f.result().status_code for f in longs] == [200] * 3
     assert max(took) < 3.0, took
+
+
+# -- issue 18: the OpenAI videos API, response_format url and idempotency, through Serve -----------------
+def _openai(url: str):
+    import warnings
+
+    openai = pytest.importorskip("openai")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the client marks videos.* deprecated
+    return openai, openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_openai_client_video_jobs_over_serve(base_url):
+    """create / retrieve / list / download_content / delete with the official client; a deleted
+    running job is cancelled in the controller (its GPUs freed), not only dropped from the list."""
+    emu = f"{base_url}/emu"
+    openai, client = _openai(emu)
+    v = client.videos.create(model="cogvideox", prompt="waves", seconds="1", size="256x256", extra_body={"steps": 4})
+    assert (v.status, v.seconds, v.size, v.model_extra["num_frames"]) == ("queued", "1", "256x256", 17)
+    seen = []
+    deadline = time.time() + 60
+    while (v := client.videos.retrieve(v.id)).status not in ("completed", "failed"):
+        seen.append(v.progress)
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert v.status == "completed" and v.progress == 100 and seen == sorted(seen), (v, seen)
+    assert client.videos.download_content(v.id).content[4:8] == b"ftyp"
+    thumb = client.videos.download_content(v.id, variant="thumbnail").content
+    assert Image.open(io.BytesIO(thumb)).format == "PNG"  # (emulated executors decode to small frames)
+    with pytest.raises(openai.ConflictError, match="completed"):
+        client.videos.delete(v.id)
+
+    # a long job (~5-15 s of emulated diffuse), deleted while it diffuses
+    long = client.videos.create(model="cogvideox", prompt="a long one", seconds="5", extra_body={"steps": 50})
+    deadline = time.time() + 30
+    while (got := client.videos.retrieve(long.id)).model_extra.get("stage") != "diffuse":
+        assert got.status in ("queued", "in_progress") and time.time() < deadline, got
+        time.sleep(0.05)
+    assert [x.id for x in client.videos.list(limit=2).data] == [long.id, v.id]  # newest first
+    gone = client.videos.delete(long.id)
+    assert gone.deleted and gone.object == "video.deleted"
+    deadline = time.time() + 10
+    while httpx.get(f"{emu}/v1/requests/{long.id}", timeout=30).json()["state"] != "cancelled":
+        assert time.time() < deadline, "the controller never heard of the cancellation"
+        time.sleep(0.1)
+    st = httpx.get(f"{emu}/v1/status", timeout=30).json()
+    assert st["inflight_launches"] == 0 and long.id not in [r["id"] for r in st["inflight"]]
+    assert st["queues"].get("diffuse-w1", 0) == 0 and st["queues"].get("diffuse-w4", 0) == 0
+    with pytest.raises(openai.NotFoundError, match="deleted"):
+        client.videos.retrieve(long.id)
+    assert long.id not in [x.id for x in client.videos.list()]
+
+
+def test_openai_client_image_url_and_idempotency_over_serve(base_url):
+    openai, client = _openai(f"{base_url}/tiny")
+    body = {"steps": 2, "seed": 7}
+    out = client.images.generate(model="tiny-sd3", prompt="a red fox", size="64x64", response_format="url",
+                                 extra_body=body)
+    url = out.data[0].url
+    assert url.startswith(f"{base_url}/tiny/v1/files/file_"), url
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    b64 = client.images.generate(model="tiny-sd3", prompt="a red fox", size="64x64", extra_body=body)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")), _png(b64.data[0].b64_json))
+
+    # one generation for a repeated Idempotency-Key, concurrent and later (the controller counts them)
+    emu = f"{base_url}/emu"
+    before = httpx.get(f"{emu}/v1/status", timeout=30).json()["stats"]["submitted"]
+    req = {"model": "sd3", "prompt": "x", "size": "512x512", "steps": 8, "response_format": "url"}
+
+    def send(_):
+        return httpx.post(f"{emu}/v1/images/generations", json=req, headers={"Idempotency-Key": "e2e-1"}, timeout=60)
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(send, range(3)))
+    answers.append(send(0))
+    assert [a.status_code for a in answers] == [200] * 4 and len({a.text for a in answers}) == 1
+    assert httpx.get(f"{emu}/v1/status", timeout=30).json()["stats"]["submitted"] == before + 1
