@@ -5,7 +5,9 @@
 
 Serve's class-based view finds the instance through `serve.get_replica_context()`; `make_ingress`
 patches that (restore with `unpatch()`). Stages sleep `stage_s` (or wait on `gate`) and decode to
-small frames, so PNG/MP4 encoding stays cheap.
+small frames, so PNG/MP4 encoding stays cheap; a diffuse asked for `partial_images` leaves that
+many small PNGs in its mailbox (`previews`), as the real replica does. `make_ingress(..., real=True)`
+runs real `StageReplica`s in-process instead (the tiny models, diffusers on the CPU).
 """
 import asyncio
 import types
@@ -140,6 +142,14 @@ class FakeStage:
         self.deaths: list[BaseException] = []
         self.grants: list[Grant] = []
         self.run = _Method(self._run)
+        self.previews = _Method(self._previews)
+        self.mailbox: dict[str, list] = {}
+
+    async def _previews(self, rid: str, grant: Any = None, drop: bool = False) -> list:
+        got = self.mailbox.pop(rid, [])
+        if not drop:
+            self.mailbox[rid] = []
+        return got
 
     async def _run(self, prev: Any, grant: Grant) -> StagePayload:
         payload = await prev if isinstance(prev, (_Call, _Ref)) else prev
@@ -152,6 +162,13 @@ class FakeStage:
         if self.stage_s:
             await asyncio.sleep(self.stage_s)
         tensors = {}
+        if self.stage == "diffuse":
+            from trident_rs.media import png_bytes
+
+            for k in range(payload.meta.get("partial_images") or 0):
+                self.mailbox.setdefault(payload.meta["request_id"], []).append(
+                    (k, png_bytes(np.full((16, 16, 3), 40 * (k + 1), np.uint8))))
+                await asyncio.sleep(0.01)
         if self.stage == "decode":
             frames = payload.params.num_frames or 1
             tensors["frames"] = np.zeros((min(frames, 2), 16, 16, 3), np.uint8)
@@ -167,7 +184,22 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def make_ingress(config: dict, stage_s: float = 0.0, gate: asyncio.Event | None = None):
+class RealStage:
+    """A real `StageReplica` behind a fake handle (`run`, `previews`): refs resolved, no Ray."""
+
+    def __init__(self, config: dict, stage: str):
+        from trident_rs.serve.stage_deployment import StageReplica
+
+        self.replica = StageReplica(config, stage, 1)
+        self.run = _Method(self._run)
+        self.previews = _Method(self.replica.previews)
+
+    async def _run(self, prev: Any, grant: Grant) -> StagePayload:
+        payload = await prev if isinstance(prev, (_Call, _Ref)) else prev
+        return await self.replica.run(payload, grant)
+
+
+def make_ingress(config: dict, stage_s: float = 0.0, gate: asyncio.Event | None = None, real: bool = False):
     from trident_rs.serve import ingress as mod
 
     cls = mod.Ingress.__mro__[1]  # the user class under Serve's ASGI wrapper
@@ -175,6 +207,8 @@ def make_ingress(config: dict, stage_s: float = 0.0, gate: asyncio.Event | None 
     inst = cls.__new__(cls)
     stages = {f"{s}-w1": FakeStage(s, stage_s, gate if s == "diffuse" else None)
               for s in ("encode", "diffuse", "decode")}
+    if real:
+        stages = {f"{s}-w1": RealStage(config, s) for s in ("encode", "diffuse", "decode")}
     cls.__init__(inst, config, FakeController(), stages)
     ray.serve.get_replica_context = lambda: types.SimpleNamespace(servable_object=inst)
     return mod.api, inst

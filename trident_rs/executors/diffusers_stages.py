@@ -34,12 +34,14 @@ class DiffusersStageExecutor(StageExecutor):
 
     Options: `source` (hub id or directory), `dtype`, `device`, `pipeline` (an already loaded
     pipeline to reuse), `on_step(step, total)` (diffuse progress hook), `keep_float` (decode
-    also returns the float frames under "frames_float", before uint8 rounding).
+    also returns the float frames under "frames_float", before uint8 rounding), `on_preview`
+    (diffuse: `sink(request_id, index, png)` for the partial images a payload asks for with
+    `meta["partial_images"]` (0-3) under `meta["request_id"]`; `trident_rs.models.preview`).
     """
 
     def __init__(self, model: str, stage: Stage, *, source: str | None = None, dtype: Any = None,
                  device: str | None = None, pipeline: Any = None, on_step: StepCallback | None = None,
-                 keep_float: bool = False):
+                 keep_float: bool = False, on_preview: Any = None):
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; choose from {list(STAGES)}")
         self.model, self.stage = model, stage
@@ -47,6 +49,7 @@ class DiffusersStageExecutor(StageExecutor):
         self.family = get_family(self.spec.family).stages
         self.on_step = on_step
         self.keep_float = keep_float
+        self.on_preview = on_preview
         if pipeline is None:
             from trident_rs.models.loading import load_pipeline
 
@@ -64,7 +67,8 @@ class DiffusersStageExecutor(StageExecutor):
             params = [resolved[i] for i in indices]
             start = time.perf_counter()
             with torch.inference_mode():
-                tensors = self._run_group(params, [batch[i].tensors for i in indices], step_range)
+                tensors = self._run_group(params, [batch[i].tensors for i in indices], step_range,
+                                          [batch[i].meta for i in indices])
             elapsed = time.perf_counter() - start
             for i, t in zip(indices, tensors):
                 meta = dict(batch[i].meta)
@@ -92,13 +96,26 @@ class DiffusersStageExecutor(StageExecutor):
         return a, b
 
     def _run_group(self, params: list[GenerationParams], inputs: list[dict],
-                   step_range: tuple[int, int] | None = None) -> list[dict]:
+                   step_range: tuple[int, int] | None = None, metas: list[dict] | None = None) -> list[dict]:
         if self.stage == "encode":
             return self.family.encode(self.pipe, params)
         if self.stage == "diffuse":
-            return self.family.diffuse(self.pipe, params, inputs, on_step=self.on_step, step_range=step_range)
+            return self.family.diffuse(self.pipe, params, inputs, on_step=self._step_hook(params, metas),
+                                       step_range=step_range)
         frames = self.family.decode(self.pipe, params, gather(inputs, "latents"))
         return [{"frames": to_uint8(f), **({"frames_float": f} if self.keep_float else {})} for f in frames]
+
+
+    def _step_hook(self, params: list[GenerationParams], metas: list[dict] | None) -> StepCallback | None:
+        """`on_step`, or a `PreviewHook` around it when a request of the group wants partial images."""
+        wanted = [(str(m.get("request_id", "")), int(m.get("partial_images") or 0)) for m in metas or []]
+        if self.on_preview is None or not any(n for _, n in wanted):
+            return self.on_step
+        from trident_rs.models.preview import PreviewHook
+
+        p0 = params[0]
+        return PreviewHook(self.on_step, wanted, p0.steps, lambda x: self.family.preview_latents(self.pipe, p0, x),
+                           self.pipe.vae_scale_factor, self.on_preview)
 
 
 def make_executor(model: str, stage: Stage, **options: Any) -> DiffusersStageExecutor:

@@ -163,6 +163,11 @@ class FamilyStages(ABC):
     def decode(self, pipe, params: list["GenerationParams"], latents: list[np.ndarray]) -> list[np.ndarray]:
         """Latents -> float frames in [0, 1], shape (F, H, W, 3) per request."""
 
+    def preview_latents(self, pipe, params: "GenerationParams", latents):
+        """The loop's latents (a torch tensor, the batch first) as (B, C, h, w) for a preview
+        (`trident_rs.models.preview`); the pipeline's layout is already that for most families."""
+        return latents
+
 
 @dataclass(frozen=True)
 class Family:

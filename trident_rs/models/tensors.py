@@ -69,12 +69,16 @@ def generators(params: list["GenerationParams"]) -> list["torch.Generator"]:
 
 def step_callback(on_step: StepCallback | None, total: int, offset: int = 0):
     """A diffusers `callback_on_step_end` that reports progress, or None. `offset`: the step the
-    pipeline's loop started at (a chunk of steps counts its own from 0)."""
+    pipeline's loop started at (a chunk of steps counts its own from 0). A hook with a `latents`
+    method (`trident_rs.models.preview.PreviewHook`) is also given the step's latents (read only)."""
     if on_step is None:
         return None
+    take = getattr(on_step, "latents", None)
 
     def callback(pipe, i, t, callback_kwargs):
         on_step(offset + i + 1, total)
+        if take is not None:
+            take(offset + i + 1, callback_kwargs.get("latents"))
         return callback_kwargs
 
     return callback

@@ -4,7 +4,11 @@ OpenAI-compatible surface: `POST /v1/images/generations` (`response_format` b64_
 the videos API (`POST/GET /v1/videos`, `GET/DELETE /v1/videos/{id}`, `GET .../content`; jobs and
 their objects in `trident_rs.serve.videos`), stored results at `GET /v1/files/{id}/content`
 (`trident_rs.serve.files`, fsspec), and idempotent calls under an `Idempotency-Key` or
-`X-Request-Id` header (`trident_rs.serve.idempotency`).
+`X-Request-Id` header (`trident_rs.serve.idempotency`). With `stream: true` the images endpoint
+answers with OpenAI's server-sent events: `partial_images` (0-3) `image_generation.partial_image`
+previews, then `image_generation.completed` (`_image_events`). The previews are made on the
+diffuse replica from the loop's latents (`trident_rs.models.preview`), kept there per request
+(`stage_deployment.PreviewMailbox`) and collected by the ingress while the diffuse call runs.
 
 For each generation it validates (`GenerationParams.resolved()`: typed errors -> 4xx JSON),
 admits it (bounded queue, 429), tells the controller of the arrival (the answer brings the first
@@ -54,6 +58,7 @@ from trident_rs.vocab import STAGES, error_body
 
 api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
 EVENTS_POLL_S = 0.1  # how often the progress stream looks at the controller
+PREVIEW_POLL_S = 0.05  # how often a streamed image request collects its partial images
 api.add_middleware(GuardMiddleware)  # API key, body size, JSON syntax (trident_rs.serve.limits)
 
 
@@ -107,6 +112,11 @@ class ImagesRequest(BaseModel):
     guidance_scale: float | None = None
     negative_prompt: str = ""
     slo_ms: float | None = Field(None, gt=0)
+    stream: bool = Field(False, strict=True, description="server-sent events: partial images, then the image")
+    partial_images: int | None = Field(None, ge=0, le=3, strict=True,
+                                       description="previews streamed before the image (0-3; stream only)")
+    output_format: Literal["png"] | None = None  # OpenAI's; only PNG is made here
+    background: Literal["auto", "opaque"] | None = None
 
 
 class VideosRequest(BaseModel):
@@ -131,6 +141,11 @@ class VideosRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="'url': the completed job carries the MP4's URL; 'b64_json' (wait only, its default): "
         "the MP4 inline")
+
+
+def _quality(q: str | None) -> str:
+    """The request's `quality` as OpenAI's events spell it (unknown values: 'auto')."""
+    return q if q in ("low", "medium", "high", "auto") else "auto"
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -161,6 +176,7 @@ class Ingress:
         self.admission = Admission.from_config(self.cfg)  # bounded queue per model -> 429
         configure_guard(self.cfg)
         self.inflight = Inflight()  # DeploymentResponses per request id, for cancellation
+        self.preview_sinks: dict[str, tuple[int, asyncio.Queue]] = {}  # streamed requests' partial images
         f = self.cfg.faults  # the controller may die: the link keeps dispatching on the last plan
         self.link = ControllerLink(controller, {d.name: (d.stage, d.width) for d in self.cfg.deployments},
                                    {d.name: d.replicas for d in self.cfg.deployments},
@@ -230,7 +246,8 @@ class Ingress:
         """Encode, diffuse, decode: each stage where its grant says, re-run if its replica dies.
         Each acquire carries the previous stage's grant: that is how the controller hears it is done."""
         await self.link.submit(rid, params)
-        out: Any = StagePayload(params, {}, {"request_id": rid})
+        sink = self.preview_sinks.get(rid)
+        out: Any = StagePayload(params, {}, {"request_id": rid, **({"partial_images": sink[0]} if sink else {})})
         retries = 0
         watch = functools.partial(self.inflight.watch, rid)  # awaits that the cancel endpoint can interrupt
         for stage in STAGES:
@@ -238,12 +255,41 @@ class Ingress:
             last[0] = None
             if track is not None:
                 track.update(stage=stage, t=time.monotonic(), width=grant.width)
-            out, n, grant = await self._run_stage(rid, stage, grant, out, watch)
+            if stage == "diffuse" and sink is not None:
+                out, n, grant = await self._with_previews(rid, grant, sink[1], self._run_stage(rid, stage, grant, out, watch))
+            else:
+                out, n, grant = await self._run_stage(rid, stage, grant, out, watch)
             last[0] = grant
             if track is not None:
                 track["done"].append((stage, grant.width))
             retries += n
         out.meta["retries"] = retries
+        return out
+
+    async def _with_previews(self, rid: str, grant: Grant, queue: asyncio.Queue, run: Any) -> Any:
+        """Await `run` (the diffuse stage) while collecting the request's partial images from the
+        granted replica into `queue` every `PREVIEW_POLL_S`, and once more when it is done."""
+        stage = self.stages[grant.deployment]
+
+        async def collect(drop: bool = False) -> None:
+            try:
+                got = await stage.previews.remote(rid, grant, drop)
+            except Exception:  # noqa: BLE001 - a preview lost is not the request lost
+                return
+            for item in sorted(got):
+                queue.put_nowait(item)
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(PREVIEW_POLL_S)
+                await collect()
+
+        poller = asyncio.get_running_loop().create_task(poll())
+        try:
+            out = await run
+        finally:
+            poller.cancel()
+        await collect(drop=True)  # the previews were made during the call: all are there now
         return out
 
     async def _run_stage(self, rid: str, stage: str, grant: Grant, prev: Any, watch: Any) -> tuple[Any, int, Grant]:
@@ -296,8 +342,71 @@ class Ingress:
             self._reject(e)
             raise e
         key = self._idem_key(request)
+        if body.stream:
+            return self._checked(self._image_stream, body, base, request)
         return await self.idem.run("/v1/images/generations", key, fingerprint(body.model_dump()),
                                    lambda: self._images(body, base, request))
+
+    def _image_stream(self, body: ImagesRequest, base: GenerationParams, request: Request) -> StreamingResponse:
+        """Check and admit a streamed request (so 4xx and 429 come as statuses), then stream it.
+        A stream is not replayed under an idempotency key: it runs each time."""
+        if body.n != 1:
+            raise InvalidRequestError("n", "stream: true makes one image (n = 1)")
+        if body.response_format != "b64_json":
+            raise InvalidRequestError("response_format", "a stream carries b64_json images only")
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.admission.admit(rid, base)  # 429 before the stream starts
+        return StreamingResponse(self._image_events(body, base, rid), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+
+    async def _image_events(self, body: ImagesRequest, base: GenerationParams, rid: str) -> AsyncIterator[str]:
+        """OpenAI's image stream: `image_generation.partial_image` events (indices 0..n-1, as the
+        diffuse replica makes them), then `image_generation.completed` with the image (the same
+        image as without stream: previews only read the latents). A failure after the stream
+        started ends it with an `error` event."""
+        n = body.partial_images or 0
+        queue: asyncio.Queue = asyncio.Queue()
+        if n:
+            self.preview_sinks[rid] = (n, queue)
+        common = {"size": f"{base.width}x{base.height}", "quality": _quality(body.quality),
+                  "background": "opaque", "output_format": "png"}
+
+        def event(kind: str, **fields: Any) -> str:
+            data = {"type": kind, "created_at": int(time.time()), **fields, **common}
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+        task = asyncio.get_running_loop().create_task(self.generate(base, rid))
+        try:
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    break
+                k, png = get.result()
+                yield event("image_generation.partial_image", b64_json=base64.b64encode(png).decode(),
+                            partial_image_index=k)
+            while not queue.empty():
+                k, png = queue.get_nowait()
+                yield event("image_generation.partial_image", b64_json=base64.b64encode(png).decode(),
+                            partial_image_index=k)
+            try:
+                result = task.result()
+            except Exception as e:  # noqa: BLE001 - the status line is sent: an error event
+                status = getattr(e, "http_status", 500)
+                body_ = error_body(str(e) or type(e).__name__, type(e).__name__, status, getattr(e, "field", None))
+                yield f"event: error\ndata: {json.dumps({'type': 'error', **body_})}\n\n"
+                return
+            png = png_bytes(result.tensors["frames"][0])
+            yield event("image_generation.completed", b64_json=base64.b64encode(png).decode(),
+                        usage={"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                               "output_tokens": 0, "total_tokens": 0})
+        finally:
+            self.preview_sinks.pop(rid, None)
+            if not task.done():
+                task.cancel()  # the client went away: the request is cancelled
+                await asyncio.wait({task}, timeout=5.0)
+            self.admission.release(rid)
 
     async def _images(self, body: ImagesRequest, base: GenerationParams, request: Request) -> dict:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex

@@ -15,6 +15,8 @@ elsewhere. A launch of `batch` > 1 requests is gathered by its batch id and run 
 batch as soon as all its members are here (at most `batch_wait_s`, at least 50 ms, after the
 first); a launch of one runs at once. Calls without a grant go through `@serve.batch`.
 Replicas never call the controller on a request's path: the ingress reports finished stages.
+Partial images (`partial_images`, diffuse only) wait here in a small mailbox per request id until
+the ingress collects them (`previews(request_id, grant)`, routed by the grant like `run`).
 They register with it when they start (replica id, Ray node, GPU ids), heartbeat every
 `HEARTBEAT_S`, and deregister when Serve stops them (`trident_rs.serve.registry`).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -89,8 +92,11 @@ class StageReplica:
         self.name = DeploymentKey(stage, width).name
         dep = self.config.deployment(self.name)
         kind = self.config.executor_kind(dep)
+        self.mailbox = PreviewMailbox()
+        previews = stage == "diffuse" and (kind == "diffusers" or (kind == "xfuser" and width == 1))
+        opts = {"on_preview": self.mailbox.put} if previews else {}
         self.executors: dict[str, StageExecutor] = {
-            m: build_executor(kind, m, stage, **_executor_options(self.config, m, dep))
+            m: build_executor(kind, m, stage, **_executor_options(self.config, m, dep), **opts)
             for m in self.config.models
         }
         self._run_batch.set_max_batch_size(dep.max_batch)
@@ -198,6 +204,11 @@ class StageReplica:
                 out[i] = r
         return out
 
+    async def previews(self, request_id: str, grant: Grant | None = None, drop: bool = False) -> list:
+        """The partial images of `request_id` made so far, as [(index, PNG bytes)], each once;
+        `drop`: forget the request (its diffuse is done). `grant` only routes the call here."""
+        return self.mailbox.take(request_id, drop)
+
     def check_health(self) -> None:
         if not self.executors:
             raise RuntimeError("no executors")
@@ -205,6 +216,29 @@ class StageReplica:
             check = getattr(executor, "check_health", None)
             if check is not None:
                 check()
+
+
+class PreviewMailbox:
+    """Partial images per request id, put by the executor's thread, taken by the ingress. Holds
+    at most `max_requests` requests (the oldest go first: an ingress that never came back)."""
+
+    def __init__(self, max_requests: int = 256):
+        self.max_requests = max_requests
+        self.boxes: dict[str, list[tuple[int, bytes]]] = {}
+        self.lock = threading.Lock()
+
+    def put(self, request_id: str, index: int, png: bytes) -> None:
+        with self.lock:
+            self.boxes.setdefault(request_id, []).append((index, png))
+            while len(self.boxes) > self.max_requests:
+                self.boxes.pop(next(iter(self.boxes)))
+
+    def take(self, request_id: str, drop: bool = False) -> list[tuple[int, bytes]]:
+        with self.lock:
+            got = self.boxes.pop(request_id, [])
+            if got and not drop:
+                self.boxes[request_id] = []
+            return got
 
 
 def _whoami() -> tuple[str | None, str, tuple[str, ...]]:

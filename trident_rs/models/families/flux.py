@@ -55,6 +55,9 @@ class FluxStages(FamilyStages):
         f = pipe.vae_scale_factor * 2  # 2×2 latent patches per token
         return (1, (p.height // f) * (p.width // f), pipe.transformer.config.in_channels)
 
+    def preview_latents(self, pipe, params, latents):
+        return pipe._unpack_latents(latents, params.height, params.width, pipe.vae_scale_factor)
+
     def decode(self, pipe, params, latents):
         p0, vae = params[0], pipe.vae
         x = stack(latents, pipe._execution_device, vae.dtype)
