@@ -229,3 +229,16 @@ def test_engine_rejects_bad_chunks_and_paused_state_over_budget():
     with pytest.raises(PolicyViolation, match="over the 0.0001 GB budget"):
         simulate(cluster, Scripted(_chunked("a", [(0, 2), (2, 4)], pause_at=10.0)), cost, reqs,
                  SimConfig(host_memory_gb=1e-4))
+
+
+def test_the_chunks_of_one_diffuse_share_its_noise():
+    # splitting a diffuse into chunks must not average its noise away: every chunk of a
+    # request runs at the same time factor as the others (per step)
+    shape = Shape(1024, 1024)
+    reqs = [Request("a", "img", shape, 4, 0.0, 100.0)]
+    cluster, cost = Cluster(1, 2), FakeCost()
+    config = SimConfig.ideal(noise=0.5, seed=3, chunk_boundary_s=0.0)
+    res = simulate(cluster, Scripted(_chunked("a", [(0, 1), (1, 2), (2, 4)], gpus=((0,),))), cost, reqs, config)
+    per_step = [(rec.run_s - rec.extra_s) / (rec.steps[1] - rec.steps[0]) for rec in res.timeline["a"][1:-1]]
+    assert per_step == pytest.approx([per_step[0]] * 3)
+    assert per_step[0] != pytest.approx(cost.stage_time("img", "diffuse", shape, 1, steps=1))

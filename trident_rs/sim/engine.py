@@ -55,7 +55,7 @@ class SimConfig:
     from host memory where the request was paused; paused state beyond `host_memory_gb` is a
     policy violation."""
 
-    noise: float = 0.0  # sigma of a mean-1 lognormal factor on every launch's compute time
+    noise: float = 0.0  # sigma of a mean-1 lognormal factor on every launch's compute time (one per diffuse, chunked or not)
     seed: int = 0
     intra_node_gbps: float = 20.0  # GB/s between GPUs of one node (PCIe)
     inter_node_gbps: float = 10.0  # GB/s between nodes
@@ -187,6 +187,7 @@ class Simulator:
         # diffuse chunks: steps done per request; requests whose chunk just ended (paused unless
         # the policy resumes them at once); paused requests and the host memory they hold
         self.steps_done: dict[str, int] = {}
+        self.chunk_noise: dict[str, float] = {}  # request -> its diffuse chunks' time factor
         self.at_boundary: list[str] = []
         self.paused: dict[str, float] = {}  # request -> bytes of chunk state in host memory
         self.paused_bytes = self.peak_paused_bytes = 0.0
@@ -346,6 +347,19 @@ class Simulator:
         gbps = self.config.intra_node_gbps if node == launch.node else self.config.inter_node_gbps
         return size / (gbps * 1e9)
 
+    def _noise(self, launch: Launch) -> float:
+        """The launch's lognormal time factor. The chunks of one request's diffuse share one
+        factor (a slow request is slow at every step), so splitting a stage into chunks does
+        not average its noise away."""
+        sigma = self.config.noise
+        if launch.steps is None:
+            return self.rng.lognormvariate(-sigma * sigma / 2, sigma)
+        key = launch.request_ids[0]
+        factor = self.chunk_noise.get(key)
+        if factor is None:
+            factor = self.chunk_noise[key] = self.rng.lognormvariate(-sigma * sigma / 2, sigma)
+        return factor
+
     def _steps_of(self, launch: Launch) -> int:
         """Denoising steps the launch runs (checked: a chunk starts where each request stands)."""
         if launch.steps is None:
@@ -403,8 +417,7 @@ class Simulator:
         compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps)
                       for s in launch.stages)
         if self.config.noise > 0:
-            sigma = self.config.noise
-            compute *= self.rng.lognormvariate(-sigma * sigma / 2, sigma)
+            compute *= self._noise(launch)
         transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
         extra = transfer + self.config.hop_overhead_s + self._pool_load_s(launch, first.shape)
         if launch.steps is not None and launch.steps[0] > 0:
@@ -464,6 +477,7 @@ class Simulator:
                 self.at_boundary.append(rid)
                 continue
             self.steps_done.pop(rid, None)
+            self.chunk_noise.pop(rid, None)
             i = self.next_stage[rid] + n
             self.next_stage[rid] = i
             if i == len(STAGES):
