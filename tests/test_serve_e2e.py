@@ -286,3 +286,20 @@ def test_openai_client_image_url_and_idempotency_over_serve(base_url):
     answers.append(send(0))
     assert [a.status_code for a in answers] == [200] * 4 and len({a.text for a in answers}) == 1
     assert httpx.get(f"{emu}/v1/status", timeout=30).json()["stats"]["submitted"] == before + 1
+
+
+def test_openai_client_streams_partial_images_over_serve(base_url):
+    """Issue 18 part 2 over Ray Serve: the diffuse replica's previews reach the client in order,
+    then the completed image, equal to the non-streamed one."""
+    openai, client = _openai(f"{base_url}/tiny")
+    body = {"steps": 4, "seed": 11}
+    events = list(client.images.generate(model="tiny-sd3", prompt="a red fox", size="64x64", stream=True,
+                                         partial_images=2, extra_body=body))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert all(_png(e.b64_json).shape == (64, 64, 3) for e in events)
+    plain = client.images.generate(model="tiny-sd3", prompt="a red fox", size="64x64", extra_body=body)
+    assert np.array_equal(_png(events[-1].b64_json), _png(plain.data[0].b64_json))
+    only = list(client.images.generate(model="tiny-sd3", prompt="a red fox", size="64x64", stream=True,
+                                       partial_images=0, extra_body=body))
+    assert [e.type for e in only] == ["image_generation.completed"]
