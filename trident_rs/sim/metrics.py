@@ -27,6 +27,7 @@ class Metrics:
     sim_wall_s: float
     failed: int = 0  # requests that failed (launch refused for memory)
     memory_refusals: int = 0  # launches refused for memory
+    schedule_calls: int = 0  # calls of policy.schedule() (decision_time_s / this = time per call)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,4 +67,5 @@ def summarize(result: SimResult) -> Metrics:
         sim_wall_s=result.wall_time_s,
         failed=len(result.failed),
         memory_refusals=result.memory_refusals,
+        schedule_calls=result.schedule_calls,
     )
