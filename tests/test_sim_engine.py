@@ -207,12 +207,12 @@ def test_diffuse_chunks_cost_their_steps_plus_boundary_and_moves():
     assert chunked.peak_paused_gb == 0
     # paused until t=10, resumed on the other GPU: the state comes back from host memory
     paused = simulate(cluster, Scripted(_chunked("a", [(0, 2), (2, 4)], pause_at=10.0)), cost, reqs, config)
-    state_s = chunk_state_bytes("img", 1024, 1024, 1) / 1e6
+    state_s = chunk_state_bytes("img", shape) / 1e6
     diffuse2 = cost.stage_time("img", "diffuse", shape, 1, steps=2)
     decode = cost.stage_time("img", "decode", shape)
     latent_s = 128 * 128 * 16 * 2 / 1e6  # decode on the first GPU again
     assert paused.finish["a"] == pytest.approx(10.0 + 0.5 + state_s + diffuse2 + latent_s + decode)
-    assert paused.peak_paused_gb == pytest.approx(chunk_state_bytes("img", 1024, 1024, 1) / 1e9)
+    assert paused.peak_paused_gb == pytest.approx(chunk_state_bytes("img", shape) / 1e9)
     assert paused.timeline["a"][2].queued_s == pytest.approx(10.0 - paused.timeline["a"][1].end)
 
 

@@ -45,6 +45,18 @@ def stage_width(model: str, stage: str, width: int) -> int:
     return max([w for w in spec.widths.get(stage, (1,)) if w <= width] or [1])
 
 
+def feasible_widths(cost, cluster: Cluster, model: str, stage: str, shape: Shape) -> tuple[int, ...]:
+    """Widths the cost model has for `stage`, within a node, that fit in memory (the widest if
+    none fits: the runtime refuses it)."""
+    top = cluster.gpus_per_node
+    ws = [w for w in cost.widths(model, stage) if w <= top] or [1]
+    try:
+        need = cost.min_width(model, stage, shape, cluster.gpu_memory_gb)
+    except Exception:  # noqa: BLE001 - fits no width
+        need = max(ws)
+    return tuple(w for w in ws if w >= need) or (max(ws),)
+
+
 def pipeline_offload(cost, model: str, shape: Shape, width: int, gpu_memory_gb: float,
                      stages: tuple[str, ...] = STAGES) -> tuple[str, ...] | None:
     """() if a pipeline-level launch fits with all weights resident, ("encode",) if only with

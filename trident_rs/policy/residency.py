@@ -107,6 +107,21 @@ class WeightResidency:
     def holds(self, node: int, gpu: int) -> Resident | None:
         return self.gpus.get((node, gpu))
 
+    def first_free_for(self, model: str, width: int, nodes: int, gpus_per_node: int,
+                       busy_until: dict[GPU, float], now: float) -> float:
+        """Earliest time `width` GPUs of one node that hold `model` (or nothing) are free, from
+        each GPU's predicted end of its launch (`busy_until`); inf if no node has that many."""
+        best = float("inf")
+        for n in range(nodes):
+            times = []
+            for i in range(gpus_per_node):
+                held = self.gpus.get((n, i))
+                if held is None or held.stages_of(model) is not None:
+                    times.append(max(now, busy_until.get((n, i), now)))
+            if len(times) >= width:
+                best = min(best, sorted(times)[width - 1])
+        return best
+
     def _fit(self, model: str, stages: frozenset[str], shape: Shape, width: int) -> bool:
         return self._peak(model, stages, shape, width) <= self.gpu_memory_gb + 1e-9
 

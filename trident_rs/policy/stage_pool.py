@@ -16,10 +16,10 @@ Decisions, each from the cost model:
   log of observed / predicted launch times (z for `confidence`), learned online.
 - **Width**: a task's on-time widths are those whose predicted finish (this stage, then the
   fastest rest, with slack) meets its deadline. The free GPUs go first to every scanned
-  on-time task's narrowest on-time width (the scan is the `scan_limit` most urgent ready tasks:
-  a deep scan stops widening while queued work would use the GPUs); what is left widens tasks, in deadline order, up to
-  their widest on-time width (spare GPUs shorten latency; scarce ones are spent on the fewest
-  GPU-seconds). A late request waits for its widest width with parallel efficiency >=
+  on-time task's narrowest on-time width (the scan is the `scan_limit` most urgent ready
+  tasks: a deep scan stops widening while queued work would use the GPUs); what is left widens
+  tasks, in deadline order, up to their widest on-time width (spare GPUs shorten latency;
+  scarce ones are spent on the fewest GPU-seconds). A late request waits for its widest width with parallel efficiency >=
   `threshold`. A width with no room now falls back to narrower on-time widths.
 - **Placement**: the GPUs to use are those that cost least to start on (`WeightResidency`:
   the request's own previous GPUs, a past sequence-parallel group of that width, GPUs holding
@@ -50,14 +50,14 @@ from statistics import NormalDist
 from trident_rs.errors import ConfigError
 from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, chunk_state_bytes
+from trident_rs.policy.baselines import feasible_widths
+from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S, chunk_state_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
 
 _INF = float("inf")
 # options the runtimes give every trident placement; the pool has no use for them
 _SHARED_OPTIONS = frozenset({"slo_scale", "seed", "tick_s", "forecast", "workload"})
-SERVE_HOP_S = 0.013  # what every launch costs the runtime (the simulator's `hop_overhead_s`)
 
 
 @dataclass
@@ -115,7 +115,7 @@ class StagePoolPolicy(Policy):
     def __init__(self, cluster: Cluster, cost, threshold: float = 0.8, confidence: float = 0.9,
                  scan_limit: int = 256, max_batch: int = 8, batch_max_pixels: int = 1024 * 1024,
                  model_load_s: float = 20.0, regroup_s: float = DEFAULT_REGROUP_S, models=None, share_window_s: float = 120.0,
-                 elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_S + CHUNK_BOUNDARY_S,
+                 elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_OVERHEAD_S + CHUNK_BOUNDARY_S,
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
                  **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
@@ -143,7 +143,7 @@ class StagePoolPolicy(Policy):
         self.max_preemptions, self.max_pause_s = max_preemptions, max_pause_s
         self.host_bytes, self.paused_bytes = host_memory_gb * 1e9, 0.0
         self.regroup_s = regroup_s
-        self._boundary: list[str] = []  # requests whose chunk ended at this instant
+        self._boundary: set[str] = set()  # requests whose chunk ended at this instant
         self._launched: set[str] = set()  # requests launched at this instant
         self.paused: dict[str, float] = {}  # paused request -> since when
         self.max_batch, self.batch_max_pixels = max_batch, batch_max_pixels
@@ -193,7 +193,7 @@ class StagePoolPolicy(Policy):
             f.node, f.gpus = launch.node, launch.gpus
             if not launch.finishes_stage(f.request.steps):  # a chunk: decided again at the boundary
                 f.done = launch.steps[1]
-                self._boundary.append(rid)
+                self._boundary.add(rid)
                 self._push(rid)
                 continue
             f.done = 0
@@ -357,7 +357,8 @@ class StagePoolPolicy(Policy):
         if load >= self.model_load_s:  # another model's GPUs: only within our share, and only if
             # waiting for our own GPUs (their first free moment, then the work queued ahead of us
             # shared over them) finishes later or misses; always where ours can never hold `w`
-            own = self._wait_for_model(r.model, w, now)
+            own = self.residency.first_free_for(r.model, w, self.cluster.nodes, self.cluster.gpus_per_node,
+                                                self.busy_until, now)
             if own < _INF:
                 budget, count = self._budget
                 if count.get(r.model, 0) >= budget.get(r.model, 0):
@@ -394,19 +395,6 @@ class StagePoolPolicy(Policy):
 
         out.append(tuple(sorted(sorted(free, key=rank)[:w])))
         return out
-
-    def _wait_for_model(self, model: str, w: int, now: float) -> float:
-        """Earliest predicted time `w` GPUs of one node that hold `model` (or nothing) are free."""
-        best = _INF
-        for n in range(self.cluster.nodes):
-            times = []
-            for i in range(self.cluster.gpus_per_node):
-                held = self.residency.holds(n, i)
-                if held is None or held.stages_of(model) is not None:
-                    times.append(max(now, self.busy_until.get((n, i), now)))
-            if len(times) >= w:
-                best = min(best, sorted(times)[w - 1])
-        return best
 
     def _companions(self, f: _Flight, c: _Choice, w: int, scanned, choices, taken, now: float,
                     slack: float, load: float) -> list[str]:
@@ -465,8 +453,7 @@ class StagePoolPolicy(Policy):
         return max(1, math.ceil(self.boundary_s / (self.chunk_overhead * per_step)))
 
     def _state_bytes(self, f: _Flight) -> float:
-        s = f.request.shape
-        return chunk_state_bytes(f.request.model, s.height, s.width, s.frames)
+        return chunk_state_bytes(f.request.model, f.request.shape)
 
     def _pause_the_unresumed(self, now: float) -> None:
         """Chunks that ended now and did not go on yielded their GPUs: they are paused."""
@@ -550,13 +537,7 @@ class StagePoolPolicy(Policy):
         k = (model, stage, shape)
         out = self._widths.get(k)
         if out is None:
-            top = self.cluster.gpus_per_node
-            ws = [w for w in self.cost.widths(model, stage) if w <= top] or [1]
-            try:
-                need = self.cost.min_width(model, stage, shape, self.cluster.gpu_memory_gb)
-            except Exception:  # noqa: BLE001 - fits no width: run at the widest, the runtime refuses it
-                need = max(ws)
-            out = self._widths[k] = tuple(w for w in ws if w >= need) or (max(ws),)
+            out = self._widths[k] = feasible_widths(self.cost, self.cluster, model, stage, shape)
         return out
 
     def _time(self, model: str, stage: str, shape: Shape, width: int, steps: int, batch: int = 1) -> float:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.baselines import feasible_widths
 from trident_rs.policy.payload_size import chunk_state_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
@@ -247,22 +248,12 @@ class StepLevelPolicy(Policy):
         key = (req.model, k)
         when = self._own_free.get(key)
         if when is None:
-            when = math.inf
-            g = self.cluster.gpus_per_node
-            for n in range(self.cluster.nodes):
-                times = []
-                for i in range(g):
-                    held = self.residency.holds(n, i)
-                    if held is None or held.stages_of(req.model) is not None:
-                        times.append(max(now, self.busy_until.get((n, i), now)))
-                if len(times) >= k:
-                    when = min(when, sorted(times)[k - 1])
-            self._own_free[key] = when
+            when = self._own_free[key] = self.residency.first_free_for(
+                req.model, k, self.cluster.nodes, self.cluster.gpus_per_node, self.busy_until, now)
         return when >= now + load
 
     def _state_bytes(self, req: Request) -> float:
-        s = req.shape
-        return chunk_state_bytes(req.model, s.height, s.width, s.frames)
+        return chunk_state_bytes(req.model, req.shape)
 
     # ---- encode and decode -----------------------------------------------------------------
     def _launch_stages(self, now: float, free: dict[int, set[int]], launches: list[Launch],
@@ -517,13 +508,7 @@ class StepLevelPolicy(Policy):
         key = (model, stage, shape)
         out = self._feasible_cache.get(key)
         if out is None:
-            top = self.cluster.gpus_per_node
-            ws = [w for w in self.cost.widths(model, stage) if w <= top] or [1]
-            try:
-                need = self.cost.min_width(model, stage, shape, self.cluster.gpu_memory_gb)
-            except Exception:  # noqa: BLE001 - fits no width
-                need = max(ws)
-            out = self._feasible_cache[key] = tuple(w for w in ws if w >= need) or (max(ws),)
+            out = self._feasible_cache[key] = feasible_widths(self.cost, self.cluster, model, stage, shape)
         return out
 
     def _time(self, model: str, stage: str, shape: Shape, width: int, batch: int = 1) -> float:

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from trident_rs.errors import TridentError
 from trident_rs.policy.baselines import stage_width
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, TEXT_EMBEDDING_BYTES, chunk_state_bytes, latent_bytes
+from trident_rs.policy.payload_size import (
+    CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S, SERVE_REQUEST_OVERHEAD_S, TEXT_EMBEDDING_BYTES, chunk_state_bytes,
+    latent_bytes,
+)
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
@@ -27,16 +30,6 @@ _GPU = tuple[int, int]  # (node, gpu index)
 class PolicyViolation(TridentError, RuntimeError):
     """A policy returned a decision that breaks the Policy contract."""
 
-
-# Runtime overheads measured on the Serve runtime (benchmarks/RESULTS.md, "Serve runtime
-# overhead"): a stage call through a DeploymentHandle costs ~13 ms more than the stage itself,
-# and a request pays ~30 ms more at the ingress (validation, admission, the controller's submit
-# and finish) on top of its stage hops (69 ms for a zero-work request with three hops).
-SERVE_HOP_OVERHEAD_S = 0.013
-SERVE_REQUEST_OVERHEAD_S = 0.030
-# A shared-pool launch on a sequence-parallel group its GPUs did not last form pays for the
-# switch: Hetu-DiT runs `switch_parallel_env` (pre-built communicators) and `hotspa_model`
-# (re-wrapping the model for the new degree) before the request. Not measured here (no GPU):
 
 
 @dataclass(frozen=True)
@@ -55,7 +48,7 @@ class SimConfig:
     from host memory where the request was paused; paused state beyond `host_memory_gb` is a
     policy violation."""
 
-    noise: float = 0.0  # sigma of a mean-1 lognormal factor on every launch's compute time (one per diffuse, chunked or not)
+    noise: float = 0.0  # sigma of a mean-1 lognormal factor on each launch's compute (one per chunked diffuse)
     seed: int = 0
     intra_node_gbps: float = 20.0  # GB/s between GPUs of one node (PCIe)
     inter_node_gbps: float = 10.0  # GB/s between nodes
@@ -132,9 +125,6 @@ class SimResult:
                             "node": r.node, "batch": r.batch, "extra_s": r.extra_s,
                             **({"steps": list(r.steps)} if r.steps else {})} for r in recs],
                 "demoted": request_id in self.demoted, "failed": self.failed.get(request_id, "")}
-
-
-
 
 class Simulator:
     """Run `policy` over `requests` on `cluster`; `cost` provides stage times (see CostModel)."""
@@ -339,7 +329,7 @@ class Simulator:
         if node == launch.node and not set(gpus).isdisjoint(launch.gpus):
             return 0.0
         if self.steps_done.get(req.id) and STAGES[self.next_stage[req.id]] == "diffuse":
-            size = chunk_state_bytes(req.model, s.height, s.width, s.frames)
+            size = chunk_state_bytes(req.model, s)
         elif STAGES[self.next_stage[req.id] - 1] == "encode":
             size = TEXT_EMBEDDING_BYTES
         else:
@@ -513,7 +503,7 @@ class Simulator:
             if rid in self.in_flight or rid in self.failed:
                 continue
             r = self.by_id[rid]
-            size = chunk_state_bytes(r.model, r.shape.height, r.shape.width, r.shape.frames)
+            size = chunk_state_bytes(r.model, r.shape)
             self.paused[rid] = size
             self.paused_bytes += size
         self.at_boundary.clear()
