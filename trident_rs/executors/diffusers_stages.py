@@ -105,7 +105,6 @@ class DiffusersStageExecutor(StageExecutor):
         frames = self.family.decode(self.pipe, params, gather(inputs, "latents"))
         return [{"frames": to_uint8(f), **({"frames_float": f} if self.keep_float else {})} for f in frames]
 
-
     def _step_hook(self, params: list[GenerationParams], metas: list[dict] | None) -> StepCallback | None:
         """`on_step`, or a `PreviewHook` around it when a request of the group wants partial images."""
         wanted = [(str(m.get("request_id", "")), int(m.get("partial_images") or 0)) for m in metas or []]
