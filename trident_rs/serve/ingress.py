@@ -51,6 +51,7 @@ from trident_rs.serve.files import FileStore
 from trident_rs.serve.grant import Grant, is_wrong_replica
 from trident_rs.serve.idempotency import IdempotencyCache, fingerprint, key_of
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
+from trident_rs.serve.own_calls import OwnCalls
 from trident_rs.serve.stage_retry import is_replica_failure, run_stage
 from trident_rs.serve.videos import (StageTimes, VideoJob, VideoJobs, check_deletable, estimate_progress,
                                      file_url, fps_for, frames_for_seconds)
@@ -163,8 +164,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 class Ingress:
     def __init__(self, config: dict, controller: DeploymentHandle, stages: dict[str, DeploymentHandle]):
         self.cfg = AppConfig.parse(config)
+        controller = OwnCalls(controller)  # a request's calls may overlap: each is its own (see own_calls)
         self.controller = controller
-        self.stages = stages
+        self.stages = {name: OwnCalls(handle) for name, handle in stages.items()}
         self.videos = VideoJobs(self.cfg.limits.max_video_jobs)  # OpenAI video jobs, for polling
         self.stage_times = StageTimes(self.cfg)  # predicted stage times: video progress
         self.idem = IdempotencyCache.from_config(self.cfg)  # Idempotency-Key / X-Request-Id

@@ -39,6 +39,8 @@ class GrantRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:  # Serve sleeps between empty attempts only when asked to:
+            pending_request.routing_context.should_backoff = True  # else it spins, starving the loop
         want = granted_replica(pending_request)
         if want is None:
             return [list(candidate_replicas)]
