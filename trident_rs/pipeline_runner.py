@@ -27,9 +27,12 @@ class LocalPipeline:
             if stage not in self.executors:
                 self.executors[stage] = build_executor(self.kind, self.model, stage, **self.options)
 
-    def run(self, params: list[GenerationParams]) -> list[StagePayload]:
-        """All requests through all stages; the decode payloads carry "frames" and timings."""
-        batch = [StagePayload(params=p.resolved()) for p in params]
+    def run(self, params: list[GenerationParams], inputs: list[dict[str, np.ndarray]] | None = None
+            ) -> list[StagePayload]:
+        """All requests through all stages; the decode payloads carry "frames" and timings.
+        `inputs`: per request, the encode stage's input tensors (an edit's image and mask)."""
+        inputs = inputs or [{} for _ in params]
+        batch = [StagePayload(params=p.resolved(), tensors=dict(t)) for p, t in zip(params, inputs)]
         for stage in STAGES:
             batch = self.executors[stage].run(batch)
         return batch

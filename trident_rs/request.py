@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from trident_rs.models.spec import get_spec
 from trident_rs.vocab import Shape
+
+
+DEFAULT_STRENGTH = 0.6  # diffusers' img2img and inpaint default
 
 
 class GenerationParams(BaseModel):
@@ -27,13 +31,20 @@ class GenerationParams(BaseModel):
     guidance_scale: float | None = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     slo_ms: float | None = Field(default=None, gt=0)
+    # An image edit (`POST /v1/images/edits`): the input image (and, inpainting, the mask) travel
+    # as tensors in the stage payload, not here. `strength` in (0, 1]: the share of the schedule
+    # run from the noised image (diffusers' meaning); None: `DEFAULT_STRENGTH` for edits.
+    edit: Literal["img2img", "inpaint"] | None = None
+    strength: float | None = None
 
     def resolved(self) -> "GenerationParams":
         """A copy with every None replaced by the model's default, validated against its spec."""
         spec = get_spec(self.model)
         h, w = spec.default_size
+        strength = self.strength if self.strength is not None or self.edit is None else DEFAULT_STRENGTH
         out = self.model_copy(
             update={
+                "strength": strength,
                 "height": self.height if self.height is not None else h,
                 "width": self.width if self.width is not None else w,
                 "num_frames": self.num_frames if self.num_frames is not None else spec.default_frames,
@@ -49,7 +60,32 @@ class GenerationParams(BaseModel):
             from trident_rs.errors import InvalidRequestError
 
             raise InvalidRequestError("negative_prompt", f"longer than {spec.max_prompt_chars} characters")
+        out._check_edit()
         return out
+
+    def _check_edit(self) -> None:
+        from trident_rs.errors import InvalidRequestError
+
+        if self.edit is None:
+            if self.strength is not None:
+                raise InvalidRequestError("strength", "only image edits take a strength")
+            return
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
+            raise InvalidRequestError("strength", f"{s!r} is outside 0 < strength <= 1")
+        if self.denoise_steps < 1:
+            raise InvalidRequestError("strength", f"{s} of {self.steps} steps runs no denoising step; "
+                                                  "raise strength or steps")
+
+    @property
+    def denoise_steps(self) -> int:
+        """Denoising steps the loop runs (of a resolved request): all `steps`, or for an edit the
+        last ones of the schedule that `strength` keeps, counted as diffusers' `get_timesteps` does
+        (`steps - int(steps - steps * strength)`: 4 steps at 0.6 run 3)."""
+        steps = self.steps or 0
+        if self.edit is None:
+            return steps
+        return steps - int(max(steps - steps * (self.strength or 0.0), 0))
 
     @property
     def shape(self) -> Shape:

@@ -25,8 +25,9 @@ from trident_rs.vocab import STAGES, Stage
 
 
 def batch_key(params: GenerationParams) -> tuple:
-    """Requests with equal keys can share one pipeline call."""
-    return (params.height, params.width, params.num_frames, params.steps, params.guidance_scale)
+    """Requests with equal keys can share one pipeline call (edits: of one kind and strength)."""
+    return (params.height, params.width, params.num_frames, params.steps, params.guidance_scale, params.edit,
+            params.strength)
 
 
 class DiffusersStageExecutor(StageExecutor):
@@ -98,7 +99,11 @@ class DiffusersStageExecutor(StageExecutor):
     def _run_group(self, params: list[GenerationParams], inputs: list[dict],
                    step_range: tuple[int, int] | None = None, metas: list[dict] | None = None) -> list[dict]:
         if self.stage == "encode":
-            return self.family.encode(self.pipe, params)
+            out = self.family.encode(self.pipe, params)
+            if params[0].edit is not None:  # (a group is all edits or none: batch_key)
+                for item, image in zip(out, self.family.encode_images(self.pipe, params, inputs)):
+                    item.update(image)
+            return out
         if self.stage == "diffuse":
             return self.family.diffuse(self.pipe, params, inputs, on_step=self._step_hook(params, metas),
                                        step_range=step_range)
@@ -113,7 +118,7 @@ class DiffusersStageExecutor(StageExecutor):
         from trident_rs.models.preview import PreviewHook
 
         p0 = params[0]
-        return PreviewHook(self.on_step, wanted, p0.steps, lambda x: self.family.preview_latents(self.pipe, p0, x),
+        return PreviewHook(self.on_step, wanted, p0.denoise_steps, lambda x: self.family.preview_latents(self.pipe, p0, x),
                            self.pipe.vae_scale_factor, self.on_preview)
 
 

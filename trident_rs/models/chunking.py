@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 CHUNK = "chunk/"
 STEP, LATENTS, RNG = CHUNK + "step", CHUNK + "latents", CHUNK + "rng_state"
+RNG_IN = "rng_state"  # the generator state an earlier stage left (an edit's encode: `models.image_edit`)
 SCHEDULER_CLASS, SCHEDULER = CHUNK + "scheduler_class", CHUNK + "scheduler/"
 _DTYPE = ".dtype"
 
@@ -145,7 +146,15 @@ class DenoiseChunk:
             raise InvalidRequestError("step_range", f"({self.start}, {self.stop}) is not within 0 <= a < b <= "
                                                     f"steps = {self.total}")
         self.generators = generators(params)
+        self.loop_steps = params[0].denoise_steps  # an edit's loop skips the schedule's first steps
+        if params[0].edit is not None and self.partial:
+            raise InvalidRequestError("step_range", "an image edit runs all its steps in one diffuse call")
         self.latents = None
+        if self.start == 0 and RNG_IN in embeddings[0]:  # an earlier stage drew from the generators
+            import torch
+
+            for g, t in zip(self.generators, embeddings):
+                g.set_state(torch.from_numpy(t[RNG_IN].copy()))
         if self.start > 0:
             import torch
 
@@ -165,7 +174,7 @@ class DenoiseChunk:
         generators, the saved latents (None at step 0), latent output, progress hook."""
         return dict(num_inference_steps=self.total, generator=self.generators, latents=self.latents,
                     output_type="latent", return_dict=False,
-                    callback_on_step_end=step_callback(on_step, self.total, offset=self.start))
+                    callback_on_step_end=step_callback(on_step, self.loop_steps, offset=self.start))
 
     def __enter__(self) -> "DenoiseChunk":
         if self.partial:

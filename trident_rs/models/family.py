@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from trident_rs.errors import InvalidRequestError
 from trident_rs.vocab import Shape, Stage
@@ -141,6 +141,20 @@ class XfuserPipeline:
 class FamilyStages(ABC):
     """Stage functions of one family. All requests of one call share shape, steps and guidance;
     each returns one item per request, in order."""
+
+    # Image edits: edit kind ("img2img", "inpaint") -> the family's diffusers pipeline class for it
+    # (`trident_rs.models.image_edit`); empty: the family makes no edits.
+    edit_pipelines: ClassVar[dict[str, str]] = {}
+
+    def encode_images(self, pipe, params: list["GenerationParams"], inputs: list[dict[str, np.ndarray]]
+                      ) -> list[dict[str, np.ndarray]]:
+        """Encode stage of image edits (all `params` edits): each request's input image (and mask)
+        -> its image latents and generator state, merged into its encode output."""
+        if not self.edit_pipelines:
+            raise InvalidRequestError("model", f"{params[0].model} does not support image edits")
+        from trident_rs.models.image_edit import encode_images
+
+        return encode_images(pipe, params, inputs, self.edit_pipelines)
 
     @abstractmethod
     def encode(self, pipe, params: list["GenerationParams"]) -> list[dict[str, np.ndarray]]:

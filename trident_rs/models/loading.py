@@ -94,7 +94,8 @@ def load_pipeline(
     pipe = cls.from_pretrained(path, **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "vae", None) is None:  # derived attributes fall back to defaults silently
-        family.restore_vae_derived(pipe, _load_vae_config(path))
+        pipe.vae_config = _load_vae_config(path)  # edit pipelines read it (`trident_rs.models.image_edit`)
+        family.restore_vae_derived(pipe, pipe.vae_config)
     return pipe
 
 

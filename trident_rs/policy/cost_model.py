@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from trident_rs.errors import ConfigError, InvalidRequestError, ProfileError, UnknownModelError
+from trident_rs.models.families import get_family
 from trident_rs.models.spec import REGISTRY, get_spec, model_names
 from trident_rs.policy.profile_format import Profile, ProfilePoint, load_profile
 from trident_rs.policy.token_curve import TokenCurve
@@ -43,6 +44,14 @@ from trident_rs.policy.types import STAGES, Shape
 DEFAULT_PROFILE = "l20.json"
 # Host <-> GPU bandwidth for offloaded weights: PCIe 4.0 x16 moves ~20 GB/s in practice.
 HOST_LINK_GBPS = 20.0
+# Image edits VAE-encode their input on the encode stage (`trident_rs.models.image_edit`). The
+# SD3/FLUX VAE's encoder does 0.437x its decoder's FLOPs at every size (counted with
+# torch.utils.flop_counter on the architecture: 67.7 vs 155.0 GFLOPs at 128x128, 270.8 vs 620.2 at
+# 256x256), so an edit's encode adds that share of the model's decode time at the shape.
+VAE_ENCODE_SHARE = 0.44
+# Encode replicas of families that make edits also hold that VAE: 83.8M parameters (34.3M encoder,
+# 49.5M decoder) in bf16.
+EDIT_VAE_GB = 83.8e6 * 2 / 1e9
 
 
 class DoesNotFitError(ConfigError):
@@ -261,9 +270,14 @@ class CostModel:
             memory = series.memory(tokens) if series.memory is not None else 0.0
         return StageCost(latency, memory)
 
-    def stage_time(self, model: str, stage: str, shape: Shape, width: int = 1, batch: int = 1, steps: int = 1) -> float:
-        """Whole-stage seconds: per-step latency x steps for diffuse, the stage latency otherwise."""
+    def stage_time(self, model: str, stage: str, shape: Shape, width: int = 1, batch: int = 1, steps: int = 1,
+                   encode_image: bool = False) -> float:
+        """Whole-stage seconds: per-step latency x steps for diffuse, the stage latency otherwise;
+        `encode_image` (image edits): encode also VAE-encodes the input image, estimated as
+        `VAE_ENCODE_SHARE` of the model's decode time at the shape and batch."""
         latency = self.predict(model, stage, shape, width, batch).latency_s
+        if stage == "encode" and encode_image:
+            latency += VAE_ENCODE_SHARE * self.predict(model, "decode", shape, 1, batch).latency_s
         return latency * steps if stage == "diffuse" else latency
 
     def efficiency(self, model: str, shape: Shape, width: int) -> float:
@@ -297,7 +311,7 @@ class CostModel:
                 raise ProfileError(f"no width-1 profile data for {model!r} stage {stage!r}")
             mems = [p.memory_gb for p in series.exact.values() if p.memory_gb]
             cached = self._cache[key] = StageCost(0.0, min(mems) if mems else 0.0)
-        return cached.memory_gb
+        return cached.memory_gb + (EDIT_VAE_GB if stage == "encode" and _makes_edits(model) else 0.0)
 
     def launch_memory(self, model: str, stages: tuple[str, ...] | list[str], shape: Shape, width: int,
                       batch: int = 1, offload: tuple[str, ...] = ()) -> float:
@@ -349,6 +363,11 @@ class CostModel:
                 return w
         detail = ", ".join(f"w{w}: {m:.1f} GB" for w, m in needs.items())
         raise DoesNotFitError(f"{model} {stage} {shape.key} fits no width in {gpu_memory_gb:g} GB GPUs ({detail})")
+
+
+def _makes_edits(model: str) -> bool:
+    """Whether `model`'s encode replicas hold the VAE for image edits (its family makes edits)."""
+    return model in REGISTRY and bool(get_family(get_spec(model).family).stages.edit_pipelines)
 
 
 def _check_stage(stage: str) -> None:

@@ -13,7 +13,11 @@ __all__ = [  # Stage, STAGES, Shape live on the ground floor (trident_rs.vocab);
 
 @dataclass(frozen=True)
 class Request:
-    """A request as the scheduler sees it (no prompt, no tensors)."""
+    """A request as the scheduler sees it (no prompt, no tensors).
+
+    `steps`: the denoising steps its loop runs (an image edit runs only the share of its schedule
+    that its strength keeps, `GenerationParams.denoise_steps`). `encode_image`: its encode stage
+    also VAE-encodes an input image (an edit; `CostModel.stage_time`)."""
 
     id: str
     model: str
@@ -21,6 +25,7 @@ class Request:
     steps: int
     arrival: float
     deadline: float
+    encode_image: bool = False
 
     @property
     def slo_s(self) -> float:

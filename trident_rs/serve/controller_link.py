@@ -72,7 +72,8 @@ class ControllerLink:
         if self.up:
             try:
                 out = await asyncio.wait_for(
-                    self.handle.submit.remote(rid, params.model, params.shape, params.steps, params.slo_ms),
+                    self.handle.submit.remote(rid, params.model, params.shape, params.denoise_steps, params.slo_ms,
+                                              params.edit is not None),
                     self.timeout_s)
                 self.counts = dict(out.get("counts") or self.counts)
                 if out.get("grant") is not None:

@@ -1,6 +1,7 @@
 """The HTTP ingress (FastAPI on Serve): OpenAI-compatible images/videos, native generate, models.
 
 OpenAI-compatible surface: `POST /v1/images/generations` (`response_format` b64_json or url),
+`POST /v1/images/edits` (img2img and inpainting, multipart; `trident_rs.serve.edits`),
 the videos API (`POST/GET /v1/videos`, `GET/DELETE /v1/videos/{id}`, `GET .../content`; jobs and
 their objects in `trident_rs.serve.videos`), stored results at `GET /v1/files/{id}/content`
 (`trident_rs.serve.files`, fsspec), and idempotent calls under an `Idempotency-Key` or
@@ -47,6 +48,7 @@ from trident_rs.serve.admission import Admission
 from trident_rs.serve.cancellation import Inflight, RequestCancelled
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.controller_link import ControllerLink
+from trident_rs.serve.edits import parse_edit, read_form
 from trident_rs.serve.files import FileStore
 from trident_rs.serve.grant import Grant, is_wrong_replica
 from trident_rs.serve.idempotency import IdempotencyCache, fingerprint, key_of
@@ -209,13 +211,14 @@ class Ingress:
         """Count a request refused before admission (fire and forget: the 4xx must not wait)."""
         self.controller.reject.remote(type(e).__name__)
 
-    async def generate(self, params: GenerationParams, rid: str | None = None, track: dict | None = None
-                       ) -> StagePayload:
+    async def generate(self, params: GenerationParams, rid: str | None = None, track: dict | None = None,
+                       inputs: dict | None = None) -> StagePayload:
         """Run the three stages of one request; returns the decode payload (frames).
 
         `rid` (default: a fresh id) is what `GET /v1/requests/{rid}` reports progress under.
         `track` (a video job's): set to the running stage (`stage`, `t`, `width`), with the stages
-        done appended to `track["done"]` as (stage, width).
+        done appended to `track["done"]` as (stage, width). `inputs`: the encode stage's input
+        tensors (an edit's image and mask).
         Ends in exactly one final state, reported to the controller: done, failed, cancelled
         (cancel endpoint or client disconnect) or timed_out (`limits.request_timeout_s`, 504).
         """
@@ -225,7 +228,7 @@ class Ingress:
         state = RequestState.FAILED
         last: list[Grant | None] = [None]  # the grant of the last stage that ran to completion
         try:
-            result = await asyncio.wait_for(self._stages(rid, params, last, track),
+            result = await asyncio.wait_for(self._stages(rid, params, last, track, inputs),
                                             self.cfg.limits.request_timeout_s)
             result.meta["latency_s"] = time.perf_counter() - t0
             state = RequestState.DONE
@@ -243,13 +246,13 @@ class Ingress:
             self.admission.release(rid)
             self.link.finish(rid, state, last[0])  # sent, not waited for
 
-    async def _stages(self, rid: str, params: GenerationParams, last: list, track: dict | None = None
-                      ) -> StagePayload:
+    async def _stages(self, rid: str, params: GenerationParams, last: list, track: dict | None = None,
+                      inputs: dict | None = None) -> StagePayload:
         """Encode, diffuse, decode: each stage where its grant says, re-run if its replica dies.
         Each acquire carries the previous stage's grant: that is how the controller hears it is done."""
         await self.link.submit(rid, params)
         sink = self.preview_sinks.get(rid)
-        out: Any = StagePayload(params, {}, {"request_id": rid, **({"partial_images": sink[0]} if sink else {})})
+        out: Any = StagePayload(params, dict(inputs or {}), {"request_id": rid, **({"partial_images": sink[0]} if sink else {})})
         retries = 0
         watch = functools.partial(self.inflight.watch, rid)  # awaits that the cancel endpoint can interrupt
         for stage in STAGES:
@@ -349,7 +352,27 @@ class Ingress:
         return await self.idem.run("/v1/images/generations", key, fingerprint(body.model_dump()),
                                    lambda: self._images(body, base, request))
 
-    def _image_stream(self, body: ImagesRequest, base: GenerationParams, request: Request) -> StreamingResponse:
+    @api.post("/v1/images/edits", openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": ImagesRequest.model_json_schema()}}}})
+    async def image_edits(self, request: Request) -> Any:
+        """OpenAI `images.edit`: the multipart form checked in `trident_rs.serve.edits`, then the
+        generations path (stream or not) with the image (and mask) in the encode stage's payload."""
+        try:
+            edit = parse_edit(*await read_form(request), ImagesRequest, self._resolve, parse_size)
+            if edit.body.n > self.cfg.limits.max_n:
+                raise InvalidRequestError("n", f"{edit.body.n} exceeds the maximum {self.cfg.limits.max_n}")
+        except TridentError as e:
+            self._reject(e)
+            raise
+        body, base = edit.body, edit.params
+        key = self._idem_key(request)
+        if body.stream:
+            return self._checked(self._image_stream, body, base, request, edit.inputs)
+        fp = fingerprint({**body.model_dump(), "strength": base.strength, "inputs": edit.digest})
+        return await self.idem.run("/v1/images/edits", key, fp, lambda: self._images(body, base, request, edit.inputs))
+
+    def _image_stream(self, body: ImagesRequest, base: GenerationParams, request: Request,
+                      inputs: dict | None = None) -> StreamingResponse:
         """Check and admit a streamed request (so 4xx and 429 come as statuses), then stream it.
         A stream is not replayed under an idempotency key: it runs each time."""
         if body.n != 1:
@@ -358,10 +381,12 @@ class Ingress:
             raise InvalidRequestError("response_format", "a stream carries b64_json images only")
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         self.admission.admit(rid, base)  # 429 before the stream starts
-        return StreamingResponse(self._image_events(body, base, rid), media_type="text/event-stream",
+        events = self._image_events(body, base, rid, inputs, "image_edit" if inputs else "image_generation")
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
 
-    async def _image_events(self, body: ImagesRequest, base: GenerationParams, rid: str) -> AsyncIterator[str]:
+    async def _image_events(self, body: ImagesRequest, base: GenerationParams, rid: str,
+                            inputs: dict | None = None, kind: str = "image_generation") -> AsyncIterator[str]:
         """OpenAI's image stream: `image_generation.partial_image` events (indices 0..n-1, as the
         diffuse replica makes them), then `image_generation.completed` with the image (the same
         image as without stream: previews only read the latents). A failure after the stream
@@ -377,7 +402,7 @@ class Ingress:
             data = {"type": kind, "created_at": int(time.time()), **fields, **common}
             return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
-        task = asyncio.get_running_loop().create_task(self.generate(base, rid))
+        task = asyncio.get_running_loop().create_task(self.generate(base, rid, inputs=inputs))
         try:
             while True:
                 get = asyncio.ensure_future(queue.get())
@@ -386,11 +411,11 @@ class Ingress:
                     get.cancel()
                     break
                 k, png = get.result()
-                yield event("image_generation.partial_image", b64_json=base64.b64encode(png).decode(),
+                yield event(f"{kind}.partial_image", b64_json=base64.b64encode(png).decode(),
                             partial_image_index=k)
             while not queue.empty():
                 k, png = queue.get_nowait()
-                yield event("image_generation.partial_image", b64_json=base64.b64encode(png).decode(),
+                yield event(f"{kind}.partial_image", b64_json=base64.b64encode(png).decode(),
                             partial_image_index=k)
             try:
                 result = task.result()
@@ -400,7 +425,7 @@ class Ingress:
                 yield f"event: error\ndata: {json.dumps({'type': 'error', **body_})}\n\n"
                 return
             png = png_bytes(result.tensors["frames"][0])
-            yield event("image_generation.completed", b64_json=base64.b64encode(png).decode(),
+            yield event(f"{kind}.completed", b64_json=base64.b64encode(png).decode(),
                         usage={"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                                "output_tokens": 0, "total_tokens": 0})
         finally:
@@ -410,12 +435,14 @@ class Ingress:
                 await asyncio.wait({task}, timeout=5.0)
             self.admission.release(rid)
 
-    async def _images(self, body: ImagesRequest, base: GenerationParams, request: Request) -> dict:
+    async def _images(self, body: ImagesRequest, base: GenerationParams, request: Request,
+                      inputs: dict | None = None) -> dict:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         rids = [rid if body.n == 1 else f"{rid}-{i}" for i in range(body.n)]
         self.admission.admit_many(rids, base)  # all n or none (429)
         try:
-            results = await asyncio.gather(*(self.generate(base.model_copy(update={"seed": base.seed + i}), r)
+            results = await asyncio.gather(*(self.generate(base.model_copy(update={"seed": base.seed + i}), r,
+                                                           inputs=inputs)
                                              for i, r in enumerate(rids)))
         finally:  # also frees slots of generations cancelled before they started
             for r in rids:

@@ -306,13 +306,15 @@ class Simulator:
         self._make_ready(g)
 
     # ---- launches -------------------------------------------------------------------------
-    def _stage_time(self, model: str, stage: str, shape, width: int, batch: int, steps: int) -> float:
-        key = (model, stage, shape, width, batch, steps)
+    def _stage_time(self, model: str, stage: str, shape, width: int, batch: int, steps: int,
+                    encode_image: bool = False) -> float:
+        key = (model, stage, shape, width, batch, steps, encode_image)
         t = self.stage_cache.get(key)
         if t is None:
             w = stage_width(model, stage, width)  # the widest degree the stage supports within the launch
+            edit = {"encode_image": True} if encode_image else {}  # (cost models without edits keep working)
             t = float(self.cost.stage_time(model, stage, shape, width=w, batch=batch,
-                                           steps=steps if stage == "diffuse" else 1))
+                                           steps=steps if stage == "diffuse" else 1, **edit))
             self.stage_cache[key] = t
         return t
 
@@ -404,7 +406,8 @@ class Simulator:
         if self.config.enforce_memory and self._refuse_for_memory(launch, first, batch):
             return
         steps = self._steps_of(launch)
-        compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps)
+        encode_image = any(self.by_id[r].encode_image for r in launch.request_ids)  # an edit in the batch
+        compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps, encode_image)
                       for s in launch.stages)
         if self.config.noise > 0:
             compute *= self._noise(launch)

@@ -10,6 +10,7 @@ import numpy as np
 from trident_rs.models import tiny_parts as tp
 from trident_rs.models.family import IMAGE_WIDTHS, Family, FamilyStages, ModelFacts, ModelSpec, XfuserPipeline
 from trident_rs.models.chunking import DenoiseChunk
+from trident_rs.models.image_edit import call_inputs
 from trident_rs.models.tensors import gather, split, stack
 
 SPECS = (
@@ -25,6 +26,8 @@ COMPONENTS = {
     "diffuse": ("transformer", "scheduler"),
     "decode": ("vae",),
 }
+# The encode stage also VAE-encodes edits' input images (`trident_rs.models.image_edit`).
+COMPONENTS["encode"] += ("vae",)
 
 # T5-XXL 4.76B + CLIP-L 0.12B at 512 tokens; 12B transformer, hidden 3072
 FACTS = ModelFacts(4.88e9, 512, False, 11.9e9, 3072, False)
@@ -34,6 +37,8 @@ _NAMES = ("prompt_embeds", "pooled_prompt_embeds")
 
 
 class FluxStages(FamilyStages):
+    edit_pipelines = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline"}
+
     def encode(self, pipe, params):
         pe, pp, _text_ids = pipe.encode_prompt(  # text_ids are zeros the pipeline rebuilds
             prompt=[p.prompt for p in params], prompt_2=None,
@@ -46,8 +51,9 @@ class FluxStages(FamilyStages):
         p0 = params[0]
         dtype, device = pipe.transformer.dtype, pipe._execution_device
         inputs = {n: stack(gather(embeddings, n), device, dtype) for n in _NAMES}
+        call, edit = call_inputs(pipe, params, embeddings, self.edit_pipelines, dtype)
         with DenoiseChunk(pipe, params, embeddings, step_range) as chunk:
-            packed = pipe(**inputs, height=p0.height, width=p0.width, guidance_scale=p0.guidance_scale,
+            packed = call(**inputs, **edit, height=p0.height, width=p0.width, guidance_scale=p0.guidance_scale,
                           **chunk.pipeline_kwargs(on_step))[0]
         return chunk.outputs(packed)  # packed (B, tokens, 4 × latent channels), as the pipeline returns
 

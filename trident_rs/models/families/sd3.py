@@ -6,6 +6,7 @@ import numpy as np
 from trident_rs.models import tiny_parts as tp
 from trident_rs.models.family import IMAGE_WIDTHS, Family, FamilyStages, ModelFacts, ModelSpec, XfuserPipeline
 from trident_rs.models.chunking import DenoiseChunk
+from trident_rs.models.image_edit import call_inputs
 from trident_rs.models.tensors import gather, split, stack
 
 SPECS = (
@@ -21,6 +22,8 @@ COMPONENTS = {
     "diffuse": ("transformer", "scheduler"),
     "decode": ("vae",),
 }
+# The encode stage also VAE-encodes edits' input images (`trident_rs.models.image_edit`).
+COMPONENTS["encode"] += ("vae",)
 
 # T5-XXL encoder 4.76B + CLIP-G 0.69B + CLIP-L 0.12B; MMDiT 2.0B, hidden 1536
 FACTS = ModelFacts(5.57e9, 256, True, 2.03e9, 1536, False)
@@ -31,6 +34,8 @@ _NEGATIVE = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
 class SD3Stages(FamilyStages):
+    edit_pipelines = {"img2img": "StableDiffusion3Img2ImgPipeline", "inpaint": "StableDiffusion3InpaintPipeline"}
+
     def encode(self, pipe, params):
         cfg = params[0].guidance_scale > 1  # as the pipeline: guidance <= 1 turns CFG off
         pe, ne, pp, np_ = pipe.encode_prompt(
@@ -48,8 +53,9 @@ class SD3Stages(FamilyStages):
         dtype, device = pipe.transformer.dtype, pipe._execution_device
         names = _POSITIVE + _NEGATIVE if p0.guidance_scale > 1 else _POSITIVE
         inputs = {n: stack(gather(embeddings, n), device, dtype) for n in names}
+        call, edit = call_inputs(pipe, params, embeddings, self.edit_pipelines, dtype)
         with DenoiseChunk(pipe, params, embeddings, step_range) as chunk:
-            latents = pipe(**inputs, height=p0.height, width=p0.width, guidance_scale=p0.guidance_scale,
+            latents = call(**inputs, **edit, height=p0.height, width=p0.width, guidance_scale=p0.guidance_scale,
                            **chunk.pipeline_kwargs(on_step))[0]
         return chunk.outputs(latents)  # (B, C, h, w)
 
@@ -60,7 +66,10 @@ class SD3Stages(FamilyStages):
     def decode(self, pipe, params, latents):
         vae = pipe.vae
         x = stack(latents, pipe._execution_device, vae.dtype)
-        x = x / vae.config.scaling_factor + vae.config.shift_factor
+        # diffusers' StableDiffusion3InpaintPipeline (0.42) decodes without the shift factor, unlike
+        # its text-to-image and img2img pipelines; inpainting matches it (a group is one kind: batch_key).
+        shift = 0.0 if params[0].edit == "inpaint" else vae.config.shift_factor
+        x = x / vae.config.scaling_factor + shift
         image = vae.decode(x, return_dict=False)[0]
         frames = pipe.image_processor.postprocess(image, output_type="np")  # (B, H, W, 3)
         return [np.asarray(frames[i : i + 1]) for i in range(len(params))]
