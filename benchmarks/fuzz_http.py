@@ -27,6 +27,7 @@ def fuzz(cases: int, max_s: float = 600.0) -> dict:
     loop = asyncio.new_event_loop()
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fuzz", timeout=30)
     counts: collections.Counter = collections.Counter()
+    edit_counts: collections.Counter = collections.Counter()  # POST /v1/images/edits alone
     bad: list = []
     t0 = time.perf_counter()
 
@@ -39,6 +40,8 @@ def fuzz(cases: int, max_s: float = 600.0) -> dict:
         method, path, headers, body = req
         r = loop.run_until_complete(client.request(method, path, headers=headers, content=body))
         counts[r.status_code] += 1
+        if path == "/v1/images/edits":
+            edit_counts[r.status_code] += 1
         if r.status_code >= 500 and len(bad) < 20:
             bad.append({"method": method, "path": path, "body": body[:200].decode("latin-1"),
                         "status": r.status_code, "text": r.text[:300]})
@@ -57,6 +60,8 @@ def fuzz(cases: int, max_s: float = 600.0) -> dict:
     total = sum(counts.values())
     return {"cases": total, "status_counts": {str(k): v for k, v in sorted(counts.items())},
             "status_5xx": sum(v for k, v in counts.items() if k >= 500), "examples_5xx": bad,
+            "edits": {"cases": sum(edit_counts.values()), "status_counts": {str(k): v for k, v in sorted(edit_counts.items())},
+                      "status_5xx": sum(v for k, v in edit_counts.items() if k >= 500)},
             "healthz_after": health, "valid_generate_after": valid, "admission_slots_leaked": leaked,
             "seconds": round(time.perf_counter() - t0, 1)}
 

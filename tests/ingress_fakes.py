@@ -234,6 +234,41 @@ def run_http(config: dict, scenario: Any, **kw: Any) -> Any:
         unpatch()
 
 
+def _png(shape: tuple[int, ...], seed: int = 0) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def edit_bodies(scalars):
+    """Multipart bodies (boundary `zz`) for `POST /v1/images/edits`: form fields from `scalars`,
+    an `image` and a `mask` that are good, garbage, cut short, of another size or without alpha."""
+    from hypothesis import strategies as st
+
+    good, rgba = _png((16, 16, 3)), _png((16, 16, 4), 1)
+    uploads = st.one_of(st.sampled_from([good, rgba, _png((32, 16, 4), 2), _png((16, 16)), good[:40], b"",
+                                         b"GIF89a" + b"\0" * 20, _png((1, 1, 3))]), st.binary(max_size=48))
+    names = st.sampled_from(["model", "prompt", "n", "size", "strength", "stream", "partial_images", "steps",
+                             "seed", "response_format", "guidance_scale", "image", "mask", "bogus"])
+    fields = st.dictionaries(names, scalars.map(lambda v: "" if v is None else str(v)[:40]), max_size=6)
+    base = st.fixed_dictionaries({"model": st.sampled_from(["tiny-sd3", "tiny-cogvideox", "nope"]),
+                                  "prompt": st.text(max_size=10)})
+    files = st.dictionaries(st.sampled_from(["image", "mask", "image[]", "prompt"]), uploads, max_size=3)
+
+    def body(base_fields, extra, uploaded):
+        parts = [f'--zz\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode(errors="replace")
+                 for k, v in {**base_fields, **extra}.items()]
+        parts += [f'--zz\r\nContent-Disposition: form-data; name="{k}"; filename="f.png"\r\n'
+                  f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for k, data in uploaded.items()]
+        return b"".join(parts) + b"--zz--\r\n"
+
+    return st.builds(body, base, fields, files)
+
+
 # -- HTTP fuzzing (tests/test_admission.py runs a few hundred; benchmarks/fuzz_http.py 10,000) -------
 FUZZ_CONFIG = {"models": ["tiny-sd3", "tiny-cogvideox"], "files": {"url": "memory://trident-fuzz"},
                "limits": {"max_body_bytes": 4096, "max_queue_per_model": 8, "max_n": 4}}
@@ -241,8 +276,9 @@ FUZZ_CONFIG = {"models": ["tiny-sd3", "tiny-cogvideox"], "files": {"url": "memor
 
 def http_requests():
     """Hypothesis strategy of (method, path, headers, body bytes) aimed at the ingress: the
-    generation endpoints (JSON and form bodies, idempotency keys), the videos API (list, retrieve,
-    content, delete), stored files, progress and cancel."""
+    generation endpoints (JSON and form bodies, idempotency keys), image edits (multipart bodies
+    with good, broken and mismatched images and masks, `edit_bodies`), the videos API (list,
+    retrieve, content, delete), stored files, progress and cancel."""
     import json
 
     from hypothesis import strategies as st
@@ -269,7 +305,7 @@ def http_requests():
     bodies = st.one_of(body_obj.map(enc), st.binary(max_size=64),
                        st.sampled_from([b"", b"{", b"[" * 5000, b"\xff\xfe", b'{"model": "tiny-sd3", "prompt": "x", '
                                         b'"steps": 1e999}', b"x" * 5000, b"\x80\x04\x95 pickle?"]))
-    post_paths = st.sampled_from(["/v1/images/generations", "/v1/videos", "/v1/generate",
+    post_paths = st.sampled_from(["/v1/images/generations", "/v1/images/edits", "/v1/videos", "/v1/generate",
                                   "/v1/requests/x/cancel", "/v1/requests/x-0/cancel"])
     ids = st.one_of(st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="/?#%"),
                             min_size=1, max_size=12),
@@ -292,6 +328,8 @@ def http_requests():
         st.one_of(st.sampled_from(["k", "k2", " ", "x" * 300]),
                   st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=10))))
     post_headers = st.builds(lambda a, b: {**a, **b}, ctypes, keys_h)
+    edit_headers = st.builds(lambda a: {"content-type": "multipart/form-data; boundary=zz", **a}, keys_h)
     return st.one_of(st.tuples(st.just("POST"), post_paths, post_headers, bodies),
+                     st.tuples(st.just("POST"), st.just("/v1/images/edits"), edit_headers, edit_bodies(scalars)),
                      st.tuples(st.just("GET"), get_paths, st.just({}), st.just(b"")),
                      st.tuples(st.just("DELETE"), ids.map(lambda s: f"/v1/videos/{s}"), st.just({}), st.just(b"")))
