@@ -253,3 +253,25 @@ def test_openai_client_sees_a_bad_mask_as_a_bad_request_and_gets_urls(tmp_path):
     pngs, inst = _run_openai({"models": ["tiny-sd3"], "files": {"url": str(tmp_path / "files")}}, go)
     assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
     assert inst.admission.per_model == {}
+
+
+# -- placement: an edit's diffuse never goes wider than 1 ------------------------------------------
+@pytest.mark.parametrize("placement", ["pool", "groups"])
+def test_the_policy_runs_an_edits_diffuse_at_width_1_only(placement):
+    """Wide groups are free and the SLOs tight, so generations of the same shape go wide; the
+    edits among them never do (a width-k replica refuses them: no xfuser edit pipelines)."""
+    from trident_rs.policy.cost_model import CostModel
+    from trident_rs.policy.slo import slo_seconds
+    from trident_rs.policy.trident import make_trident
+    from trident_rs.policy.types import Cluster, Request, Shape
+    from trident_rs.sim import SimConfig, simulate
+
+    cost, cluster, shape = CostModel.default(), Cluster(1, 8), Shape(2048, 2048)
+    slo = slo_seconds(cost, "flux", shape, 28, 1.5)
+    reqs = [Request(f"r{i}", "flux", shape, 28, 20.0 * i, 20.0 * i + slo, encode_image=i % 2 == 1) for i in range(8)]
+    policy = make_trident(cluster, cost, placement=placement, models={"flux": 1.0})
+    res = simulate(cluster, policy, cost, reqs, SimConfig.ideal())
+    assert len(res.finish) == len(reqs) and not res.failed
+    widths = {r.id: {rec.width for rec in res.timeline[r.id] if rec.stages == ("diffuse",)} for r in reqs}
+    assert all(widths[r.id] == {1} for r in reqs if r.encode_image), widths
+    assert any(max(widths[r.id]) > 1 for r in reqs if not r.encode_image), widths

@@ -303,3 +303,30 @@ def test_openai_client_streams_partial_images_over_serve(base_url):
     only = list(client.images.generate(model="tiny-sd3", prompt="a red fox", size="64x64", stream=True,
                                        partial_images=0, extra_body=body))
     assert [e.type for e in only] == ["image_generation.completed"]
+
+
+def test_openai_client_edits_an_image_over_serve(base_url):
+    """Issue 18 part 1 over Ray Serve: images.edit with a mask (inpainting; the encode replica
+    VAE-encodes the image) gives the local stage split's image."""
+    from trident_rs.pipeline_runner import LocalPipeline
+    from trident_rs.request import GenerationParams
+
+    openai, client = _openai(f"{base_url}/tiny")
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.full((64, 64, 4), 255, dtype=np.uint8)
+    mask[:32, :32, 3] = 0  # OpenAI: transparent = edit
+    extra = {"seed": 3, "steps": 3, "strength": 0.7}
+    out = client.images.edit(model="tiny-sd3", image=("in.png", _png_bytes(image), "image/png"),
+                             mask=("m.png", _png_bytes(mask), "image/png"), prompt="a red cube", extra_body=extra)
+    white = np.zeros((1, 64, 64), dtype=np.uint8)
+    white[:, :32, :32] = 255  # diffusers: white = repaint
+    p = GenerationParams(model="tiny-sd3", prompt="a red cube", height=64, width=64, edit="inpaint", **extra)
+    (local,) = LocalPipeline("tiny-sd3").run([p], [{"image": image[None], "mask": white}])
+    assert np.array_equal(_png(out.data[0].b64_json), local.tensors["frames"][0])
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()

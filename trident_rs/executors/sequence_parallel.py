@@ -348,6 +348,10 @@ class SequenceParallelDiffuseExecutor(RankGroupExecutor):
         super().__init__(model, "diffuse", layout, **options)
 
     def run(self, batch: list[StagePayload]) -> list[StagePayload]:
+        from trident_rs.errors import InvalidRequestError
+
+        if any(p.params.edit for p in batch):  # the policy never grants it (`Request.widest`)
+            raise InvalidRequestError("edit", f"image edits run diffuse at width 1; this replica runs width {self.width}")
         out = super().run(batch)
         for p in out:
             p.meta["diffuse_layout"] = f"cfg{self.layout.cfg}xulysses{self.layout.ulysses}xring{self.layout.ring}"

@@ -142,9 +142,10 @@ class Dispatcher:
         """Queue `stage` of `request` (encode on arrival; later stages on completion)."""
         task = StageTask(request, stage, next(self._seq), key=request.deadline)
         classes = self._classes.setdefault((request.model, stage), {})
-        c = classes.get((request.shape, request.steps))
+        ck = (request.shape, request.steps, request.widest(stage))
+        c = classes.get(ck)
         if c is None:
-            c = classes[(request.shape, request.steps)] = _Class()
+            c = classes[ck] = _Class()
         insort(c.on_time.entries, (task.key, task.seq, task))
         self.unlaunched.add(request.id)
         self.requests[request.id] = request
@@ -223,12 +224,13 @@ class Dispatcher:
     def ideal_diffuse(self, request: Request) -> tuple[int, float]:
         """(width, diffuse time) a request's diffuse should get, whatever the plan has: the
         narrowest width that meets its SLO, else the widest with efficiency >= 0.8."""
-        k = (request.model, request.shape, request.steps, round(request.slo_s, 3))
+        top = request.widest("diffuse") or self.max_width
+        k = (request.model, request.shape, request.steps, round(request.slo_s, 3), top)
         out = self._ideal.get(k)
         if out is None:
             m, shape, steps = request.model, request.shape, request.steps
             need = self.min_width(m, "diffuse", shape)
-            ws = [w for w in self.cost.widths(m, "diffuse") if need <= w <= self.max_width] or [need]
+            ws = [w for w in self.cost.widths(m, "diffuse") if need <= w <= top] or [need]
             times = {w: self.time(m, "diffuse", shape, w, steps) for w in ws}
             fixed = sum(self.time(m, s, shape, self.min_width(m, s, shape), steps) for s in ("encode", "decode"))
             on_time = [w for w in sorted(ws) if fixed + times[w] <= request.slo_s]
@@ -298,19 +300,21 @@ class Dispatcher:
         delay = self.late_delay_s if self.late_delay_s is not None else max(r.deadline - r.arrival, 1.0)
         task.key = r.deadline + delay
 
-    def _class_info(self, model: str, stage: Stage, shape: Shape, steps: int, all_widths,
+    def _class_info(self, model: str, stage: Stage, shape: Shape, steps: int, top: int | None, all_widths,
                     sig: tuple) -> tuple:
-        """(min width, fastest time of the later stages, {width: time}, fastest time) of one class,
-        on the widths `sig` of this and the later stages (cached across calls)."""
-        k = (model, stage, shape, steps, sig)
+        """(min width, fastest time of the later stages, {width: time}, fastest time, widest width)
+        of one class, on the widths `sig` of this and the later stages, up to `top` (`Request.widest`;
+        cached across calls)."""
+        k = (model, stage, shape, steps, top, sig)
         info = self._infos.get(k)
         if info is None:
             if len(self._infos) > 4096:
                 self._infos.clear()
             need = self.min_width(model, stage, shape)
-            times = {w: self.time(model, stage, shape, w, steps) for w in sig[0] if w >= need}
+            top = top or max(sig[0], default=need)
+            times = {w: self.time(model, stage, shape, w, steps) for w in sig[0] if need <= w <= top}
             rest = self._rest(model, stage, shape, steps, all_widths)
-            info = self._infos[k] = (need, rest, times, min(times.values(), default=float("inf")))
+            info = self._infos[k] = (need, rest, times, min(times.values(), default=float("inf")), top)
         return info
 
     def _dispatch_fast(self, now, qk, free, busy_end, all_widths) -> list[Launch]:
@@ -332,14 +336,14 @@ class Dispatcher:
         nfree = sum(len(gs) for gs in free.values())
         heap: list = []
         stamps = self._stamps
-        for (shape, steps), c in classes.items():
+        for (shape, steps, top), c in classes.items():
             on_time, late = c.on_time, c.late
             a, b = on_time.entries, late.entries
             if not a and not b:
                 continue
             if c.sig != sig:
-                c.info, c.sig = self._class_info(model, stage, shape, steps, all_widths, sig), sig
-            need, rest, _, fastest = c.info
+                c.info, c.sig = self._class_info(model, stage, shape, steps, top, all_widths, sig), sig
+            need, rest, _, fastest, _ = c.info
             on_time.ptr = late.ptr = 0
             on_time.parked = late.parked = False
             on_time.stamp = late.stamp = -1
@@ -370,7 +374,7 @@ class Dispatcher:
             task = entries[tier.ptr][2]
             tier.parked = False
             c = tier.cls
-            need, rest, times, fastest = c.info
+            need, rest, times, fastest, top = c.info
             r = task.request
             if not task.late and now + fastest + rest > r.deadline:
                 # demote it, and the other on-time tasks of its class that are late too, to the
@@ -381,7 +385,7 @@ class Dispatcher:
                 self._demote(heap, c.late, demoted, (key, seq))
                 push(heap, tier)
                 continue
-            usable = [x for x in free_widths if free[x] and x >= need]
+            usable = [x for x in free_widths if free[x] and need <= x <= top]
             if not usable:
                 tier.stopped = True  # no free group fits this class for the rest of the call
                 continue
@@ -563,7 +567,7 @@ class Dispatcher:
             r = task.request
             rest = self.remaining_after(r, stage, all_widths)
             for gi, g in enumerate(groups):
-                if g.width < self.min_width(model_name, stage, r.shape):
+                if g.width < self.min_width(model_name, stage, r.shape) or g.width > (r.widest(stage) or g.width):
                     continue
                 on_time = now + self.time(model_name, stage, r.shape, g.width, r.steps) + rest <= r.deadline
                 x[j, gi] = m.new_bool_var(f"x{j}_{gi}")
@@ -588,10 +592,11 @@ class Dispatcher:
 
     def _remove(self, task: StageTask) -> None:
         r = task.request
-        c = self._classes[(r.model, task.stage)][(r.shape, r.steps)]
+        ck = (r.shape, r.steps, r.widest(task.stage))
+        c = self._classes[(r.model, task.stage)][ck]
         tier = (c.late if task.late else c.on_time).entries
         i = bisect_left(tier, (task.key, task.seq))
         assert tier[i][2] is task
         del tier[i]
         if not c.on_time.entries and not c.late.entries:
-            del self._classes[(r.model, task.stage)][(r.shape, r.steps)]
+            del self._classes[(r.model, task.stage)][ck]

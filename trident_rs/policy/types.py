@@ -31,6 +31,12 @@ class Request:
     def slo_s(self) -> float:
         return self.deadline - self.arrival
 
+    def widest(self, stage: str) -> int | None:
+        """The widest width `stage` of this request can run at, None if any: an edit's diffuse
+        runs at width 1 (diffusers' img2img and inpaint pipelines have no sequence-parallel form
+        in xfuser, and a width-k replica refuses them)."""
+        return 1 if self.encode_image and stage == "diffuse" else None
+
 
 @dataclass(frozen=True)
 class Cluster:
