@@ -204,3 +204,18 @@ def test_a_chunked_request_yields_its_gpus_to_an_urgent_one_and_resumes():
     assert len(_pauses(res, "big")) == 0
     res = simulate(cluster, StagePoolPolicy(cluster, COST), COST, reqs, SimConfig.ideal())
     assert len(_pauses(res, "big")) == 1
+
+
+def test_spare_gpus_go_where_they_save_the_most_seconds():
+    # 5 free GPUs, two on-time tasks at width 1 each: the 3 spare GPUs widen the long task (180 s
+    # saved by its first extra GPU) rather than the short one that is first in deadline order (4 s)
+    from trident_rs.policy.stage_pool import _Choice
+
+    short = _Choice((1, 2, 4), {1: 10.0, 2: 6.0, 4: 4.0}, 0.0, True)
+    long = _Choice((1, 2, 4), {1: 400.0, 2: 220.0, 4: 130.0}, 0.0, True)
+    order, choices = [(1.0, 0, "short"), (2.0, 1, "long")], {"short": short, "long": long}
+    assert StagePoolPolicy(Cluster(1, 8), COST)._share_out(order, choices, 5) == {"short": 1, "long": 4}
+    assert StagePoolPolicy(Cluster(1, 8), COST, spare="deadline")._share_out(order, choices, 5) == {"short": 4, "long": 1}
+    assert StagePoolPolicy(Cluster(1, 8), COST)._share_out(order, choices, 2) == {"short": 1, "long": 1}
+    with pytest.raises(ConfigError, match="spare"):
+        StagePoolPolicy(Cluster(1, 8), COST, spare="fifo")

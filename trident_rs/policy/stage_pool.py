@@ -18,8 +18,9 @@ Decisions, each from the cost model:
   fastest rest, with slack) meets its deadline. The free GPUs go first to every scanned
   on-time task's narrowest on-time width (the scan is the `scan_limit` most urgent ready
   tasks: a deep scan stops widening while queued work would use the GPUs); what is left widens
-  tasks, in deadline order, up to their widest on-time width (spare GPUs shorten latency;
-  scarce ones are spent on the fewest GPU-seconds). A late request waits for its widest width with parallel efficiency >=
+  tasks up to their widest on-time width where an extra GPU saves the most seconds (`spare`:
+  long stages, the tail, first; spare GPUs shorten latency, scarce ones are spent on the fewest
+  GPU-seconds). An edit's diffuse runs at width 1 (`Request.widest`). A late request waits for its widest width with parallel efficiency >=
   `threshold`. A width with no room now falls back to narrower on-time widths.
 - **Placement**: the GPUs to use are those that cost least to start on (`WeightResidency`:
   the request's own previous GPUs, a past sequence-parallel group of that width, GPUs holding
@@ -117,7 +118,7 @@ class StagePoolPolicy(Policy):
                  model_load_s: float = 20.0, regroup_s: float = DEFAULT_REGROUP_S, models=None, share_window_s: float = 120.0,
                  elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_OVERHEAD_S + CHUNK_BOUNDARY_S,
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
-                 **ignored: object) -> None:
+                 spare: str = "gain", **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
             raise ConfigError(f"unknown trident (pool) option(s) {unknown}")
@@ -133,6 +134,9 @@ class StagePoolPolicy(Policy):
         if not 0.5 <= confidence < 1 or not 0 < threshold <= 1 or scan_limit < 1 or max_batch < 1:
             raise ConfigError("trident (pool): need 0.5 <= confidence < 1, 0 < threshold <= 1, "
                               "scan_limit >= 1, max_batch >= 1")
+        if spare not in ("gain", "deadline"):
+            raise ConfigError(f"trident (pool): spare must be 'gain' or 'deadline', got {spare!r}")
+        self.spare = spare
         if not 0 < chunk_overhead <= 1 or boundary_s < 0 or max_preemptions < 0 or max_pause_s <= 0 \
                 or host_memory_gb < 0:
             raise ConfigError("trident (pool): need 0 < chunk_overhead <= 1, boundary_s >= 0, max_preemptions >= 0, "
@@ -180,7 +184,7 @@ class StagePoolPolicy(Policy):
         r = request
         work = 0.0  # GPU-seconds of all its stages, each at its cheapest width
         for i in range(len(STAGES)):
-            ws, time, _, _ = self._class(r.model, i, r.shape, r.steps)
+            ws, time, _, _ = self._class(r.model, i, r.shape, r.steps, r.widest(STAGES[i]))
             work += min(w * time[w] for w in ws)
         self.demand[r.model] = self.demand.get(r.model, 0.0) + work
 
@@ -291,7 +295,7 @@ class StagePoolPolicy(Policy):
     # ---- decisions -------------------------------------------------------------------------
     def _choose(self, f: _Flight, now: float, slack: float) -> _Choice:
         r = f.request
-        ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, f.steps_left)
+        ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, f.steps_left, r.widest(STAGES[f.stage]))
         if f.done:  # mid-diffuse: going on at its width is free, another width regroups, and it
             # widens only where that is faster even so
             cur = len(f.gpus)
@@ -322,18 +326,36 @@ class StagePoolPolicy(Policy):
 
     def _share_out(self, order, choices: dict[str, _Choice], gpus: int) -> dict[str, int]:
         """Each on-time task's width now: the free GPUs cover every on-time task's narrowest
-        on-time width first, then widen tasks, in deadline order, up to their widest on-time
-        width."""
-        on_time = [choices[it[2]] for it in order if choices[it[2]].on_time]
-        spare = gpus - sum(c.narrowest for c in on_time)
-        out = {}
-        for it in order:
-            c = choices[it[2]]
-            if not c.on_time:
+        on-time width first; the spare then widens tasks up to their widest on-time width:
+        `spare="gain"`, where a GPU saves the most seconds (the widening of all queued ones with
+        the largest time saved per extra GPU, again and again: long stages first, which are
+        the tail); `spare="deadline"`, in deadline order."""
+        on_time = [(it[2], choices[it[2]]) for it in order if choices[it[2]].on_time]
+        out = {rid: c.narrowest for rid, c in on_time}
+        spare = gpus - sum(out.values())
+        if spare <= 0:
+            return out
+        if self.spare == "deadline":
+            for rid, c in on_time:
+                fit = [w for w in c.widths if w - c.narrowest <= spare]
+                out[rid] = w = max(fit)
+                spare -= w - c.narrowest
+            return out
+        heap = []  # (-seconds saved per extra GPU, seq, request, from width, to width)
+        for i, (rid, c) in enumerate(on_time):
+            heap.extend((-_gain(c, c.narrowest, w), i, rid, c.narrowest, w) for w in c.widths if w > c.narrowest)
+        heapq.heapify(heap)
+        while heap and spare > 0:
+            neg, i, rid, base, w = heapq.heappop(heap)
+            cur = out[rid]
+            if w <= cur or neg >= 0:
                 continue
-            fit = [w for w in c.widths if w - c.narrowest <= max(spare, 0)] or [c.narrowest]
-            out[it[2]] = w = max(fit)
-            spare -= w - c.narrowest
+            if base != cur:  # the task widened since: priced again from where it is
+                heapq.heappush(heap, (-_gain(choices[rid], cur, w), i, rid, cur, w))
+                continue
+            if w - cur <= spare:
+                out[rid] = w
+                spare -= w - cur
         return out
 
     def _place(self, f: _Flight, w: int, free: dict[int, set[int]], now: float,
@@ -419,8 +441,9 @@ class StagePoolPolicy(Policy):
             if rid in taken or rid == r.id or not choices[rid].on_time or g.stage != f.stage:
                 continue
             q = g.request
-            if (q.model, q.shape, q.steps, g.done, g.pauses < self.max_preemptions) == \
-                    (r.model, r.shape, r.steps, f.done, f.pauses < self.max_preemptions) and now + t <= q.deadline:
+            if (q.model, q.shape, q.steps, q.encode_image, g.done, g.pauses < self.max_preemptions) == \
+                    (r.model, r.shape, r.steps, r.encode_image, f.done, f.pauses < self.max_preemptions) \
+                    and now + t <= q.deadline:
                 out.append(rid)
         return out
 
@@ -516,14 +539,17 @@ class StagePoolPolicy(Policy):
         return budget, count
 
     # ---- cost-model lookups (cached) -------------------------------------------------------
-    def _class(self, model: str, stage_index: int, shape: Shape, steps: int):
+    def _class(self, model: str, stage_index: int, shape: Shape, steps: int, top: int | None = None):
         """(feasible widths, stage seconds per width, fastest seconds of the stages after it,
-        widths with parallel efficiency >= threshold) of a stage of a request class."""
-        k = (model, stage_index, shape, steps)
+        widths with parallel efficiency >= threshold) of a stage of a request class; `top`: its
+        widest width (`Request.widest`), None if any."""
+        k = (model, stage_index, shape, steps, top)
         out = self._classes.get(k)
         if out is None:
             stage = STAGES[stage_index]
             ws = self._feasible(model, stage, shape)
+            if top is not None:
+                ws = tuple(w for w in ws if w <= top) or ws[:1]
             time = {w: self._time(model, stage, shape, w, steps) for w in ws}
             rest = sum(min(self._time(model, s, shape, w, steps) for w in self._feasible(model, s, shape))
                        for s in STAGES[stage_index + 1:])
@@ -575,6 +601,11 @@ def _backfill(free: dict[int, set[int]], hold: tuple[int, frozenset[int], float]
     if not out[node]:
         del out[node]
     return out
+
+
+def _gain(c: _Choice, narrow: int, wide: int) -> float:
+    """Stage seconds saved per extra GPU by running at `wide` instead of `narrow`."""
+    return (c.time[narrow] - c.time[wide]) / (wide - narrow)
 
 
 def _key(launch: Launch) -> tuple:
