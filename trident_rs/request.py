@@ -3,10 +3,28 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trident_rs.models.spec import get_spec
 from trident_rs.vocab import Shape
+
+MAX_LORA_SCALE = 4.0  # a LoRA's scale must lie in [-MAX_LORA_SCALE, MAX_LORA_SCALE]
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request: its name in the config's `loras` and its scale (weight)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    scale: float = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _in_range(cls, v: float) -> float:
+        if not -MAX_LORA_SCALE <= v <= MAX_LORA_SCALE:  # also refuses NaN
+            raise ValueError(f"{v:g} is outside [{-MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]")
+        return v
 
 
 class GenerationParams(BaseModel):
@@ -27,6 +45,7 @@ class GenerationParams(BaseModel):
     guidance_scale: float | None = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     slo_ms: float | None = Field(default=None, gt=0)
+    lora: tuple[LoraRef, ...] = ()  # LoRA adapters, applied together (names checked by the server)
 
     def resolved(self) -> "GenerationParams":
         """A copy with every None replaced by the model's default, validated against its spec."""
@@ -49,11 +68,21 @@ class GenerationParams(BaseModel):
             from trident_rs.errors import InvalidRequestError
 
             raise InvalidRequestError("negative_prompt", f"longer than {spec.max_prompt_chars} characters")
+        twice = sorted({n for n in out.adapters if out.adapters.count(n) > 1})
+        if twice:
+            from trident_rs.errors import InvalidRequestError
+
+            raise InvalidRequestError("lora", f"adapter(s) listed more than once: {twice}")
         return out
 
     @property
     def shape(self) -> Shape:
         return Shape(self.height or 0, self.width or 0, self.num_frames or 1)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the request's LoRA adapters, in order."""
+        return tuple(r.name for r in self.lora)
 
 
 class RequestState(str, Enum):
