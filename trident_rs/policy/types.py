@@ -21,10 +21,17 @@ class Request:
     steps: int
     arrival: float
     deadline: float
+    adapters: tuple[str, ...] = ()  # LoRA adapters the request applies (names; diffuse loads them)
+    adapter_scales: tuple[float, ...] = ()  # their scales, in the same order
 
     @property
     def slo_s(self) -> float:
         return self.deadline - self.arrival
+
+    @property
+    def adapter_set(self) -> tuple[tuple[str, float], ...]:
+        """(name, scale) pairs: only requests with equal sets share a launch."""
+        return tuple(zip(self.adapters, self.adapter_scales or (1.0,) * len(self.adapters)))
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class ControllerLink:
         if self.up:
             try:
                 out = await asyncio.wait_for(
-                    self.handle.submit.remote(rid, params.model, params.shape, params.steps, params.slo_ms),
+                    self.handle.submit.remote(rid, params.model, params.shape, params.steps, params.slo_ms,
+                                             [(r.name, r.scale) for r in params.lora]),
                     self.timeout_s)
                 self.counts = dict(out.get("counts") or self.counts)
                 if out.get("grant") is not None:
