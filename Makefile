@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	# the gpu extra (xfuser, DistVAE) installs on CPU too and keeps the pinned CPU torch: CI runs the xfuser tests
-	$(BIN)/pip install -q -e '.[dev,ui,gpu,browser]'
+	$(BIN)/pip install -q -e '.[dev,ui,gpu,browser,lora]'
 	touch $@
 
 install: $(BIN)/.installed

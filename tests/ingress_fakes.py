@@ -141,6 +141,7 @@ class FakeStage:
         self.calls = 0
         self.deaths: list[BaseException] = []
         self.grants: list[Grant] = []
+        self.runs: list = []  # the params of every call that ran
         self.run = _Method(self._run)
         self.previews = _Method(self._previews)
         self.mailbox: dict[str, list] = {}
@@ -155,6 +156,7 @@ class FakeStage:
         payload = await prev if isinstance(prev, (_Call, _Ref)) else prev
         self.calls += 1
         self.grants.append(grant)
+        self.runs.append(payload.params)
         if self.deaths:
             raise self.deaths.pop(0)
         if self.gate is not None:

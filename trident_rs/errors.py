@@ -99,6 +99,15 @@ class NotFoundError(TridentError, KeyError):
         return self.args[0]
 
 
+class UnknownAdapterError(NotFoundError):
+    """A request names a LoRA adapter the server's config does not declare (`loras`)."""
+
+    def __init__(self, name: str, known: list[str] | tuple[str, ...] = ()):
+        hint = f"; known adapters: {', '.join(sorted(known))}" if known else "; no adapters are configured"
+        super().__init__("lora", f"unknown LoRA adapter {name!r}{hint}")
+        self.adapter = name
+
+
 class ConflictError(TridentError):
     """The resource is not in a state that allows this (e.g. the content of an unfinished video,
     deleting a finished one, an idempotency key reused for another request)."""

@@ -4,10 +4,28 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trident_rs.models.spec import get_spec
 from trident_rs.vocab import Shape
+
+MAX_LORA_SCALE = 4.0  # a LoRA's scale must lie in [-MAX_LORA_SCALE, MAX_LORA_SCALE]
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request: its name in the config's `loras` and its scale (weight)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    scale: float = 1.0
+
+    @field_validator("scale")
+    @classmethod
+    def _in_range(cls, v: float) -> float:
+        if not -MAX_LORA_SCALE <= v <= MAX_LORA_SCALE:  # also refuses NaN
+            raise ValueError(f"{v:g} is outside [{-MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]")
+        return v
 
 
 DEFAULT_STRENGTH = 0.6  # diffusers' img2img and inpaint default
@@ -36,6 +54,7 @@ class GenerationParams(BaseModel):
     # run from the noised image (diffusers' meaning); None: `DEFAULT_STRENGTH` for edits.
     edit: Literal["img2img", "inpaint"] | None = None
     strength: float | None = None
+    lora: tuple[LoraRef, ...] = ()  # LoRA adapters, applied together (names checked by the server)
 
     def resolved(self) -> "GenerationParams":
         """A copy with every None replaced by the model's default, validated against its spec."""
@@ -61,6 +80,11 @@ class GenerationParams(BaseModel):
 
             raise InvalidRequestError("negative_prompt", f"longer than {spec.max_prompt_chars} characters")
         out._check_edit()
+        twice = sorted({n for n in out.adapters if out.adapters.count(n) > 1})
+        if twice:
+            from trident_rs.errors import InvalidRequestError
+
+            raise InvalidRequestError("lora", f"adapter(s) listed more than once: {twice}")
         return out
 
     def _check_edit(self) -> None:
@@ -90,6 +114,11 @@ class GenerationParams(BaseModel):
     @property
     def shape(self) -> Shape:
         return Shape(self.height or 0, self.width or 0, self.num_frames or 1)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the request's LoRA adapters, in order."""
+        return tuple(r.name for r in self.lora)
 
 
 class RequestState(str, Enum):

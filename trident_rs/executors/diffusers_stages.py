@@ -6,16 +6,24 @@ own generator), and records its wall time in `payload.meta["timings_s"][stage]`.
 
 Diffuse runs each payload's `step_range` (steps [a, b); all steps when None); payloads with the
 same shape and range share a call. `meta["diffuse_steps"]` records the range that ran.
+
+LoRA adapters (`loras`: name -> source, `lora_slots`): encode and diffuse executors keep an
+`AdapterCache` (`trident_rs.models.adapters`); only payloads with the same adapters and scales
+share a call, each group runs with exactly its adapters active (none: all disabled), and the
+seconds spent loading are recorded in `meta["lora_load_s"][stage]`.
 """
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from trident_rs.errors import ConfigError, InvalidRequestError
+from trident_rs.errors import ConfigError, InvalidRequestError, UnknownAdapterError
 from trident_rs.executors.base import StageExecutor, StagePayload
+from trident_rs.models.adapters import AdapterCache
 from trident_rs.models.chunking import check_chunk_state, check_step_range, scheduler_name
 from trident_rs.models.families import get_family
 from trident_rs.models.spec import get_spec
@@ -25,9 +33,10 @@ from trident_rs.vocab import STAGES, Stage
 
 
 def batch_key(params: GenerationParams) -> tuple:
-    """Requests with equal keys can share one pipeline call (edits: of one kind and strength)."""
+    """Requests with equal keys can share one pipeline call (same shape, steps, guidance and
+    adapters; edits: of one kind and strength)."""
     return (params.height, params.width, params.num_frames, params.steps, params.guidance_scale, params.edit,
-            params.strength)
+            params.strength, tuple((r.name, r.scale) for r in params.lora))
 
 
 class DiffusersStageExecutor(StageExecutor):
@@ -42,7 +51,8 @@ class DiffusersStageExecutor(StageExecutor):
 
     def __init__(self, model: str, stage: Stage, *, source: str | None = None, dtype: Any = None,
                  device: str | None = None, pipeline: Any = None, on_step: StepCallback | None = None,
-                 keep_float: bool = False, on_preview: Any = None):
+                 keep_float: bool = False, on_preview: Any = None, loras: dict[str, str] | None = None,
+                 lora_slots: int = 4):
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r}; choose from {list(STAGES)}")
         self.model, self.stage = model, stage
@@ -56,6 +66,13 @@ class DiffusersStageExecutor(StageExecutor):
 
             pipeline = load_pipeline(model, source=source, dtype=dtype, device=device, stage=stage)
         self.pipe = pipeline
+        self.adapters = AdapterCache(pipeline, loras, lora_slots) if loras and stage != "decode" else None
+        # one group at a time while adapters switch: a replica may run batches in several threads
+        self._lock = threading.Lock() if self.adapters is not None else nullcontext()
+
+    def adapter_stats(self) -> dict[str, Any] | None:
+        """The adapter cache's loaded adapters, counts and load/unload seconds (None: no adapters)."""
+        return None if self.adapters is None else self.adapters.snapshot()
 
     def run(self, batch: list[StagePayload]) -> list[StagePayload]:
         resolved = [self._resolve(p) for p in batch]  # validate everything before any compute
@@ -66,16 +83,20 @@ class DiffusersStageExecutor(StageExecutor):
         out: list[StagePayload | None] = [None] * len(batch)
         for (*_, step_range), indices in groups.items():
             params = [resolved[i] for i in indices]
-            start = time.perf_counter()
-            with torch.inference_mode():
-                tensors = self._run_group(params, [batch[i].tensors for i in indices], step_range,
-                                          [batch[i].meta for i in indices])
-            elapsed = time.perf_counter() - start
+            with self._lock:
+                load_s = self.adapters.activate(params[0].lora) if self.adapters is not None else 0.0
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    tensors = self._run_group(params, [batch[i].tensors for i in indices], step_range,
+                                              [batch[i].meta for i in indices])
+                elapsed = time.perf_counter() - start
             for i, t in zip(indices, tensors):
                 meta = dict(batch[i].meta)
                 meta["timings_s"] = {**meta.get("timings_s", {}), self.stage: elapsed}
                 meta["batch_sizes"] = {**meta.get("batch_sizes", {}), self.stage: len(indices)}
                 meta["stage"] = self.stage
+                if load_s:
+                    meta["lora_load_s"] = {**meta.get("lora_load_s", {}), self.stage: load_s}
                 if step_range is not None:
                     meta["diffuse_steps"] = step_range
                 out[i] = StagePayload(params=resolved[i], tensors=t, meta=meta)
@@ -84,6 +105,8 @@ class DiffusersStageExecutor(StageExecutor):
     def _resolve(self, payload: StagePayload) -> GenerationParams:
         if payload.params.model != self.model:
             raise InvalidRequestError("model", f"{payload.params.model!r} sent to a {self.model!r} executor")
+        if payload.params.lora and self.adapters is None and self.stage != "decode":
+            raise UnknownAdapterError(payload.params.lora[0].name)  # none configured on this replica
         return payload.params.resolved()
 
     def _step_range(self, payload: StagePayload, params: GenerationParams) -> tuple[int, int] | None:

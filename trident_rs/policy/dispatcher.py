@@ -24,9 +24,17 @@ Rules (the fast path):
   with parallel efficiency >= 0.8 (waiting if a busy one finishes earlier), so a late request
   neither wastes GPUs nor holds one GPU for hours; `"efficient"` the free width with the least
   GPU-seconds; `"fastest"` the fastest free width.
-- **Batching.** Same-shape, same-steps small requests (<= `batch_max_pixels`) share a launch:
-  the next tasks of the class in priority order, up to the batch size with the best
-  throughput, as long as every batched on-time task still meets its deadline.
+- **Batching.** Same-shape, same-steps small requests (<= `batch_max_pixels`) with the same LoRA
+  adapters and scales share a launch: the next such tasks of the class in priority order, up to
+  the batch size with the best throughput, as long as every batched on-time task still meets
+  its deadline.
+- **Adapters.** `adapters` (`AdapterResidency`) mirrors each diffuse group's adapter LRU from the
+  launches given to it; a diffuse launch's predicted end includes loading the adapters its group
+  lacks. With `adapter_routing` (default) a diffuse task with adapters chooses its width with
+  each free width's time plus the loads its best free group needs, and takes, among the free
+  groups of that width, the one that lacks the fewest (adapter-blind: the lowest id); a group
+  that lacks the on-time head's adapters runs instead a later task of the class it holds them
+  for, when the head can wait one run and still meet its deadline (`_affine`).
 
 `mode="exact"` instead assigns the first `exact_max_tasks` tasks of each queue to free groups
 with CP-SAT (one task per group, maximise on-time starts, then narrow widths, then EDF rank),
@@ -41,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Literal
 
 from trident_rs.errors import ConfigError
+from trident_rs.policy.adapters import ADAPTER_LOAD_S, AdapterResidency
 from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.types import Launch, ReplicaGroup, Request, STAGES, Shape, Stage
 
@@ -107,7 +116,8 @@ class Dispatcher:
                  late_width: Literal["best", "efficient", "fastest"] = "best", late_delay_s: float | None = None,
                  max_batch: int = 8, batch_max_pixels: int = 512 * 512, exact_max_tasks: int = 16,
                  exact_time_limit_s: float = 0.05, max_width: int = 8,
-                 on_time_width: Literal["efficient", "narrowest"] = "efficient", efficient_threshold: float = 0.8):
+                 on_time_width: Literal["efficient", "narrowest"] = "efficient", efficient_threshold: float = 0.8,
+                 adapter_routing: bool = True, adapter_load_s: float = ADAPTER_LOAD_S, lora_slots: int = 4):
         if mode not in ("fast", "exact"):
             raise ConfigError(f"dispatcher mode must be 'fast' or 'exact', got {mode!r}")
         if late_width not in ("best", "efficient", "fastest"):
@@ -123,6 +133,8 @@ class Dispatcher:
         if on_time_width not in ("efficient", "narrowest"):
             raise ConfigError(f"on_time_width must be 'efficient' or 'narrowest', got {on_time_width!r}")
         self.on_time_width, self.efficient_threshold = on_time_width, efficient_threshold
+        self.adapter_routing = bool(adapter_routing)
+        self.adapters = AdapterResidency(lora_slots, adapter_load_s)  # diffuse groups' LoRA LRUs
         self._ideal: dict[tuple, tuple[int, float]] = {}
         # the queues: per (model, stage), per class (shape, steps), two sorted tiers
         self._classes: dict[QueueKey, dict[tuple[Shape, int], _Class]] = {}
@@ -282,6 +294,9 @@ class Dispatcher:
         for launch in launches:
             t = self.time(launch.model, launch.stages[0], self._shape_of(launch), launch.width,
                           self._steps_of(launch), len(launch.request_ids))
+            if "diffuse" in launch.stages:  # the group loads the adapters it lacks first
+                t += self.adapters.use(launch.group_id, self.requests[launch.request_ids[0]].adapters) \
+                    * self.adapters.load_s
             self.running[launch.group_id] = RunningLaunch(launch, now + t)
             if launch.stages[-1] == "decode":
                 self.unlaunched.difference_update(launch.request_ids)
@@ -389,6 +404,8 @@ class Dispatcher:
             if not usable:
                 tier.stopped = True  # no free group fits this class for the rest of the call
                 continue
+            if self.adapter_routing and r.adapters and stage == "diffuse":
+                times = self._with_loads(times, free, r)
             width = None
             if not task.late:
                 width = self._on_time_width(now, r.deadline, usable, times, rest)
@@ -427,9 +444,11 @@ class Dispatcher:
                     width = min(usable, key=lambda x: (times[x], x))
                 else:
                     width = min(usable, key=lambda x: (x * times[x], x))
-            del entries[tier.ptr]
+            group = self._take_group(free[width], r, stage)
+            k = self._affine(now, tier, group, c.info[2][width], fastest, rest) if stage == "diffuse" else tier.ptr
+            task = entries[k][2]
+            del entries[k]
             batch = self._companions(now, task, width, rest, c)
-            group = free[width].pop()
             nfree -= 1
             launches.append(self._launch(batch, stage, group))
             push(heap, c.on_time)
@@ -447,6 +466,44 @@ class Dispatcher:
             for ck in [ck for ck, c in classes.items() if not c.on_time.entries and not c.late.entries]:
                 del classes[ck]
         return launches
+
+    def _with_loads(self, times: dict[int, float], free: dict[int, list[ReplicaGroup]], r: Request
+                    ) -> dict[int, float]:
+        """`times` plus, per free width, the adapter loads of its best free group: the width
+        choice then weighs loading the request's adapters (busy widths are counted without)."""
+        out = dict(times)
+        for x, gs in free.items():
+            if gs and x in out:
+                out[x] += min(self.adapters.load_time(g.id, r.adapters) for g in gs)
+        return out
+
+    def _affine(self, now: float, tier: _Tier, group: ReplicaGroup, run_s: float, fastest: float,
+                rest: float, window: int = 16) -> int:
+        """Index in `tier` of the task that `group` runs: the head; or, with adapter routing, when
+        `group` lacks the on-time head's adapters and the head can wait one run here and still
+        meet its deadline, the first of the next `window` tasks of the class whose adapters
+        `group` holds (the head keeps its place, so it is passed over at most for one launch)."""
+        entries, i = tier.entries, tier.ptr
+        head = entries[i][2]
+        names = head.request.adapters
+        if (not self.adapter_routing or head.late or not names or not self.adapters.missing(group.id, names)
+                or now + run_s + fastest + rest > head.request.deadline):
+            return i
+        for k in range(i + 1, min(len(entries), i + 1 + window)):
+            other = entries[k][2].request.adapters
+            if other and not self.adapters.missing(group.id, other):
+                return k
+        return i
+
+    def _take_group(self, groups: list[ReplicaGroup], r: Request, stage: Stage) -> ReplicaGroup:
+        """A free group of the chosen width: the lowest id, or with adapter routing (diffuse with
+        adapters) the one whose LRU lacks the fewest of the request's adapters."""
+        if not (self.adapter_routing and r.adapters and stage == "diffuse") or len(groups) == 1:
+            return groups.pop()  # sorted by id, highest first
+        by_id = {g.id: g for g in groups}
+        best = by_id[self.adapters.best(sorted(by_id), r.adapters)]
+        groups.remove(best)
+        return best
 
     def _on_time_width(self, now, deadline, usable, times, rest) -> int | None:
         """The free width an on-time task takes: of the widths that meet its deadline, the
@@ -531,14 +588,17 @@ class Dispatcher:
         i = max(bisect_left(a, cur), bisect_left(a, (now + t_batch + rest,)))
         j = bisect_left(b, cur)
         took_a, took_b = [], []
+        lora = r.adapter_set
         while len(batch) < size:
             if i < len(a) and (j >= len(b) or a[i] < b[j]):
-                batch.append(a[i][2])
-                took_a.append(i)
+                if a[i][2].request.adapter_set == lora:  # only the same adapters share a launch
+                    batch.append(a[i][2])
+                    took_a.append(i)
                 i += 1
             elif j < len(b):
-                batch.append(b[j][2])
-                took_b.append(j)
+                if b[j][2].request.adapter_set == lora:
+                    batch.append(b[j][2])
+                    took_b.append(j)
                 j += 1
             else:
                 break

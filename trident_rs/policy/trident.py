@@ -19,7 +19,8 @@ with neither forecast nor workload, the first plan is built for `workload.prior_
 them, so it is ready before the first request and is replaced at the first window of real
 arrivals), slo_scale (for `workload` and `models`), solver_time_limit_s, utilization, slo_slack, replan
 (bool), controller (ControllerConfig or dict), tick_s, and the `Dispatcher` options
-(mode, late_width, late_delay_s, max_batch, batch_max_pixels).
+(mode, late_width, late_delay_s, max_batch, batch_max_pixels, and for LoRA adapters adapter_routing,
+adapter_load_s, lora_slots: `policy/adapters.py`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from trident_rs.policy.cost_model import CostModel
 
 _DISPATCH_OPTIONS = ("mode", "late_width", "late_delay_s", "max_batch", "batch_max_pixels", "exact_max_tasks",
-                     "on_time_width")
+                     "on_time_width", "adapter_routing", "adapter_load_s", "lora_slots")
 
 
 PLACEMENTS = ("pool", "groups")

@@ -26,16 +26,23 @@ class Request:
     arrival: float
     deadline: float
     encode_image: bool = False
+    adapters: tuple[str, ...] = ()  # LoRA adapters the request applies (names; diffuse loads them)
+    adapter_scales: tuple[float, ...] = ()  # their scales, in the same order
 
     @property
     def slo_s(self) -> float:
         return self.deadline - self.arrival
 
     def widest(self, stage: str) -> int | None:
-        """The widest width `stage` of this request can run at, None if any: an edit's diffuse
-        runs at width 1 (diffusers' img2img and inpaint pipelines have no sequence-parallel form
-        in xfuser, and a width-k replica refuses them)."""
-        return 1 if self.encode_image and stage == "diffuse" else None
+        """The widest width `stage` of this request can run at, None if any: an edit's diffuse, and
+        one with LoRA adapters, run at width 1 (xfuser has no img2img/inpaint pipelines, and a
+        width-k replica loads no adapters; it refuses both)."""
+        return 1 if (self.encode_image or self.adapters) and stage == "diffuse" else None
+
+    @property
+    def adapter_set(self) -> tuple[tuple[str, float], ...]:
+        """(name, scale) pairs: only requests with equal sets share a launch."""
+        return tuple(zip(self.adapters, self.adapter_scales or (1.0,) * len(self.adapters)))
 
 
 @dataclass(frozen=True)

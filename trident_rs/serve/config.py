@@ -74,6 +74,7 @@ class LimitsConfig(BaseModel):
     admission_servers: int | None = Field(
         None, ge=1, description="parallel servers the SLO prediction assumes (None: configured diffuse replicas)")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens (plus env TRIDENT_API_KEYS); empty: open")
+    max_loras: int = Field(4, ge=0, description="LoRA adapters one request may apply together; more get 422")
     # -- issue 18: idempotency (trident_rs.serve.idempotency) -------------------------------------------
     idempotency_ttl_s: float = Field(3600.0, gt=0, description="how long a repeated Idempotency-Key (or "
                                      "X-Request-Id) returns the first call's job or result")
@@ -129,6 +130,9 @@ class AppConfig(BaseModel):
         default_factory=dict, description="model name -> local directory or hub id overriding the spec's source"
     )
     time_scale: float = Field(1.0, gt=0, description="emulated executors sleep predicted time × this")
+    loras: dict[str, str] = Field(default_factory=dict, description="LoRA adapters requests may name: name -> "
+                                  "local directory/file or hub id (diffusers' load_lora_weights)")
+    lora_slots: int = Field(4, ge=1, description="adapters each encode/diffuse replica keeps loaded (LRU)")
     deployments: list[StageDeploymentConfig] = Field(
         default_factory=lambda: [StageDeploymentConfig(stage=s) for s in STAGES]
     )
@@ -160,6 +164,11 @@ class AppConfig(BaseModel):
         for d in self.deployments:
             if d.width > self.cluster.gpus_per_node:
                 raise ValueError(f"{d.name}: width {d.width} exceeds {self.cluster.gpus_per_node} GPUs per node")
+        if self.limits.max_loras > self.lora_slots:
+            raise ValueError(f"limits.max_loras ({self.limits.max_loras}) exceeds lora_slots ({self.lora_slots}): "
+                             "a request's adapters must fit in one replica at once")
+        if any(not name.strip() for name in self.loras):
+            raise ValueError("loras: an adapter name is empty")
         asked = sum(d.width * d.replicas for d in self.deployments)
         total = self.cluster.nodes * self.cluster.gpus_per_node
         if asked > total:  # the policy plans on `cluster` even when no GPUs are reserved

@@ -84,6 +84,8 @@ def _policy_options(cfg: AppConfig, cost: Any) -> dict[str, Any]:
     # Serve's stage deployments are fixed-width replica groups: trident dispatches on the
     # solver's groups there (the shared-pool placement needs replicas that regroup)
     options.setdefault("placement", "groups")
+    if options["placement"] == "groups":  # mirror the replicas' adapter LRUs (policy/adapters.py)
+        options.setdefault("lora_slots", cfg.lora_slots)
     if not {"forecast", "workload", "models"} & options.keys():
         known = set(cost.models())
         served = [m for m in cfg.models if m in known]
@@ -218,17 +220,21 @@ class Controller:
 
     # -- the request path: submit, acquire, finish --------------------------------------------
     async def submit(self, request_id: str, model: str, shape: Shape, steps: int,
-                     slo_ms: float | None = None, encode_image: bool = False) -> dict:
+                     slo_ms: float | None = None, encode_image: bool = False,
+                     lora: list[tuple[str, float]] | None = None) -> dict:
         """A request arrived. Returns its deadline (seconds from now), the current replica counts
         (the ingress dispatches on them if this controller becomes unreachable) and the grant of
         its first stage if the policy launches it within `_submit_wait_s()`. `steps`: the denoising
-        steps it runs; `encode_image`: an image edit (its encode stage VAE-encodes the image)."""
+        steps it runs; `encode_image`: an image edit (its encode stage VAE-encodes the image);
+        `lora`: its LoRA adapters as (name, scale), which the policy routes and batches by."""
         self._ensure_ticker()
         if request_id in self.broker.ended or request_id in self.log.active:  # late (the ingress gave up) or twice
             return {"slo_s": 0.0, "counts": dict(self.counts), "ignored": True, "grant": None}
         slo_s = slo_ms / 1000.0 if slo_ms else self._default_slo(model, shape, steps)
         now = self.now()
-        self.policy.add_request(Request(request_id, model, shape, steps, now, now + slo_s, encode_image), now)
+        lora = list(lora or ())
+        self.policy.add_request(Request(request_id, model, shape, steps, now, now + slo_s, encode_image,
+                                        tuple(n for n, _ in lora), tuple(float(x) for _, x in lora)), now)
         self.log.submitted(request_id, model, shape.key, steps, now + slo_s, slo_s)
         self.broker.schedule()
         grant = self.broker.take(request_id, STAGES[0])

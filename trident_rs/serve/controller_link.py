@@ -73,7 +73,7 @@ class ControllerLink:
             try:
                 out = await asyncio.wait_for(
                     self.handle.submit.remote(rid, params.model, params.shape, params.denoise_steps, params.slo_ms,
-                                              params.edit is not None),
+                                              params.edit is not None, [(r.name, r.scale) for r in params.lora]),
                     self.timeout_s)
                 self.counts = dict(out.get("counts") or self.counts)
                 if out.get("grant") is not None:

@@ -43,7 +43,8 @@ from trident_rs.errors import (ConfigError, ConflictError, GoneError, InvalidReq
 from trident_rs.media import mp4_bytes, png_bytes
 from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
-from trident_rs.request import GenerationParams, RequestState
+from trident_rs.request import GenerationParams, LoraRef, RequestState
+from trident_rs.serve.adapters import adapter_cards, check_adapters
 from trident_rs.serve.admission import Admission
 from trident_rs.serve.cancellation import Inflight, RequestCancelled
 from trident_rs.serve.config import AppConfig
@@ -120,6 +121,7 @@ class ImagesRequest(BaseModel):
                                        description="previews streamed before the image (0-3; stream only)")
     output_format: Literal["png"] | None = None  # OpenAI's; only PNG is made here
     background: Literal["auto", "opaque"] | None = None
+    lora: tuple[LoraRef, ...] = Field((), description="LoRA adapters [{name, scale}] (config `loras`)")
 
 
 class VideosRequest(BaseModel):
@@ -144,6 +146,7 @@ class VideosRequest(BaseModel):
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="'url': the completed job carries the MP4's URL; 'b64_json' (wait only, its default): "
         "the MP4 inline")
+    lora: tuple[LoraRef, ...] = Field((), description="LoRA adapters [{name, scale}] (config `loras`)")
 
 
 def _quality(q: str | None) -> str:
@@ -199,7 +202,7 @@ class Ingress:
         if fields.get("model") not in self.cfg.models:
             get_spec(fields.get("model"))  # unknown everywhere -> 404 with the known names
             raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
-        return check_limits(self.cfg.limits, GenerationParams(**fields).resolved())
+        return check_adapters(self.cfg, check_limits(self.cfg.limits, GenerationParams(**fields).resolved()))
 
     def _params(self, **fields: Any) -> GenerationParams:
         return self._checked(self._resolve, **fields)
@@ -341,7 +344,7 @@ class Ingress:
         h, w = self._size(body.size)
         base = self._params(model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
                             height=h, width=w, steps=body.steps, guidance_scale=body.guidance_scale,
-                            seed=body.seed, slo_ms=body.slo_ms)
+                            seed=body.seed, slo_ms=body.slo_ms, lora=body.lora)
         if get_spec(base.model).is_video:
             e = InvalidRequestError("model", f"{base.model} makes videos; use POST /v1/videos")
             self._reject(e)
@@ -509,7 +512,7 @@ class Ingress:
         h, w = parse_size(body.size)
         return self._resolve(model=model, prompt=body.prompt, negative_prompt=body.negative_prompt, height=h,
                              width=w, num_frames=frames, steps=body.steps, guidance_scale=body.guidance_scale,
-                             seed=body.seed, slo_ms=body.slo_ms)
+                             seed=body.seed, slo_ms=body.slo_ms, lora=body.lora)
 
     @api.post("/v1/videos", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": VideosRequest.model_json_schema()},
@@ -688,7 +691,7 @@ class Ingress:
             data.append({"id": name, "object": "model", "owned_by": "trident_rs", "kind": spec.kind,
                          "default_size": list(spec.default_size), "default_steps": spec.default_steps,
                          "default_frames": spec.default_frames, "max_frames": spec.max_frames})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data + adapter_cards(self.cfg)}
 
     async def _ask_controller(self, call: Any) -> Any:
         """A read-only controller call; 503 (not 500) while the controller is restarting."""

@@ -51,6 +51,8 @@ def _executor_options(cfg: AppConfig, model: str, dep: StageDeploymentConfig) ->
         return {**opts, "width": dep.width, "time_scale": cfg.time_scale}
     if model in cfg.model_paths:
         opts["source"] = cfg.model_paths[model]
+    if cfg.loras and dep.stage != "decode" and not cfg.multi_rank(dep):  # LoRAs: width-1 executors only
+        opts.update(loras=dict(cfg.loras), lora_slots=cfg.lora_slots)
     if kind == "xfuser":
         opts["width"] = dep.width
         if cfg.multi_rank(dep):
@@ -135,6 +137,7 @@ class StageReplica:
 
     async def run(self, payload: StagePayload, grant: Grant | None = None) -> StagePayload:
         """Run this stage on one payload; `grant` is the controller's dispatch decision."""
+        self._check_adapters(payload)
         if grant is None or getattr(grant, "batch_id", None) is None:
             return await self._run_batch(payload)  # no launch to follow: Serve's batching
         if grant.replica_id is not None and self.replica_id is not None and grant.replica_id != self.replica_id:
@@ -142,6 +145,14 @@ class StageReplica:
         if grant.batch <= 1:
             return self._one(await self._execute([payload]), 0)
         return await self._gather(payload, grant)
+
+    def _check_adapters(self, payload: StagePayload) -> None:
+        """Refuse a LoRA request that this replica would run without its adapters (a sequence-
+        parallel width > 1 diffuse or encode replica has no adapter support yet)."""
+        if not payload.params.lora or self.stage == "decode" or self.config.executor == "emulated":
+            return
+        if getattr(self.executors.get(payload.params.model), "adapters", None) is None:
+            raise ConfigError(f"{self.name} cannot apply LoRA adapters (width-1 diffusers replicas only)")
 
     async def _gather(self, payload: StagePayload, grant: Grant) -> StagePayload:
         """Wait for the other members of the launch, then run it as one batch."""
@@ -202,6 +213,16 @@ class StageReplica:
                     r.meta[f"{self.stage}_deployment"] = self.name
                     r.meta[f"{self.stage}_batch"] = len(batch)
                 out[i] = r
+        return out
+
+    def adapter_stats(self) -> dict[str, Any]:
+        """Per model: the LoRA adapters loaded here (LRU order), hits, loads, evictions and the
+        seconds spent loading and unloading them (`trident_rs.models.adapters.AdapterStats`)."""
+        out = {}
+        for model, executor in self.executors.items():
+            stats = getattr(executor, "adapter_stats", lambda: None)()
+            if stats is not None:
+                out[model] = stats
         return out
 
     async def previews(self, request_id: str, grant: Grant | None = None, drop: bool = False) -> list:

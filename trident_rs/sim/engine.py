@@ -20,6 +20,7 @@ from trident_rs.policy.payload_size import (
     CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S, SERVE_REQUEST_OVERHEAD_S, TEXT_EMBEDDING_BYTES, chunk_state_bytes,
     latent_bytes,
 )
+from trident_rs.policy.adapters import ADAPTER_LOAD_S, AdapterResidency
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
@@ -62,6 +63,10 @@ class SimConfig:
     model_load_s: float | None = None  # None: start_cost_s
     chunk_boundary_s: float = CHUNK_BOUNDARY_S  # added to every chunk that resumes a request
     host_memory_gb: float = 512.0  # paused requests' chunk state held in host memory, cluster-wide
+    # LoRA adapters: each diffuse replica group (or pool GPU set) keeps an LRU of `lora_slots`;
+    # a diffuse launch first loads the adapters its GPUs lack, `adapter_load_s` each
+    adapter_load_s: float = ADAPTER_LOAD_S
+    lora_slots: int = 4
 
     @classmethod
     def ideal(cls, **overrides) -> "SimConfig":
@@ -117,6 +122,8 @@ class SimResult:
     timeline: dict[str, list[StageRecord]] = field(default_factory=dict)
     demoted: frozenset[str] = frozenset()  # requests the policy demoted as late (if it says)
     peak_paused_gb: float = 0.0  # most chunk state paused requests held in host memory at once
+    adapter_hits: int = 0  # adapters diffuse launches found loaded
+    adapter_loads: int = 0  # adapters diffuse launches loaded first
 
     def request_timeline(self, request_id: str) -> dict:
         """Queue and run time per launch, width, and whether the policy demoted the request."""
@@ -170,6 +177,7 @@ class Simulator:
         self._refused_this_call = False
         self.timeline: dict[str, list[StageRecord]] = {}
         self.ready_at: dict[str, float] = {}  # request -> when its next launch could start
+        self.adapter_lru = AdapterResidency(self.config.lora_slots, self.config.adapter_load_s)
         self.residency = WeightResidency(  # what each GPU holds, for shared-pool launches
             cost, cluster.gpu_memory_gb, self.config.start_cost_s if self.config.model_load_s is None
             else self.config.model_load_s, self.config.regroup_s)
@@ -246,6 +254,7 @@ class Simulator:
             self._add_group(g, initial)
 
     def _remove_group(self, gid: str) -> None:
+        self.adapter_lru.forget(gid)
         g = self.groups.pop(gid, None)
         if g is not None:  # ready group: its GPUs drain (in-flight work finishes), then are free
             for gpu in g.gpus:
@@ -413,6 +422,7 @@ class Simulator:
             compute *= self._noise(launch)
         transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
         extra = transfer + self.config.hop_overhead_s + self._pool_load_s(launch, first.shape)
+        extra += self._adapter_load_s(launch)
         if launch.steps is not None and launch.steps[0] > 0:
             extra += self.config.chunk_boundary_s
         for rid in launch.request_ids:
@@ -454,6 +464,15 @@ class Simulator:
         cost = r.load_s(launch.model, launch.stages, launch.node, launch.gpus, launch.offload)
         r.record(launch.model, launch.stages, launch.node, launch.gpus, shape, launch.offload)
         return cost
+
+    def _adapter_load_s(self, launch: Launch) -> float:
+        """A diffuse launch first loads the LoRA adapters its replica group (pool launches: its
+        GPUs) lacks; the batch's requests share one adapter set, as the executors run them."""
+        if "diffuse" not in launch.stages:
+            return 0.0
+        names = tuple(dict.fromkeys(a for rid in launch.request_ids for a in self.by_id[rid].adapters))
+        key = launch.group_id or (launch.node, tuple(sorted(launch.gpus)))
+        return self.adapter_lru.use(key, names) * self.adapter_lru.load_s
 
     def _launch_done(self, launch: Launch) -> None:
         n = len(launch.stages)
@@ -578,6 +597,7 @@ class Simulator:
             memory_refusals=self.memory_refusals, timeline=self.timeline,
             demoted=frozenset(getattr(self.policy, "demoted", ()) or ()),
             peak_paused_gb=self.peak_paused_bytes / 1e9,
+            adapter_hits=self.adapter_lru.hits, adapter_loads=self.adapter_lru.loads,
         )
 
 
