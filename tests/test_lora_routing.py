@@ -106,3 +106,25 @@ def test_the_simulator_charges_loads_and_adapter_routing_hits_more_often():
     r0 = next(r for r in reqs if r.adapters)
     first = [s for s in aware.timeline[r0.id] if s.stages == ("diffuse",)][0]
     assert first.extra_s >= 1.0  # the first launch of an adapter loads it
+
+
+def test_the_emulated_diffuse_sleeps_for_the_adapters_it_lacks():
+    """Emulated Serve charges adapter loads as the simulator does: an LRU of `lora_slots` per
+    diffuse executor, `adapter_load_s x time_scale` per adapter missing, counted in the meta."""
+    from trident_rs.executors.base import StagePayload
+    from trident_rs.executors.emulated import EmulatedExecutor
+    from trident_rs.request import GenerationParams, LoraRef
+
+    ex = EmulatedExecutor("sd3", "diffuse", time_scale=1e-6, lora_slots=1, adapter_load_s=1e4)
+
+    def run(*names):
+        p = GenerationParams(model="sd3", prompt="x", height=256, width=256, steps=2,
+                             lora=tuple(LoraRef(name=n, scale=1.0) for n in names)).resolved()
+        (out,) = ex.run([StagePayload(p)])
+        return out.meta["diffuse_adapter_loads"], out.meta["diffuse_adapter_hits"], out.meta["diffuse_s"]
+
+    loads, hits, s = run("a")
+    assert (loads, hits) == (1, 0) and s >= 1e-2  # one load of 1e4 s x 1e-6
+    assert run("a")[:2] == (0, 1)
+    assert run("b")[:2] == (1, 0) and run("a")[:2] == (1, 0)  # one slot: b evicted a
+    assert run()[:2] == (0, 0)

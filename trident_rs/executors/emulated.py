@@ -15,6 +15,7 @@ import numpy as np
 
 from trident_rs.executors.base import StageExecutor, StagePayload
 from trident_rs.models.spec import get_spec
+from trident_rs.policy.adapters import ADAPTER_LOAD_S, AdapterResidency
 from trident_rs.policy.stage_estimate import default_cost_model, predict_stage_s
 from trident_rs.vocab import Shape, Stage
 
@@ -23,15 +24,20 @@ GRAY = 128
 
 
 class EmulatedExecutor(StageExecutor):
-    """Runs no model: sleeps for `cost.stage_time(...) × time_scale` and fakes the outputs."""
+    """Runs no model: sleeps for `cost.stage_time(...) × time_scale` and fakes the outputs.
+    With `lora_slots`, a diffuse executor keeps an LRU of that many LoRA adapters (names only)
+    and sleeps `adapter_load_s × time_scale` more per adapter a batch needs and it lacks; the
+    payload's meta counts them (`diffuse_adapter_loads`, `diffuse_adapter_hits`)."""
 
-    def __init__(self, model: str, stage: Stage, width: int = 1, time_scale: float = 1.0, cost: Any = None):
+    def __init__(self, model: str, stage: Stage, width: int = 1, time_scale: float = 1.0, cost: Any = None,
+                 lora_slots: int | None = None, adapter_load_s: float = ADAPTER_LOAD_S):
         self.model = model
         self.stage = stage
         self.width = width
         self.time_scale = time_scale
         self.spec = get_spec(model)
         self.cost = cost if cost is not None else default_cost_model()
+        self.adapters = AdapterResidency(lora_slots, adapter_load_s) if lora_slots and stage == "diffuse" else None
 
     def predicted_s(self, shape: Shape, steps: int, batch: int) -> float:
         """Predicted wall time of one call on a batch of `batch` requests of `shape`."""
@@ -45,9 +51,15 @@ class EmulatedExecutor(StageExecutor):
             raise ValueError(f"a batch must share one shape and step count, got {sorted(map(str, shapes))}")
         shape, steps = shapes.pop()
         seconds = self.predicted_s(shape, steps or 1, len(batch)) * self.time_scale
+        extra: dict[str, Any] = {}
+        if self.adapters is not None:
+            names = sorted({r.name for p in batch for r in p.params.lora})
+            loads = self.adapters.use("self", names)
+            seconds += loads * self.adapters.load_s * self.time_scale
+            extra = {f"{self.stage}_adapter_loads": loads, f"{self.stage}_adapter_hits": len(names) - loads}
         time.sleep(max(0.0, seconds))
         return [
-            StagePayload(p.params, self._outputs(shape), {**p.meta, f"{self.stage}_s": seconds})
+            StagePayload(p.params, self._outputs(shape), {**p.meta, f"{self.stage}_s": seconds, **extra})
             for p in batch
         ]
 
@@ -64,6 +76,8 @@ class EmulatedExecutor(StageExecutor):
 
 
 def make_executor(
-    model: str, stage: Stage, width: int = 1, time_scale: float = 1.0, cost: Any = None, **_: Any
+    model: str, stage: Stage, width: int = 1, time_scale: float = 1.0, cost: Any = None,
+    lora_slots: int | None = None, adapter_load_s: float = ADAPTER_LOAD_S, **_: Any
 ) -> EmulatedExecutor:
-    return EmulatedExecutor(model, stage, width=width, time_scale=time_scale, cost=cost)
+    return EmulatedExecutor(model, stage, width=width, time_scale=time_scale, cost=cost,
+                            lora_slots=lora_slots, adapter_load_s=adapter_load_s)

@@ -28,6 +28,7 @@ from typing import Any
 from ray import serve
 
 from trident_rs.errors import UnknownRequestError
+from trident_rs.policy.adapters import ADAPTER_LOAD_S
 from trident_rs.policy.greedy import GreedyStagePolicy
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.stage_estimate import default_cost_model
@@ -86,6 +87,9 @@ def _policy_options(cfg: AppConfig, cost: Any) -> dict[str, Any]:
     options.setdefault("placement", "groups")
     if options["placement"] == "groups":  # mirror the replicas' adapter LRUs (policy/adapters.py)
         options.setdefault("lora_slots", cfg.lora_slots)
+        # a load costs what an emulated replica sleeps for it: `adapter_load_s` of the cluster
+        # emulated, on the controller's clock like the scaled cost model's times
+        options["adapter_load_s"] = float(options.get("adapter_load_s", ADAPTER_LOAD_S)) * clock_scale(cfg)
     if not {"forecast", "workload", "models"} & options.keys():
         known = set(cost.models())
         served = [m for m in cfg.models if m in known]

@@ -34,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
+from trident_rs.policy.adapters import ADAPTER_LOAD_S
 from trident_rs.serve.config import AppConfig, StageDeploymentConfig
 from trident_rs.serve.grant import Grant, WrongReplicaError
 from trident_rs.serve.registry import FIRST_REGISTER_S, HEARTBEAT_S
@@ -48,7 +49,11 @@ def _executor_options(cfg: AppConfig, model: str, dep: StageDeploymentConfig) ->
     opts = dict(cfg.executor_options)
     kind = cfg.executor_kind(dep)
     if kind == "emulated":
-        return {**opts, "width": dep.width, "time_scale": cfg.time_scale}
+        out = {**opts, "width": dep.width, "time_scale": cfg.time_scale}
+        if cfg.loras and dep.stage == "diffuse":  # sleeps for adapter loads as the policy charges them
+            out.update(lora_slots=cfg.lora_slots,
+                       adapter_load_s=float(cfg.policy.options.get("adapter_load_s", ADAPTER_LOAD_S)))
+        return out
     if model in cfg.model_paths:
         opts["source"] = cfg.model_paths[model]
     if cfg.loras and dep.stage != "decode" and not cfg.multi_rank(dep):  # LoRAs: width-1 executors only
