@@ -1,7 +1,9 @@
 """Per-request LoRA adapters (issue 19) on an emulated Ray Serve cluster: adapter-aware vs
 adapter-blind routing, the same trace through the real runtime.
 
-A local Ray with fake GPUs serves FLUX with emulated executors (`time_scale`): each diffuse
+A local Ray with fake GPUs serves FLUX with emulated executors (`time_scale`), as
+`serve_vs_sim.py` does (every diffuse width deployable, Serve runs the policy's plan after a
+warm-up request per shape): each diffuse
 replica keeps an LRU of `--slots` adapters and sleeps `--load-s x time_scale` per adapter a
 batch needs and it lacks (`EmulatedExecutor`), which is what the simulator charges
 (`benchmarks/lora_routing.py`). trident (placement "groups", what Serve runs) grants diffuse to
@@ -12,7 +14,7 @@ Zipf popularity, replayed over HTTP at their arrival times x time_scale with the
 Reports per routing: adapter hit rate and loads per minute (from the replicas' own counts in each
 answer's timings), SLO attainment and P95 latency (in the trace's seconds: wall / time_scale).
 
-    .venv/bin/python benchmarks/lora_serve.py [--n 200] [--time-scale 0.25] [--replicas 6]
+    .venv/bin/python benchmarks/lora_serve.py [--n 200] [--time-scale 0.25] [--gpus 8]
 Prints a table and writes benchmarks/results/lora_serve.json.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from serve_vs_sim import wait_for_plan  # noqa: E402 - benchmarks/ is the script's directory
 from trident_rs.devtools.local import private_serve
 from trident_rs.policy.stage_estimate import default_cost_model
 from trident_rs.sim.lora_workload import adapter_names, with_adapters
@@ -34,16 +37,20 @@ from trident_rs.sim.workloads import load_workload
 
 
 def app_args(args, routing: bool) -> dict:
+    """The app of `serve_vs_sim.py` (every diffuse width deployable, GPUs reserved, Serve runs the
+    policy's plan), with adapters."""
     return {
-        "models": ["flux"], "executor": "emulated", "time_scale": args.time_scale, "reserve_gpus": False,
-        "cluster": {"nodes": 1, "gpus_per_node": args.replicas + 2},
-        "deployments": [{"stage": "encode", "width": 1, "replicas": 1},
-                        {"stage": "diffuse", "width": 1, "replicas": args.replicas},
-                        {"stage": "decode", "width": 1, "replicas": 1}],
+        "models": ["flux"], "executor": "emulated", "time_scale": args.time_scale, "reserve_gpus": True,
+        "cluster": {"nodes": 1, "gpus_per_node": args.gpus},
+        "deployments": [{"stage": "encode", "width": 1, "replicas": 1, "max_replicas": 4},
+                        *({"stage": "diffuse", "width": w, "replicas": int(w == 1)} for w in (1, 2, 4, 8)),
+                        {"stage": "decode", "width": 1, "replicas": 1, "max_replicas": 4}],
         "loras": {name: f"/adapters/{name}" for name in adapter_names(args.adapters)},  # emulated: never read
-        "lora_slots": args.slots, "limits": {"max_loras": 1},
-        "policy": {"name": "trident", "options": {"placement": "groups", "replan": False,
-                                                  "adapter_routing": routing, "adapter_load_s": args.load_s}},
+        "lora_slots": args.slots,
+        "policy": {"name": "trident", "tick_s": 0.5,
+                   "options": {"placement": "groups", "models": ["flux"], "slo_scale": 4.0,
+                               "adapter_routing": routing, "adapter_load_s": args.load_s}},
+        "slo_scale": 4.0, "limits": {"max_loras": 1, "max_queue_per_model": 512},
     }
 
 
@@ -84,7 +91,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="requests replayed")
     ap.add_argument("--rate-scale", type=float, default=0.5)
     ap.add_argument("--time-scale", type=float, default=0.25)
-    ap.add_argument("--replicas", type=int, default=6, help="diffuse replicas (width 1)")
+    ap.add_argument("--gpus", type=int, default=8, help="fake GPUs (one node)")
     ap.add_argument("--adapters", type=int, default=50)
     ap.add_argument("--share", type=float, default=0.8)
     ap.add_argument("--zipf", type=float, default=1.0)
@@ -105,10 +112,15 @@ def main() -> None:
     from trident_rs.serve.app import build_app
 
     results = {}
-    with private_serve(num_gpus=args.replicas + 2) as port:
+    with private_serve(num_gpus=args.gpus) as port:
         for routing in (True, False):
             name = "adapter-aware" if routing else "adapter-blind"
             serve.run(build_app(app_args(args, routing)), name="lora", route_prefix="/lora")
+            with httpx.Client(timeout=300) as c:  # warm-up: one request per shape, then Serve runs the plan
+                for shape in sorted({r.shape for r in reqs}, key=lambda x: x.pixels):
+                    c.post(f"http://127.0.0.1:{port}/lora/v1/generate",
+                           json={"model": "flux", "prompt": "warm", "height": shape.height, "width": shape.width})
+            wait_for_plan("lora", 120)
             rows = replay(f"http://127.0.0.1:{port}/lora", reqs, args.time_scale)
             results[name] = summarise(rows, span)
             serve.delete("lora")
