@@ -27,8 +27,9 @@ latents as `masked_image_latents`: they only feed transformers with extra mask c
 (SD3's 33-channel, FLUX Fill), which the families' standard transformers are not, and the
 one-call pipeline draws the masked image's sample after the noise, so the output is unchanged.
 
-Edits run all their steps in one diffuse call (no step ranges) and at any diffuse width the
-executor runs at (`trident_rs.executors.parallel` runs width 1 as diffusers).
+Edits run all their steps in one diffuse call (no step ranges), at width 1: xfuser has no edit
+pipelines, so the policy never grants an edit a wider replica (`Request.widest`) and a
+sequence-parallel replica refuses one.
 """
 from __future__ import annotations
 

@@ -204,6 +204,10 @@ class Ingress:
             raise InvalidRequestError("model", f"{fields['model']!r} is not served here; served: {self.cfg.models}")
         return check_adapters(self.cfg, check_limits(self.cfg.limits, GenerationParams(**fields).resolved()))
 
+    def _check_n(self, n: int) -> None:
+        if n > self.cfg.limits.max_n:
+            raise InvalidRequestError("n", f"{n} exceeds the maximum {self.cfg.limits.max_n}")
+
     def _params(self, **fields: Any) -> GenerationParams:
         return self._checked(self._resolve, **fields)
 
@@ -337,10 +341,7 @@ class Ingress:
 
     @api.post("/v1/images/generations")
     async def images(self, body: ImagesRequest, request: Request) -> dict:
-        if body.n > self.cfg.limits.max_n:
-            e = InvalidRequestError("n", f"{body.n} exceeds the maximum {self.cfg.limits.max_n}")
-            self._reject(e)
-            raise e
+        self._checked(self._check_n, body.n)
         h, w = self._size(body.size)
         base = self._params(model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
                             height=h, width=w, steps=body.steps, guidance_scale=body.guidance_scale,
@@ -362,8 +363,7 @@ class Ingress:
         generations path (stream or not) with the image (and mask) in the encode stage's payload."""
         try:
             edit = parse_edit(*await read_form(request), ImagesRequest, self._resolve, parse_size)
-            if edit.body.n > self.cfg.limits.max_n:
-                raise InvalidRequestError("n", f"{edit.body.n} exceeds the maximum {self.cfg.limits.max_n}")
+            self._check_n(edit.body.n)
         except TridentError as e:
             self._reject(e)
             raise
