@@ -242,3 +242,31 @@ def test_the_chunks_of_one_diffuse_share_its_noise():
     per_step = [(rec.run_s - rec.extra_s) / (rec.steps[1] - rec.steps[0]) for rec in res.timeline["a"][1:-1]]
     assert per_step == pytest.approx([per_step[0]] * 3)
     assert per_step[0] != pytest.approx(cost.stage_time("img", "diffuse", shape, 1, steps=1))
+
+
+def test_noise_is_common_to_every_policy():
+    # the same request's stage runs at the same noise factor whatever the policy decides
+    # (width, chunks, order, other requests around it): policies differ by decisions, not luck
+    shape = Shape(1024, 1024)
+    reqs = [Request(r, "img", shape, 4, 0.0, 100.0) for r in ("a", "b")]
+    cluster, cost = Cluster(1, 2), FakeCost()
+    config = SimConfig.ideal(noise=0.5, seed=3, chunk_boundary_s=0.0)
+
+    def factors(res):
+        return {rid: [(rec.run_s - rec.extra_s) / cost.stage_time("img", rec.stages[0], shape, rec.width,
+                                                                    steps=(rec.steps[1] - rec.steps[0]) if rec.steps else 4)
+                      for rec in res.timeline[rid]] for rid in ("a", "b")}
+
+    one = simulate(cluster, Scripted(_chunked("a", [(0, 4)], gpus=((0,),)) + _chunked("b", [(0, 4)], gpus=((1,),))),
+                   cost, reqs, config)
+    other = simulate(cluster, Scripted(_chunked("b", [(0, 1), (1, 4)], gpus=((0,),)) + _chunked("a", [(0, 4)], gpus=((0, 1),))),
+                     cost, reqs, config)
+    f1, f2 = factors(one), factors(other)
+    for rid in ("a", "b"):
+        assert f1[rid][0] == pytest.approx(f2[rid][0])  # encode
+        assert f1[rid][1] == pytest.approx(f2[rid][-2])  # diffuse (its last chunk)
+        assert f1[rid][-1] == pytest.approx(f2[rid][-1])  # decode
+    assert f1["a"][1] != pytest.approx(f1["b"][1])  # different requests, different draws
+    seed4 = simulate(cluster, Scripted(_chunked("a", [(0, 4)], gpus=((0,),)) + _chunked("b", [(0, 4)], gpus=((1,),))),
+                     cost, reqs, SimConfig.ideal(noise=0.5, seed=4, chunk_boundary_s=0.0))
+    assert factors(seed4)["a"][1] != pytest.approx(f1["a"][1])  # the seed draws them

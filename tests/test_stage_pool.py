@@ -219,3 +219,20 @@ def test_spare_gpus_go_where_they_save_the_most_seconds():
     assert StagePoolPolicy(Cluster(1, 8), COST)._share_out(order, choices, 2) == {"short": 1, "long": 1}
     with pytest.raises(ConfigError, match="spare"):
         StagePoolPolicy(Cluster(1, 8), COST, spare="fifo")
+
+
+def test_a_last_launch_after_the_preemption_bound_takes_the_fastest_width_with_room():
+    # a request paused `max_preemptions` times runs its remaining steps in one launch: at the
+    # width it starts with, to its last step. Resumed past the pause bound ("as soon as
+    # possible"), that width is the fastest with room now, not the narrowest (a 2048² FLUX image
+    # locked at width 1 for the rest of its steps was the tail's worst case)
+    from trident_rs.policy.stage_pool import _Flight
+
+    policy = StagePoolPolicy(Cluster(2, 8), COST, max_preemptions=2)
+    r = Request("big", "flux", Shape(2048, 2048), 28, 0.0, 10.0)
+    f = _Flight(r, stage=STAGES.index("diffuse"), node=0, gpus=(0,), done=4, pauses=2, urgent=True)
+    fastest = policy._choose(f, 100.0, 1.0, {0: set(range(8)), 1: {0}})
+    assert fastest.widths == (8,)
+    assert policy._choose(f, 100.0, 1.0, {0: {1, 2}, 1: {0}}).widths == (2,)
+    f.pauses = 1  # it may still pause: any width, as before (the free GPUs decide)
+    assert len(policy._choose(f, 100.0, 1.0, {0: set(range(8))}).widths) > 1

@@ -237,7 +237,7 @@ class StagePoolPolicy(Policy):
         self._decay(now)
         self._budget = self._budgets()
         scanned = [heapq.heappop(self.ready) for _ in range(min(self.scan_limit, len(self.ready)))]
-        choices = {rid: self._choose(self.flights[rid], now, slack) for _, _, rid in scanned}
+        choices = {rid: self._choose(self.flights[rid], now, slack, free) for _, _, rid in scanned}
         order = [it for it in scanned if choices[it[2]].on_time] + sorted(
             (it for it in scanned if not choices[it[2]].on_time), key=lambda it: self.flights[it[2]].request.arrival)
         target = self._share_out(order, choices, sum(len(g) for g in free.values()))
@@ -293,7 +293,7 @@ class StagePoolPolicy(Policy):
         return SchedulerOutput(tuple(launches))
 
     # ---- decisions -------------------------------------------------------------------------
-    def _choose(self, f: _Flight, now: float, slack: float) -> _Choice:
+    def _choose(self, f: _Flight, now: float, slack: float, free: dict[int, set[int]]) -> _Choice:
         r = f.request
         ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, f.steps_left, r.widest(STAGES[f.stage]))
         if f.done:  # mid-diffuse: going on at its width is free, another width regroups, and it
@@ -301,7 +301,13 @@ class StagePoolPolicy(Policy):
             cur = len(f.gpus)
             time = {w: t + (0.0 if w == cur else self.regroup_s) for w, t in time.items()}
             ws = tuple(w for w in ws if w <= cur or time[w] < time.get(cur, _INF))
-        if f.urgent:  # paused past the bound: any width, as soon as possible
+        if f.urgent:  # paused past the bound: any width, as soon as possible; but its last launch
+            # (it may not pause again, and keeps that width to its last step) at the fastest width
+            # with room now, not the narrowest
+            if self.elastic and f.done and f.pauses >= self.max_preemptions:
+                room = [w for w in ws if any(len(g) >= w for g in free.values())]
+                if room:
+                    return _Choice((min(room, key=lambda w: (time[w], w)),), time, rest, True)
             return _Choice(ws, time, rest, True)
         on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
         if on_time:  # which of them: `_share_out`, from the free GPUs

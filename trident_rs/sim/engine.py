@@ -11,6 +11,7 @@ import heapq
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from trident_rs.errors import TridentError
@@ -49,7 +50,7 @@ class SimConfig:
     from host memory where the request was paused; paused state beyond `host_memory_gb` is a
     policy violation."""
 
-    noise: float = 0.0  # sigma of a mean-1 lognormal factor on each launch's compute (one per chunked diffuse)
+    noise: float = 0.0  # sigma of a mean-1 lognormal factor per (request, stage), the same under every policy
     seed: int = 0
     intra_node_gbps: float = 20.0  # GB/s between GPUs of one node (PCIe)
     inter_node_gbps: float = 10.0  # GB/s between nodes
@@ -144,7 +145,6 @@ class Simulator:
         self.by_id = {r.id: r for r in self.requests}
         if len(self.by_id) != len(self.requests):
             raise ValueError("request ids must be unique")
-        self.rng = random.Random(self.config.seed)
         n, g = cluster.nodes, cluster.gpus_per_node
         self.free: list[set[int]] = [set(range(g)) for _ in range(n)]
         self.free_view: dict[int, frozenset[int]] = {i: frozenset(range(g)) for i in range(n)}
@@ -185,7 +185,7 @@ class Simulator:
         # diffuse chunks: steps done per request; requests whose chunk just ended (paused unless
         # the policy resumes them at once); paused requests and the host memory they hold
         self.steps_done: dict[str, int] = {}
-        self.chunk_noise: dict[str, float] = {}  # request -> its diffuse chunks' time factor
+        self.noise_of: dict[tuple[str, str], float] = {}  # (request, stage) -> its time factor (`_noise`)
         self.at_boundary: list[str] = []
         self.paused: dict[str, float] = {}  # request -> bytes of chunk state in host memory
         self.paused_bytes = self.peak_paused_bytes = 0.0
@@ -348,17 +348,18 @@ class Simulator:
         gbps = self.config.intra_node_gbps if node == launch.node else self.config.inter_node_gbps
         return size / (gbps * 1e9)
 
-    def _noise(self, launch: Launch) -> float:
-        """The launch's lognormal time factor. The chunks of one request's diffuse share one
-        factor (a slow request is slow at every step), so splitting a stage into chunks does
-        not average its noise away."""
-        sigma = self.config.noise
-        if launch.steps is None:
-            return self.rng.lognormvariate(-sigma * sigma / 2, sigma)
-        key = launch.request_ids[0]
-        factor = self.chunk_noise.get(key)
+    def _noise(self, rid: str, stage: str) -> float:
+        """The lognormal time factor of `stage` of request `rid`: drawn from (seed, request,
+        stage) alone, so every policy runs the same request's stage at the same factor (common
+        random numbers: policies differ by their decisions, not by their luck), and the chunks
+        of one diffuse share it (a slow request is slow at every step: chunking does not
+        average its noise away)."""
+        key = (rid, stage)
+        factor = self.noise_of.get(key)
         if factor is None:
-            factor = self.chunk_noise[key] = self.rng.lognormvariate(-sigma * sigma / 2, sigma)
+            sigma = self.config.noise
+            rng = random.Random(zlib.crc32(f"{self.config.seed}/{rid}/{stage}".encode()))
+            factor = self.noise_of[key] = rng.lognormvariate(-sigma * sigma / 2, sigma)
         return factor
 
     def _steps_of(self, launch: Launch) -> int:
@@ -417,9 +418,8 @@ class Simulator:
         steps = self._steps_of(launch)
         encode_image = any(self.by_id[r].encode_image for r in launch.request_ids)  # an edit in the batch
         compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps, encode_image)
+                      * (sum(self._noise(r, s) for r in launch.request_ids) / batch if self.config.noise > 0 else 1.0)
                       for s in launch.stages)
-        if self.config.noise > 0:
-            compute *= self._noise(launch)
         transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
         extra = transfer + self.config.hop_overhead_s + self._pool_load_s(launch, first.shape)
         extra += self._adapter_load_s(launch)
@@ -489,7 +489,6 @@ class Simulator:
                 self.at_boundary.append(rid)
                 continue
             self.steps_done.pop(rid, None)
-            self.chunk_noise.pop(rid, None)
             i = self.next_stage[rid] + n
             self.next_stage[rid] = i
             if i == len(STAGES):
