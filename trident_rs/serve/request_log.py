@@ -1,7 +1,10 @@
 """The controller's request log: each request's progress, and the counts and latencies of all.
 
 Nothing here decides anything: the broker (`trident_rs.serve.broker`) dispatches, this records
-what happened for `GET /v1/requests/{id}`, `/v1/status` and `/metrics`. Bounded: the last 1,000
+what happened for `GET /v1/requests/{id}`, `/v1/status` and `/metrics`. Diffuse progress:
+`step` (steps done) of `steps`, `progress` (their ratio), `width` (of the running or last
+stage), `chunk` ([a, b) running, None between chunks), `chunks` (done) and `paused` (at a chunk
+boundary with no next chunk granted yet: preempted or waiting for GPUs). Bounded: the last 1,000
 requests' progress, the last 1,000 latencies, the last 200 outcomes.
 """
 from __future__ import annotations
@@ -35,7 +38,8 @@ class RequestLog:
         self.arrivals[rid] = (time.monotonic(), model)
         self.progress[rid] = {"id": rid, "model": model, "shape": shape_key, "steps": steps,
                               "state": RequestState.QUEUED.value, "stage": None, "slo_s": round(slo_s, 3),
-                              "created": time.time(), "stages_done": [], "retries": 0}
+                              "created": time.time(), "stages_done": [], "retries": 0,
+                              "step": 0, "width": None, "paused": False, "chunk": None, "chunks": 0}
         while len(self.progress) > MAX_PROGRESS:
             self.progress.popitem(last=False)
         self.stats["submitted"] += 1
@@ -45,13 +49,25 @@ class RequestLog:
         if prog is not None:
             prog.update(stage=grant.stage, state=RequestState.running(grant.stage).value,
                         deployment=grant.deployment, node=grant.node, gpus=list(grant.gpus),
-                        replica=grant.replica_id)
+                        replica=grant.replica_id, width=grant.width, paused=False)
+            if grant.stage == "diffuse":
+                prog["chunk"] = list(grant.steps) if grant.steps is not None else [prog["step"], prog["steps"]]
+                prog["chunk_started"] = time.time()
 
     def stage_done(self, grant: Grant, took_s: float | None) -> None:
         if took_s is not None:
             self.metrics.stage_done(grant.stage, grant.width, grant.deployment, took_s)
             self.stage_lat.setdefault(grant.deployment, deque(maxlen=200)).append(took_s)
         prog = self.progress.get(grant.request_id)
+        if prog is not None and grant.stage == "diffuse":
+            prog["step"] = grant.steps[1] if grant.steps is not None else prog["steps"]
+            prog["chunks"] += 1
+            prog.pop("chunk_started", None)
+            prog["chunk"] = None
+            if prog["step"] < prog["steps"]:  # a boundary: paused until its next chunk is granted
+                prog.update(paused=True, state=RequestState.QUEUED.value)
+                return
+            prog["paused"] = False
         if prog is not None and grant.stage not in prog["stages_done"]:
             prog["stages_done"].append(grant.stage)
             if grant.stage != STAGES[-1] and prog["state"] == RequestState.running(grant.stage).value:
@@ -93,7 +109,12 @@ class RequestLog:
 
     def status(self, rid: str) -> dict | None:
         prog = self.progress.get(rid)
-        return None if prog is None else dict(prog, stages_done=list(prog["stages_done"]))
+        if prog is None:
+            return None
+        out = dict(prog, stages_done=list(prog["stages_done"]))
+        out.pop("chunk_started", None)
+        out["progress"] = round(prog["step"] / prog["steps"], 4) if prog.get("steps") else None
+        return out
 
     def attainment(self, window_s: float = 60.0) -> float | None:
         cut = time.time() - window_s
