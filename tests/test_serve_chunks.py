@@ -169,7 +169,8 @@ def test_chunk_script_policy_walks_its_script():
         (launch,) = out.launches
         launches.append((launch.stages[0], launch.width, launch.steps))
         p.on_launch_done(launch, 0.0)
-    assert launches == [("encode", 1, None), ("diffuse", 1, (0, 1)), ("diffuse", 2, (1, 5)), ("decode", 1, None)]
+    assert launches == [("encode", 1, None), ("diffuse", 1, (0, 1)), ("diffuse", 2, (1, 3)), ("diffuse", 2, (3, 5)),
+                        ("decode", 1, None)]
     with pytest.raises(ConfigError):
         ChunkScriptPolicy(Cluster(1, 2), chunks=[[1, 4]])
 

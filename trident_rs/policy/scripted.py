@@ -2,8 +2,8 @@
 
 A shared-pool policy (no plan, GPUs picked per launch) that runs one request at a time, in
 arrival order: encode and decode at width 1, diffuse as the chunks `chunks=[[steps, width], ...]`
-say (the last chunk takes whatever steps are left; a script shorter than the request's steps
-repeats its last entry). It decides nothing: it is what tests and demos use to drive a request
+say (a script shorter than the request's steps repeats its last entry; a chunk ends at the
+last step at the latest). It decides nothing: it is what tests and demos use to drive a request
 down a known path through the runtime (w1 -> w2 -> w1, a pause of `pause_s` before chunk
 `pause_before`, ...), where the `trident` pool policy would choose by the cost model.
 Pure Python, no Ray, no torch.
@@ -84,8 +84,7 @@ class ChunkScriptPolicy(Policy):
         steps, width = None, 1
         if stage == "diffuse":
             n, width = self.chunks[min(self.chunk, len(self.chunks) - 1)]
-            last = self.chunk >= len(self.chunks) - 1
-            steps = (self.done, r.steps if last else min(r.steps, self.done + n))
+            steps = (self.done, min(r.steps, self.done + n))
         for node, free in sorted(state.free_gpus.items()):
             if len(free) >= width:
                 self.running = True

@@ -79,6 +79,8 @@ class RequestLog:
         prog = self.progress.get(grant.request_id)
         if prog is not None:
             prog.update(retries=prog.get("retries", 0) + 1, last_error=error)
+            if grant.steps is not None:  # a chunk re-run from its boundary: the steps lost
+                prog.setdefault("rerun_chunks", []).append(list(grant.steps))
 
     def finished(self, rid: str, final: RequestState, now: float) -> None:
         """Record the end of an admitted request (`rid` in `active`)."""

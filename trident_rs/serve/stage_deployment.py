@@ -236,6 +236,9 @@ class StageReplica:
                     r.meta[f"{self.stage}_wall_s"] = took
                     r.meta[f"{self.stage}_deployment"] = self.name
                     r.meta[f"{self.stage}_batch"] = len(batch)
+                    if payloads[i].step_range is not None:  # the chunks a request ran, where
+                        a, b = payloads[i].step_range
+                        r.meta["diffuse_chunks"] = [*r.meta.get("diffuse_chunks", []), [a, b, self.name]]
                 out[i] = r
         return out
 
