@@ -19,6 +19,7 @@ from trident_rs.serve.grant import Grant
 from trident_rs.serve.metrics import ServeMetrics
 
 MAX_PROGRESS = 1000
+PAUSE_S = 0.05  # a request at a boundary granted its next chunk later than this was paused (counted)
 
 
 class RequestLog:
@@ -53,6 +54,13 @@ class RequestLog:
             if grant.stage == "diffuse":
                 prog["chunk"] = list(grant.steps) if grant.steps is not None else [prog["step"], prog["steps"]]
                 prog["chunk_started"] = time.time()
+                if grant.steps is not None:  # elasticity at work, counted for /v1/status
+                    self.stats["chunk_grants"] = self.stats.get("chunk_grants", 0) + 1
+                    last_w, paused_at = prog.pop("last_width", None), prog.pop("paused_at", None)
+                    if last_w is not None and last_w != grant.width:
+                        self.stats["width_changes"] = self.stats.get("width_changes", 0) + 1
+                    if paused_at is not None and time.monotonic() - paused_at >= PAUSE_S:
+                        self.stats["resumed_after_pause"] = self.stats.get("resumed_after_pause", 0) + 1
 
     def stage_done(self, grant: Grant, took_s: float | None) -> None:
         if took_s is not None:
@@ -65,7 +73,8 @@ class RequestLog:
             prog.pop("chunk_started", None)
             prog["chunk"] = None
             if prog["step"] < prog["steps"]:  # a boundary: paused until its next chunk is granted
-                prog.update(paused=True, state=RequestState.QUEUED.value)
+                prog.update(paused=True, state=RequestState.QUEUED.value, last_width=grant.width,
+                            paused_at=time.monotonic())
                 return
             prog["paused"] = False
         if prog is not None and grant.stage not in prog["stages_done"]:
@@ -114,7 +123,8 @@ class RequestLog:
         if prog is None:
             return None
         out = dict(prog, stages_done=list(prog["stages_done"]))
-        out.pop("chunk_started", None)
+        for k in ("chunk_started", "last_width", "paused_at"):
+            out.pop(k, None)
         out["progress"] = round(prog["step"] / prog["steps"], 4) if prog.get("steps") else None
         return out
 
