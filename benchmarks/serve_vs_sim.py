@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -216,7 +217,9 @@ def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Requ
             for r in warm_shapes:
                 assert c.post("/v1/images/generations", json=body(r, time_scale, slo_scale=False)).status_code == 200
         replicas, settle_s = wait_for_plan("svs", 120)
+        load_before = os.getloadavg()[0]
         per = asyncio.run(replay(base, requests, time_scale, timeout_s=300))
+        load_after = os.getloadavg()[0]  # a machine shared with other jobs: how loaded it was
         with httpx.Client(base_url=base, timeout=30) as c:
             status = c.get("/v1/status").json()
     done = [p for p in per if p["status"] == 200]
@@ -225,7 +228,7 @@ def run_serve(requests: list[Request], time_scale: float, warm_shapes: list[Requ
     out = stats(lat, ok, len(requests))
     out.update(errors=[p for p in per if p["status"] != 200][:5],
                max_send_lag_ms=round(1000 * max(p["send_lag_s"] for p in per), 1),
-               app_start_s=round(start_s, 1), warm_settle_s=round(settle_s, 1), replicas_at_start=replicas,
+               load_avg_1min=[round(load_before, 1), round(load_after, 1)], app_start_s=round(start_s, 1), warm_settle_s=round(settle_s, 1), replicas_at_start=replicas,
                replans=len(status.get("replans", [])), last_counts=(status.get("replans") or [{}])[-1].get("counts"),
                controller_stage_latency_s=status.get("stage_latency_s"),
                elasticity={k: status.get("stats", {}).get(k, 0) for k in ("chunk_grants", "width_changes",
@@ -294,7 +297,7 @@ def main() -> None:
         print(f"\n{v}: app start {serve_res['app_start_s']} s, warm settle {serve_res['warm_settle_s']} s, "
               f"replicas {serve_res['replicas_at_start']}, final plan {serve_res['last_counts']}, "
               f"max send lag {serve_res['max_send_lag_ms']} ms, errors {len(serve_res['errors'])}, "
-              f"elasticity {serve_res.get('elasticity')}")
+              f"elasticity {serve_res.get('elasticity')}, load average {serve_res.get('load_avg_1min')}")
     if ratios:
         print("\nServe / sim ratio:")
         for key, r in ratios.items():

@@ -266,3 +266,19 @@ def test_a_cancel_stops_the_request_at_the_next_boundary():
     assert [g.steps for g in diffuse.grants] == [(0, 1)]  # no chunk after the boundary
     assert fake.finished == [("c", "cancelled")]
     assert ("c", "diffuse") in fake.done  # the chunk's grant rode on finish: its GPUs are freed
+
+
+def test_a_replica_runs_the_grants_steps_or_the_steps_left_of_a_chunk_state():
+    import numpy as np
+
+    from trident_rs.executors.base import StagePayload
+    from trident_rs.models.chunking import STEP
+    from trident_rs.request import GenerationParams
+    from trident_rs.serve.stage_deployment import with_step_range
+
+    p = StagePayload(GenerationParams(model="sd3", prompt="p", steps=8).resolved())
+    assert with_step_range(p, None).step_range is None  # no chunk: all the steps
+    assert with_step_range(p, (0, 3)).step_range == (0, 3)  # the grant's chunk
+    at3 = StagePayload(p.params, {STEP: np.asarray(3, np.int64)})
+    assert with_step_range(at3, None).step_range == (3, 8)  # granted on the last plan: the rest
+    assert with_step_range(at3, (3, 5)).step_range == (3, 5)
