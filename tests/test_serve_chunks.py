@@ -282,3 +282,25 @@ def test_a_replica_runs_the_grants_steps_or_the_steps_left_of_a_chunk_state():
     at3 = StagePayload(p.params, {STEP: np.asarray(3, np.int64)})
     assert with_step_range(at3, None).step_range == (3, 8)  # granted on the last plan: the rest
     assert with_step_range(at3, (3, 5)).step_range == (3, 5)
+
+
+def test_a_streamed_request_collects_each_chunks_partial_images():
+    """Partial images are made on whichever replica runs the chunk at the preview's step: the
+    ingress collects them from each chunk's replica (the fake makes n per call)."""
+    from tests.ingress_fakes import unpatch
+    from trident_rs.request import GenerationParams
+
+    inst, fake, diffuse = _chunked_ingress([(1, 1), (2, 2), (1, 1)])
+
+    async def go():
+        queue: asyncio.Queue = asyncio.Queue()
+        inst.preview_sinks["s"] = (2, queue)
+        params = GenerationParams(model="tiny-sd3", prompt="p", steps=4).resolved()
+        await inst.generate(params, "s")
+        return [queue.get_nowait()[0] for _ in range(queue.qsize())]
+    try:
+        got = asyncio.run(go())
+    finally:
+        unpatch()
+    assert [g.steps for g in diffuse.grants] == [(0, 1), (1, 3), (3, 4)]
+    assert got == [0, 1] * 3 and not any(diffuse.mailbox.values())  # all collected, nothing left

@@ -268,7 +268,7 @@ class Ingress:
             if track is not None:
                 track.update(stage=stage, t=time.monotonic(), width=grant.width)
             if stage == "diffuse" and grant.chunked:
-                out, n, grant = await self._chunks(rid, params, grant, out, watch, last, track)
+                out, n, grant = await self._chunks(rid, params, grant, out, watch, last, track, sink)
             elif stage == "diffuse" and sink is not None:
                 out, n, grant = await self._with_previews(rid, grant, sink[1], self._run_stage(rid, stage, grant, out, watch))
             else:
@@ -281,7 +281,7 @@ class Ingress:
         return out
 
     async def _chunks(self, rid: str, params: GenerationParams, grant: Grant, prev: Any, watch: Any,
-                      last: list, track: dict | None) -> tuple[Any, int, Grant]:
+                      last: list, track: dict | None, sink: tuple | None = None) -> tuple[Any, int, Grant]:
         """Diffuse chunk by chunk (issue 17). Each chunk runs where its grant says, from the
         ObjectRef of the last boundary's state, which this ingress owns: a replica that dies
         loses only the chunk it was running, re-run from that ref. At each boundary the chunk's
@@ -298,8 +298,12 @@ class Ingress:
                 raise RequestCancelled(rid)
             if track is not None:
                 track.update(width=grant.width)
-            prev, n, grant = await self._run_stage(rid, "diffuse", grant, prev, shielded if grant.chunked else watch,
-                                                   shield=grant.chunked)
+            run = self._run_stage(rid, "diffuse", grant, prev, shielded if grant.chunked else watch,
+                                  shield=grant.chunked)
+            if sink is not None:  # a streamed image: each chunk's partial images, from its replica
+                prev, n, grant = await self._with_previews(rid, grant, sink[1], run)
+            else:
+                prev, n, grant = await run
             reruns += n
             if self.inflight.cancelled(rid):
                 last[0] = grant  # the boundary: the controller frees what the chunk held
