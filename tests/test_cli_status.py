@@ -23,7 +23,11 @@ STATUS = {
     "waiting": {"encode": 0, "diffuse": 2, "decode": 0},
     "active_requests": 1,
     "inflight": [{"id": "req-abc", "model": "sd3", "shape": "1x256x256", "state": "running",
-                  "stage": "diffuse", "stages_done": ["encode"]}],
+                  "stage": "diffuse", "stages_done": ["encode"], "step": 14, "steps": 28, "width": 2,
+                  "paused": False, "deployment": "diffuse-w2"},
+                 {"id": "req-def", "model": "sd3", "shape": "1x256x256", "state": "queued",
+                  "stage": "diffuse", "stages_done": ["encode"], "step": 7, "steps": 28, "width": 1,
+                  "paused": True}],
     "stats": {"submitted": 9, "completed": 8, "failed": 0, "on_time": 6, "rejected": 1},
     "attainment": {"recent_60s": 0.75, "finished": 8, "overall": 0.75},
     "latency_s": {"n": 8, "p50": 0.41, "p90": 1.3, "p99": 2.0, "mean": 0.6},
@@ -59,6 +63,11 @@ def test_status_prints_plan_queues_attainment_and_replans(capsys, monkeypatch):
     grid_row = next(line for line in out.splitlines() if "encode-w1" in line and "idle" in line)
     assert grid_row.index("idle") < grid_row.index("encode-w1") < grid_row.index("decode-w1")
     assert "200 ms" in out and "1.30 s" in out  # diffuse-w2 p50, end-to-end p90
+    # running requests: diffuse step i of n as a bar, the width, paused at a chunk boundary
+    row = next(line for line in out.splitlines() if "req-abc" in line)
+    assert "█████░░░░░ 14/28" in row and "w2" in row and "paused" not in row
+    row = next(line for line in out.splitlines() if "req-def" in line)
+    assert "7/28 paused" in row and "w1" in row
 
 
 def test_status_json_passes_the_answer_through(capsys):

@@ -73,3 +73,35 @@ def test_falls_back_to_the_real_family_then_to_the_estimate():
     small = EmulatedExecutor("sd3", "diffuse", cost=Nothing()).predicted_s(Shape(256, 256), 4, 1)
     large = EmulatedExecutor("sd3", "diffuse", cost=Nothing()).predicted_s(Shape(2048, 2048), 4, 1)
     assert 0 < small < large
+
+
+def test_diffuse_runs_a_step_range_and_hands_on_a_chunk_state():
+    """Chunks sleep for their share of the steps (+ the boundary cost when resuming) and chain
+    through a small numpy chunk state, as the real executors' do (issue 17)."""
+    import dataclasses
+
+    from trident_rs.errors import InvalidRequestError
+    from trident_rs.models.chunking import LATENTS, RNG, STEP
+
+    cost = FixedCost()
+    ex = EmulatedExecutor("sd3", "diffuse", width=1, time_scale=1.0, cost=cost, chunk_boundary_s=0.1)
+    p = payload(steps=4)
+    p.tensors["prompt_embeds"] = np.ones((1, 8, 16), np.float32)
+    t0 = time.perf_counter()
+    (first,) = ex.run([dataclasses.replace(p, step_range=(0, 1))])
+    took = time.perf_counter() - t0
+    assert cost.calls[-1][-1] == 1 and 0.045 <= took < 0.3  # 1 step of 0.05 s, no boundary cost
+    assert int(first.tensors[STEP]) == 1 and first.tensors[RNG].dtype == np.uint8
+    assert first.tensors[LATENTS].dtype == np.float16 and "latents" not in first.tensors
+    assert first.tensors["prompt_embeds"].shape == (1, 8, 16)  # the embeddings go on with the state
+    assert all(isinstance(v, np.ndarray) for v in first.tensors.values())
+    assert first.meta["diffuse_steps"] == [0, 1]
+    t0 = time.perf_counter()
+    (last,) = ex.run([dataclasses.replace(first, step_range=(1, 4))])
+    took = time.perf_counter() - t0
+    assert 0.24 <= took < 0.6  # 3 steps (0.15 s) + the boundary (0.1 s)
+    assert set(last.tensors) == {"latents"}  # the last chunk: what decode takes, as one call's
+    with pytest.raises(InvalidRequestError, match="step_range"):  # resumes where the state is not
+        ex.run([dataclasses.replace(first, step_range=(2, 4))])
+    with pytest.raises(InvalidRequestError, match="step_range"):
+        ex.run([dataclasses.replace(p, step_range=(0, 5))])

@@ -39,7 +39,7 @@ def fake_server(log):
         if req.url.path.startswith("/v1/requests/"):
             polls["n"] += 1
             return httpx.Response(200, json={"state": "running", "stage": "diffuse", "deployment": "diffuse-w2",
-                                             "stages_done": ["encode"]})
+                                             "stages_done": ["encode"], "step": 3, "steps": 8, "width": 2})
         if req.url.path == "/v1/generate":
             import time
             time.sleep(0.5)  # long enough for a progress poll
@@ -60,7 +60,7 @@ def test_generation_reports_stage_progress_then_the_image():
     log = []
     api = ui.Api("http://srv", transport=fake_server(log))
     steps = list(ui.run_generation(api, {"model": "tiny-sd3", "prompt": "x"}, poll_s=0.1))
-    assert any("⏳ diffuse" in text and "✅ encode" in text for text, _, _ in steps[:-1])
+    assert any("⏳ diffuse" in text and "✅ encode" in text and "step 3/8 at w2" in text for text, _, _ in steps[:-1])
     text, image, video = steps[-1]
     assert text.startswith("✅") and video is None
     assert np.asarray(Image.open(image)).std() > 0
@@ -81,6 +81,10 @@ def test_plan_figure_and_panel_show_every_deployment_on_its_gpus():
     for dep in ("diffuse-w2", "encode-w1", "decode-w1"):
         assert dep in panel
     assert "75%" in panel and "mix shift 0.42" in panel
+    # each running request as a progress bar of its diffuse steps, with its width and pause
+    assert "<progress max='28' value='14'" in panel and "step 14/28 at w2" in panel
+    assert "<progress max='28' value='7'" in panel and "step 7/28 at w1 (paused)" in panel
+    assert "running: none" in ui.queues_html({**STATUS, "inflight": []})
 
 
 def test_the_app_builds_from_the_servers_models():

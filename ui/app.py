@@ -5,7 +5,8 @@
 Left: prompt, model (from /v1/models), size, steps, frames, seed, SLO; the request's progress
 through the stages (polled from /v1/requests/{id}); the result (image or video).
 Right, refreshed by a timer from /v1/status: the placement plan drawn as nodes x GPUs, queues per
-deployment, and SLO attainment and latency over time. Works with any deployments/ config: it
+deployment, each running request as a progress bar (diffuse step i of n, width, paused), and SLO
+attainment and latency over time. Works with any deployments/ config: it
 only reads what the server reports.
 """
 from __future__ import annotations
@@ -130,8 +131,35 @@ def queues_html(status: dict) -> str:
         f"in flight: {status.get('active_requests', 0)} &middot; done {stats.get('completed', 0)}, "
         f"failed {stats.get('failed', 0)}, rejected {stats.get('rejected', 0)} &middot; "
         f"SLO attainment (60 s): {'-' if att is None else f'{100 * att:.0f}%'}<br>"
-        f"re-plans: {max(0, len(replans) - 1)}; last: {html.escape(str(last.get('reason', '-')))}</p></div>"
+        f"re-plans: {max(0, len(replans) - 1)}; last: {html.escape(str(last.get('reason', '-')))}</p>"
+        + running_html(status) + "</div>"
     )
+
+
+def step_label(prog: dict) -> str:
+    """'step 14/28 at w2', plus ' (paused)' at a chunk boundary with no next chunk granted."""
+    steps = prog.get("steps") or 0
+    if not steps:
+        return ""
+    width = f" at w{prog['width']}" if prog.get("width") else ""
+    return f"step {prog.get('step') or 0}/{steps}{width}" + (" (paused)" if prog.get("paused") else "")
+
+
+def running_html(status: dict, limit: int = 20) -> str:
+    """Each in-flight request as a progress bar of its diffuse steps (`/v1/status` `inflight`)."""
+    rows = []
+    for r in (status.get("inflight") or [])[:limit]:
+        steps = r.get("steps") or 1
+        color = "#e8a33d" if r.get("paused") else _stage_color(r.get("deployment") or "diffuse-w1")
+        rows.append(
+            f"<div class='running' data-id='{html.escape(str(r.get('id', '')))}'>"
+            f"<span>{html.escape(str(r.get('id', ''))[:16])} {html.escape(str(r.get('state', '')))} "
+            f"{html.escape(step_label(r))}</span><br>"
+            f"<progress max='{steps}' value='{min(r.get('step') or 0, steps)}' style='width:100%;accent-color:{color}'>"
+            f"</progress></div>")
+    if not rows:
+        return "<div id='running'><p>running: none</p></div>"
+    return "<div id='running'><p><b>running</b></p>" + "".join(rows) + "</div>"
 
 
 class History:
@@ -192,7 +220,8 @@ def progress_text(prog: dict | None, elapsed: float) -> str:
     marks = " → ".join(f"✅ {s}" if s in done else f"⏳ {s}" if s == prog.get("stage") else f"▫️ {s}"
                        for s in stages)
     where = f" on {prog['deployment']}" if prog.get("deployment") and prog.get("stage") else ""
-    return f"{marks}   [{prog.get('state')}{where}, {elapsed:.1f} s]"
+    steps = f", {step_label(prog)}" if prog.get("stage") == "diffuse" or prog.get("paused") else ""
+    return f"{marks}   [{prog.get('state')}{where}{steps}, {elapsed:.1f} s]"
 
 
 def run_generation(api: Api, body: dict, poll_s: float = 0.3) -> Iterator[tuple[str, str | None, str | None]]:

@@ -1,5 +1,6 @@
-"""`trident status`: a running server's plan per node, queues, in-flight requests, SLO attainment,
-latency percentiles and recent re-plans (from `GET /v1/status`), drawn with rich.
+"""`trident status`: a running server's plan per node, queues, in-flight requests (each with its
+diffuse step i of n as a bar, its width, and whether it is paused at a chunk boundary), SLO
+attainment, latency percentiles and recent re-plans (from `GET /v1/status`), drawn with rich.
 
     trident status --url http://127.0.0.1:8000 [--watch 2] [--json]
 """
@@ -46,6 +47,15 @@ def _color(deployment: str) -> str:
     except ValueError:
         stage = ""
     return STAGE_COLORS.get(stage, "yellow")
+
+
+def step_bar(r: dict, cells: int = 10) -> str:
+    """Diffuse progress as a text bar: '█████░░░░░ 14/28', plus 'paused' at a chunk boundary."""
+    steps, step = r.get("steps") or 0, r.get("step") or 0
+    if not steps:
+        return "-"
+    full = min(cells, round(cells * step / steps))
+    return "█" * full + "░" * (cells - full) + f" {step}/{steps}" + (" paused" if r.get("paused") else "")
 
 
 def _fmt_s(v: Any) -> str:
@@ -109,11 +119,12 @@ def render(st: dict) -> Any:
     inflight = st.get("inflight") or []
     if inflight:
         t = Table(title=f"in flight ({st.get('active_requests', len(inflight))})")
-        for col in ("id", "model", "shape", "state", "stage", "done"):
+        for col in ("id", "model", "shape", "state", "stage", "done", "diffuse step", "width"):
             t.add_column(col)
         for r in inflight[:20]:
             t.add_row(str(r.get("id", ""))[:12], str(r.get("model", "")), str(r.get("shape", "")),
-                      str(r.get("state", "")), str(r.get("stage") or "-"), ",".join(r.get("stages_done", [])))
+                      str(r.get("state", "")), str(r.get("stage") or "-"), ",".join(r.get("stages_done", [])),
+                      step_bar(r), "-" if r.get("width") is None else f"w{r['width']}")
         parts.append(t)
 
     replans = st.get("replans") or []

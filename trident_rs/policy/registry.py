@@ -35,6 +35,7 @@ _FACTORIES: dict[str, tuple[str, str]] = {
     "bound": ("trident_rs.policy.bound", "BoundPolicy"),
     "tetriserve": ("trident_rs.policy.tetriserve", "TetriServePolicy"),
     "genserve": ("trident_rs.policy.genserve", "GenServePolicy"),
+    "chunk-script": ("trident_rs.policy.scripted", "ChunkScriptPolicy"),  # a fixed chunk path (tests, demos)
 }
 ANALYTIC = frozenset({"bound"})  # evaluated, not simulated
 SWEPT = frozenset({"static-best", "static-best-fcfs"})  # run at every width (and variant), best reported

@@ -22,6 +22,8 @@ Decisions, each from the cost model:
   long stages, the tail, first; spare GPUs shorten latency, scarce ones are spent on the fewest
   GPU-seconds). An edit's diffuse runs at width 1 (`Request.widest`). A late request waits for its widest width with parallel efficiency >=
   `threshold`. A width with no room now falls back to narrower on-time widths.
+- **Widths** (`widths`: stage -> widths, default all the cost model has): a runtime that
+  deploys only some widths (Serve's `diffuse-w1`, `diffuse-w2`, ...) restricts each stage to them.
 - **Placement**: the GPUs to use are those that cost least to start on (`WeightResidency`:
   the request's own previous GPUs, a past sequence-parallel group of that width, GPUs holding
   the model and stage), then the node with the fewest free GPUs.
@@ -40,6 +42,8 @@ Decisions, each from the cost model:
   Starvation is bounded: after `max_preemptions` pauses a request runs its remaining steps in
   one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs.
   Paused state never exceeds `host_memory_gb`: a request whose pause would overflow it goes on.
+  `chunk_edits=False` runs image edits' diffuse in one launch (the real executors cannot resume
+  an edit's shortened schedule yet; the Serve controller sets it for them).
 """
 from __future__ import annotations
 
@@ -118,7 +122,8 @@ class StagePoolPolicy(Policy):
                  model_load_s: float = 20.0, regroup_s: float = DEFAULT_REGROUP_S, models=None, share_window_s: float = 120.0,
                  elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_OVERHEAD_S + CHUNK_BOUNDARY_S,
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
-                 spare: str = "gain", **ignored: object) -> None:
+                 spare: str = "gain", widths: dict | None = None, chunk_edits: bool = True,
+                 **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
             raise ConfigError(f"unknown trident (pool) option(s) {unknown}")
@@ -137,6 +142,11 @@ class StagePoolPolicy(Policy):
         if spare not in ("gain", "deadline"):
             raise ConfigError(f"trident (pool): spare must be 'gain' or 'deadline', got {spare!r}")
         self.spare = spare
+        self.chunk_edits = chunk_edits if isinstance(chunk_edits, bool) else str(chunk_edits).lower() in ("1", "true")
+        try:  # the widths each stage may run at (a runtime that deploys only some): None, all
+            self.widths = None if widths is None else {s: frozenset(int(w) for w in ws) for s, ws in widths.items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ConfigError(f"trident (pool): widths must map stage -> [width, ...], got {widths!r}") from None
         if not 0 < chunk_overhead <= 1 or boundary_s < 0 or max_preemptions < 0 or max_pause_s <= 0 \
                 or host_memory_gb < 0:
             raise ConfigError("trident (pool): need 0 < chunk_overhead <= 1, boundary_s >= 0, max_preemptions >= 0, "
@@ -457,7 +467,7 @@ class StagePoolPolicy(Policy):
                 load: float) -> Launch:
         r, stage = f.request, STAGES[f.stage]
         steps, n = None, f.steps_left
-        if stage == "diffuse" and self.elastic:
+        if stage == "diffuse" and self.elastic and (self.chunk_edits or not r.encode_image):
             if f.pauses < self.max_preemptions:
                 n = min(n, self._chunk_steps(r.model, r.shape, w, len(batch)))
             steps = (f.done, f.done + n)
@@ -569,7 +579,11 @@ class StagePoolPolicy(Policy):
         k = (model, stage, shape)
         out = self._widths.get(k)
         if out is None:
-            out = self._widths[k] = feasible_widths(self.cost, self.cluster, model, stage, shape)
+            out = feasible_widths(self.cost, self.cluster, model, stage, shape)
+            allowed = self.widths.get(stage) if self.widths is not None else None
+            if allowed:  # the deployed widths that fit; none fits: the widest deployed
+                out = tuple(w for w in out if w in allowed) or (max(allowed),)
+            self._widths[k] = out
         return out
 
     def _time(self, model: str, stage: str, shape: Shape, width: int, steps: int, batch: int = 1) -> float:

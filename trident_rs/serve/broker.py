@@ -6,10 +6,19 @@ sees a `ClusterState` built from the launches in flight and from the registry of
 replicas (`trident_rs.serve.registry`): a plan group is ready when a live replica is bound to
 it and it runs nothing. Plans become replica counts published for Serve's autoscaler
 (`trident_rs.serve.scaling`). No Serve calls here: the controller deployment wraps it.
+
+A shared-pool policy (`AppConfig.pool`: no plan, each launch picks node, GPUs and width) runs
+on fixed replica counts (the configured ones): a launch goes to the live replica of
+`<stage>-w<width>` on its node (Ray node index) with the fewest launches in flight, and its grant
+names that replica and the GPU ids the policy gave it. A diffuse chunk (`Launch.steps`) is one
+launch: the request comes back at each boundary (`acquire` carrying the chunk's grant), and
+the policy grants its next chunk there, or on another replica at another width, or later
+(paused); a policy that never grants it again is a preemption.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -54,6 +63,8 @@ class Broker:
         self.granted: dict[tuple[str, str], Grant] = {}
         self.waiters: dict[tuple[str, str], asyncio.Future] = {}
         self.ended: OrderedDict[str, None] = OrderedDict()  # ended unfinished: later launches are void
+        self.pool = cfg.pool  # a shared-pool policy: fixed replica counts, launches mapped to replicas
+        self.on_replica: dict[int, str] = {}  # pool: launch id -> the replica it was granted to
 
     # -- plan --------------------------------------------------------------------------------------
     def publish(self, plan: PlacementPlan, reason: str) -> None:
@@ -85,7 +96,7 @@ class Broker:
         cluster has the GPUs gets room (`defrag`). Otherwise (one node, no GPUs reserved, no
         replica registered yet) the counts are published at once."""
         target = self.counts
-        nodes = self._gpu_nodes() if self.registry.enabled and self.cfg.reserve_gpus else {}
+        nodes = self._gpu_nodes() if self.registry.enabled and self.cfg.reserve_gpus and not self.pool else {}
         if self.published is None or len(nodes) <= 1:
             if target != self.published:
                 self.published = dict(target)
@@ -181,6 +192,29 @@ class Broker:
         return [(d, r) for r, d, _ in best]
 
 
+    def fixed(self, reason: str) -> None:
+        """A shared-pool policy: run the configured replica counts, always (`roll` publishes them)."""
+        self.counts = {d.name: d.replicas for d in self.cfg.deployments}
+        self.replans.append({"t": round(self.now(), 3), "wall": time.time(), "reason": reason,
+                             "counts": dict(self.counts)})
+        self.roll()
+
+    def pool_replica(self, deployment: str, node: int, avoid: str | None = None,
+                     prefer: str | None = None) -> str | None:
+        """The live replica of `deployment` a pool launch on `node` goes to: `prefer` if it
+        qualifies, else the one with the fewest launches in flight, on `node` first; None while
+        none has registered."""
+        now = time.monotonic()
+        shunned = {r for r, t in self.registry.shunned.items() if t > now}
+        ok = [r for r, i in self.registry.replicas.items()
+              if i.deployment == deployment and r != avoid and r not in shunned]
+        if not ok:
+            return None
+        if prefer in ok:
+            return prefer
+        load = Counter(self.on_replica.values())
+        return min(ok, key=lambda r: (self.registry.node_of(r) != node, load[r], r))
+
     def keep(self, counts: dict[str, int], reason: str) -> None:
         """Adopt counts published earlier (a restarted controller) until the policy's first plan."""
         self.counts = dict(counts)
@@ -238,7 +272,14 @@ class Broker:
         self.inflight[launch_id] = (launch, set(launch.request_ids))
         self.launch_t[launch_id] = time.monotonic()
         deployment = self.deployment_for(launch.stages[0], launch.width)
-        replica = self.bindings().get(launch.group_id) if launch.group_id else None
+        if launch.group_id:
+            replica = self.bindings().get(launch.group_id)
+        elif self.registry.enabled:  # the pool: the replica of that width on that node
+            replica = self.pool_replica(deployment, launch.node)
+        else:
+            replica = None
+        if replica is not None and not launch.group_id:
+            self.on_replica[launch_id] = replica
         for rid in launch.request_ids:
             grant = Grant.for_launch(rid, launch, launch_id, deployment, replica)
             key = (rid, grant.stage)
@@ -264,6 +305,7 @@ class Broker:
         if not remaining:
             del self.inflight[grant.batch_id]
             self.launch_t.pop(grant.batch_id, None)
+            self.on_replica.pop(grant.batch_id, None)
             self.policy.on_launch_done(launch, self.now())
         return took
 
@@ -296,12 +338,18 @@ class Broker:
         if grant.batch_id not in self.inflight:
             return None
         node = grant.node if grant.node is not None else 0
-        replica = self.registry.rebind(grant.group, grant.deployment, node, grant.replica_id,
-                                                time.monotonic(), prefer=here) if grant.group else None
+        if grant.group:
+            replica = self.registry.rebind(grant.group, grant.deployment, node, grant.replica_id,
+                                           time.monotonic(), prefer=here)
+        else:  # a pool launch: another replica of that width, the one Serve routed to if it can
+            if grant.replica_id is not None:
+                self.registry.shun(grant.replica_id, time.monotonic())
+            replica = self.pool_replica(grant.deployment, node, avoid=grant.replica_id, prefer=here)
+            if replica is not None:
+                self.on_replica[grant.batch_id] = replica
         if replica is None:
             return None
-        return Grant(grant.request_id, grant.stage, grant.deployment, grant.width, grant.batch_id, grant.batch,
-                     replica, grant.group, grant.node, grant.gpus)
+        return dataclasses.replace(grant, replica_id=replica)
 
     def queues(self) -> tuple[dict[str, int], dict[str, int]]:
         """(granted but not done per deployment, waiting for a launch per stage)."""

@@ -7,6 +7,8 @@ replica; the controller's `finish(rid, ok=False)` then frees what the request he
 the waiting handler, which answers `RequestCancelled` (HTTP 499). A client that disconnects
 cancels the handler task instead; `end(rid, ok=False)` then cancels whatever is still pending.
 Only in-flight ids are kept, so memory is bounded by admission control.
+A diffuse chunk (issue 17) is added and watched with `shield=True`: a cancel does not interrupt
+it; the ingress checks `cancelled(rid)` when it ends and stops the request at that boundary.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ class RequestCancelled(TridentError):
 
 
 class _State:
-    __slots__ = ("responses", "waiting", "cancelled")
+    __slots__ = ("responses", "shielded", "waiting", "cancelled")
 
     def __init__(self) -> None:
         self.responses: list[Any] = []
+        self.shielded: list[Any] = []  # run to their end on a cancel; cancelled by `end` only
         self.waiting: asyncio.Future | None = None
         self.cancelled = False
 
@@ -46,19 +49,27 @@ class Inflight:
     def __init__(self) -> None:
         self.states: dict[str, _State] = {}
 
-    def add(self, rid: str, resp: Any) -> Any:
-        """Register a response (passed on unawaited to the next stage); returns it."""
+    def add(self, rid: str, resp: Any, shield: bool = False) -> Any:
+        """Register a response (passed on unawaited to the next stage); returns it. `shield`: a
+        cancel lets it run to its end (the request stops after it)."""
         st = self.states.setdefault(rid, _State())
+        if shield:
+            if hasattr(resp, "cancel") and not any(r is resp for r in st.shielded):
+                st.shielded.append(resp)
+            return resp
         if hasattr(resp, "cancel"):
             st.responses.append(resp)
         if st.cancelled:
             _cancel(resp)
         return resp
 
-    async def watch(self, rid: str, aw: Any) -> Any:
-        """Await `aw` (registered); raise `RequestCancelled` if `cancel(rid)` is called meanwhile."""
-        self.add(rid, aw)
+    async def watch(self, rid: str, aw: Any, shield: bool = False) -> Any:
+        """Await `aw` (registered); raise `RequestCancelled` if `cancel(rid)` is called meanwhile.
+        `shield`: a cancel meanwhile does not interrupt it (see `cancelled`)."""
+        self.add(rid, aw, shield=shield)
         st = self.states[rid]
+        if shield:  # the caller checks `cancelled` when it is done
+            return await aw
         if st.cancelled:
             raise RequestCancelled(rid)
         fut = asyncio.ensure_future(aw)
@@ -84,10 +95,14 @@ class Inflight:
                 st.waiting.cancel()
         return hits
 
+    def cancelled(self, rid: str) -> bool:
+        st = self.states.get(rid)
+        return st is not None and st.cancelled
+
     def end(self, rid: str, ok: bool) -> None:
         st = self.states.pop(rid, None)
         if st is not None and not ok:
-            for resp in st.responses:  # disconnects and failures: free the replicas too
+            for resp in st.responses + st.shielded:  # disconnects and failures: free the replicas too
                 _cancel(resp)
 
 

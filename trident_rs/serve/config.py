@@ -171,7 +171,7 @@ class AppConfig(BaseModel):
             raise ValueError("loras: an adapter name is empty")
         asked = sum(d.width * d.replicas for d in self.deployments)
         total = self.cluster.nodes * self.cluster.gpus_per_node
-        if asked > total:  # the policy plans on `cluster` even when no GPUs are reserved
+        if asked > total and not self.pool:  # pool replicas are slots, not GPUs (`pool`)  # the policy plans on `cluster` even when no GPUs are reserved
             raise ValueError(f"initial replicas need {asked} GPUs but the cluster has {total}")
         return self
 
@@ -204,8 +204,20 @@ class AppConfig(BaseModel):
         """Whether replicas of `d` run one request on `d.width` rank actors (real, width > 1)."""
         return d.width > 1 and self.executor_kind(d) == "xfuser"
 
+    @property
+    def pool(self) -> bool:
+        """The policy places launches on a shared GPU pool (`trident` with `placement: pool`, or
+        `chunk-script`): it picks node, GPUs, width and, with `elastic`, diffuse chunks per launch.
+        Replicas are then slots, one per (stage, width) and node or more, that hold no GPU in Ray
+        (except real width > 1 replicas, whose ranks need theirs): the policy does the GPU
+        accounting and never over-allocates, and each grant names the replica that runs it and
+        the GPU ids it uses. Real replicas would have to run on the GPUs a grant names
+        (regroupable ranks); see the README."""
+        p = self.policy
+        return p.name == "chunk-script" or (p.name == "trident" and p.options.get("placement") == "pool")
+
     def reserves_gpus(self, d: StageDeploymentConfig) -> bool:
-        return self.reserve_gpus or self.multi_rank(d)
+        return self.multi_rank(d) or (self.reserve_gpus and not self.pool)
 
     def max_replicas(self, d: StageDeploymentConfig) -> int:
         if d.max_replicas is not None:

@@ -80,11 +80,15 @@ def _policy_options(cfg: AppConfig, cost: Any) -> dict[str, Any]:
     """The configured options; for `trident` without a forecast, the served models (those the
     cost model knows) as its prior, so that its first plan is ready before the first request."""
     options = dict(cfg.policy.options)
+    if cfg.pool:  # the shared pool: only the widths deployed here (`AppConfig.pool`)
+        options.setdefault("widths", {s: cfg.widths(s) for s in STAGES})
     if cfg.policy.name != "trident":
         return options
-    # Serve's stage deployments are fixed-width replica groups: trident dispatches on the
-    # solver's groups there (the shared-pool placement needs replicas that regroup)
+    # By default trident dispatches on the solver's fixed-width replica groups here; with
+    # `placement: pool` it runs the simulator's shared pool (and `elastic` chunks) on slot replicas
     options.setdefault("placement", "groups")
+    if options["placement"] == "pool" and cfg.executor != "emulated":
+        options.setdefault("chunk_edits", False)  # real executors resume no edit mid-schedule
     if options["placement"] == "groups":  # mirror the replicas' adapter LRUs (policy/adapters.py)
         options.setdefault("lora_slots", cfg.lora_slots)
         # a load costs what an emulated replica sleeps for it: `adapter_load_s` of the cluster
@@ -125,8 +129,10 @@ class Controller:
         self._ticker: asyncio.Task | None = None
         self._slo_cache: dict[tuple, float] = {}
         plan = self.policy.initial_plan(0.0) or PlacementPlan(())
-        kept = self._published_counts() if not plan.groups else None
-        if kept:  # a restart: keep the running replicas until the policy's first real plan
+        kept = self._published_counts() if not plan.groups and not self.broker.pool else None
+        if self.broker.pool:
+            self.broker.fixed("shared pool: the configured replicas, each launch mapped to one")
+        elif kept:  # a restart: keep the running replicas until the policy's first real plan
             self.broker.keep(kept, "restarted: kept the last published counts")
         else:
             self.broker.publish(plan, "initial plan")

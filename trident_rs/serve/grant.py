@@ -1,7 +1,7 @@
 """The one dispatch decision the controller hands out: run `stage` of a request, here, now.
 
 A `Grant` names the deployment *and* the replica (Serve replica id) the policy's group is bound
-to, the group, its width and the launch (batch) it belongs to. It is built in one place per
+to, the group, its width, the launch (batch) it belongs to and, for a diffuse chunk, its steps [a, b). It is built in one place per
 origin: `Grant.for_launch` (the controller's policy launched it) and `Grant.on_last_plan` (the
 ingress dispatches on its own while the controller is down; no replica, no batch).
 It travels with the stage call (the stage router reads `replica_id`; the replica checks it and
@@ -29,6 +29,12 @@ class Grant:
     group: str = ""  # the plan's replica group
     node: int | None = None  # the plan's node index and GPUs of that group
     gpus: tuple[int, ...] = ()
+    steps: tuple[int, int] | None = None  # a diffuse chunk: denoising steps [a, b); None: all left
+
+    @property
+    def chunked(self) -> bool:
+        """A diffuse chunk: the request comes back to the controller at its end (a boundary)."""
+        return self.steps is not None
 
     @property
     def local(self) -> bool:
@@ -39,7 +45,8 @@ class Grant:
     def for_launch(cls, request_id: str, launch: Launch, batch_id: int, deployment: str,
                    replica_id: str | None) -> "Grant":
         return cls(request_id, launch.stages[0], deployment, launch.width, batch_id, len(launch.request_ids),
-                   replica_id, launch.group_id, launch.node, tuple(launch.gpus))
+                   replica_id, launch.group_id, launch.node, tuple(launch.gpus),
+                   tuple(launch.steps) if launch.steps is not None else None)
 
     @classmethod
     def on_last_plan(cls, request_id: str, stage: Stage, deployment: str, width: int) -> "Grant":
@@ -49,7 +56,7 @@ class Grant:
         return {"request_id": self.request_id, "stage": self.stage, "deployment": self.deployment,
                 "width": self.width, "batch_id": self.batch_id, "batch": self.batch,
                 "replica_id": self.replica_id, "group": self.group, "node": self.node, "gpus": list(self.gpus),
-                "local": self.local}
+                "steps": list(self.steps) if self.steps is not None else None, "local": self.local}
 
 
 class WrongReplicaError(RuntimeError):

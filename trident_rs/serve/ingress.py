@@ -267,7 +267,9 @@ class Ingress:
             last[0] = None
             if track is not None:
                 track.update(stage=stage, t=time.monotonic(), width=grant.width)
-            if stage == "diffuse" and sink is not None:
+            if stage == "diffuse" and grant.chunked:
+                out, n, grant = await self._chunks(rid, params, grant, out, watch, last, track, sink)
+            elif stage == "diffuse" and sink is not None:
                 out, n, grant = await self._with_previews(rid, grant, sink[1], self._run_stage(rid, stage, grant, out, watch))
             else:
                 out, n, grant = await self._run_stage(rid, stage, grant, out, watch)
@@ -277,6 +279,40 @@ class Ingress:
             retries += n
         out.meta["retries"] = retries
         return out
+
+    async def _chunks(self, rid: str, params: GenerationParams, grant: Grant, prev: Any, watch: Any,
+                      last: list, track: dict | None, sink: tuple | None = None) -> tuple[Any, int, Grant]:
+        """Diffuse chunk by chunk (issue 17). Each chunk runs where its grant says, from the
+        ObjectRef of the last boundary's state, which this ingress owns: a replica that dies
+        loses only the chunk it was running, re-run from that ref. At each boundary the chunk's
+        grant goes back with the `acquire` of the next one, which the policy grants now (the same
+        or another replica, at any width), later (the request is paused, its state kept in the
+        object store), or never again before the request's next stage. A cancel lets the running
+        chunk end, then stops the request at that boundary (the controller frees its GPUs with
+        the chunk's grant). A grant without steps (the last plan) runs all the steps left.
+        Returns (the last chunk's output, re-runs, its grant)."""
+        reruns = 0
+        shielded = functools.partial(self.inflight.watch, rid, shield=True)  # a cancel waits for the boundary
+        while True:
+            if self.inflight.cancelled(rid):
+                raise RequestCancelled(rid)
+            if track is not None:
+                track.update(width=grant.width)
+            run = self._run_stage(rid, "diffuse", grant, prev, shielded if grant.chunked else watch,
+                                  shield=grant.chunked)
+            if sink is not None:  # a streamed image: each chunk's partial images, from its replica
+                prev, n, grant = await self._with_previews(rid, grant, sink[1], run)
+            else:
+                prev, n, grant = await run
+            reruns += n
+            if self.inflight.cancelled(rid):
+                last[0] = grant  # the boundary: the controller frees what the chunk held
+                raise RequestCancelled(rid)
+            if not grant.chunked or grant.steps[1] >= params.denoise_steps:
+                return prev, reruns, grant
+            last[0] = grant
+            grant = await self.link.acquire(rid, "diffuse", params, watch, done=grant)
+            last[0] = None
 
     async def _with_previews(self, rid: str, grant: Grant, queue: asyncio.Queue, run: Any) -> Any:
         """Await `run` (the diffuse stage) while collecting the request's partial images from the
@@ -304,10 +340,12 @@ class Ingress:
         await collect(drop=True)  # the previews were made during the call: all are there now
         return out
 
-    async def _run_stage(self, rid: str, stage: str, grant: Grant, prev: Any, watch: Any) -> tuple[Any, int, Grant]:
+    async def _run_stage(self, rid: str, stage: str, grant: Grant, prev: Any, watch: Any,
+                         shield: bool = False) -> tuple[Any, int, Grant]:
         """One stage on its granted replica, granted again if that replica is gone before the
         call reaches it; re-run if it dies while running (on the deployment's least busy replica:
-        the controller stops binding the dead one). Returns (output, re-runs, grant)."""
+        the controller stops binding the dead one). Returns (output, re-runs, grant). `shield`:
+        a cancel does not interrupt the call (a diffuse chunk runs to its boundary)."""
         faults = self.cfg.faults
         reruns = 0
 
@@ -320,7 +358,7 @@ class Ingress:
             try:
                 out, _ = await run_stage(
                     lambda g=grant: self.inflight.add(rid, self.stages[g.deployment].run.remote(
-                        prev, g if not reruns else dataclasses.replace(g, replica_id=None))),
+                        prev, g if not reruns else dataclasses.replace(g, replica_id=None)), shield=shield),
                     watch, stage=stage, last=stage == STAGES[-1],
                     retries=max(0, faults.stage_retries - reruns), backoff_s=faults.retry_backoff_s,
                     on_retry=lambda attempt, e, g=grant: on_retry(attempt, e, g))
@@ -732,8 +770,10 @@ class Ingress:
 
     @api.get("/v1/requests/{request_id}/events")
     async def request_events(self, request_id: str) -> Any:
-        """Server-sent events: the request's progress each time its state or stage changes,
-        ending with its final state (`done`, `failed`, `cancelled`, `timed_out`)."""
+        """Server-sent events: the request's progress each time its state, stage, width or diffuse
+        step changes or it pauses or resumes (`step` of `steps`, `progress`, `width`, `paused`,
+        `chunk`: see `request_log`), ending with its final state (`done`, `failed`, `cancelled`,
+        `timed_out`)."""
         first = await self.request_progress(request_id)
         if not isinstance(first, dict):
             return first  # 404 or 503, as for GET /v1/requests/{id}
@@ -744,7 +784,8 @@ class Ingress:
         deadline = time.monotonic() + self.cfg.limits.request_timeout_s
         last = None
         while True:
-            key = (prog.get("state"), prog.get("stage"), prog.get("retries"))
+            key = (prog.get("state"), prog.get("stage"), prog.get("retries"), prog.get("step"), prog.get("width"),
+                   prog.get("paused"))
             if key != last:
                 last = key
                 yield f"event: progress\ndata: {json.dumps(prog, default=str)}\n\n"

@@ -1,7 +1,10 @@
 """The controller's request log: each request's progress, and the counts and latencies of all.
 
 Nothing here decides anything: the broker (`trident_rs.serve.broker`) dispatches, this records
-what happened for `GET /v1/requests/{id}`, `/v1/status` and `/metrics`. Bounded: the last 1,000
+what happened for `GET /v1/requests/{id}`, `/v1/status` and `/metrics`. Diffuse progress:
+`step` (steps done) of `steps`, `progress` (their ratio), `width` (of the running or last
+stage), `chunk` ([a, b) running, None between chunks), `chunks` (done) and `paused` (at a chunk
+boundary with no next chunk granted yet: preempted or waiting for GPUs). Bounded: the last 1,000
 requests' progress, the last 1,000 latencies, the last 200 outcomes.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from trident_rs.serve.grant import Grant
 from trident_rs.serve.metrics import ServeMetrics
 
 MAX_PROGRESS = 1000
+PAUSE_S = 0.05  # a request at a boundary granted its next chunk later than this was paused (counted)
 
 
 class RequestLog:
@@ -35,7 +39,8 @@ class RequestLog:
         self.arrivals[rid] = (time.monotonic(), model)
         self.progress[rid] = {"id": rid, "model": model, "shape": shape_key, "steps": steps,
                               "state": RequestState.QUEUED.value, "stage": None, "slo_s": round(slo_s, 3),
-                              "created": time.time(), "stages_done": [], "retries": 0}
+                              "created": time.time(), "stages_done": [], "retries": 0,
+                              "step": 0, "width": None, "paused": False, "chunk": None, "chunks": 0}
         while len(self.progress) > MAX_PROGRESS:
             self.progress.popitem(last=False)
         self.stats["submitted"] += 1
@@ -45,13 +50,33 @@ class RequestLog:
         if prog is not None:
             prog.update(stage=grant.stage, state=RequestState.running(grant.stage).value,
                         deployment=grant.deployment, node=grant.node, gpus=list(grant.gpus),
-                        replica=grant.replica_id)
+                        replica=grant.replica_id, width=grant.width, paused=False)
+            if grant.stage == "diffuse":
+                prog["chunk"] = list(grant.steps) if grant.steps is not None else [prog["step"], prog["steps"]]
+                prog["chunk_started"] = time.time()
+                if grant.steps is not None:  # elasticity at work, counted for /v1/status
+                    self.stats["chunk_grants"] = self.stats.get("chunk_grants", 0) + 1
+                    last_w, paused_at = prog.pop("last_width", None), prog.pop("paused_at", None)
+                    if last_w is not None and last_w != grant.width:
+                        self.stats["width_changes"] = self.stats.get("width_changes", 0) + 1
+                    if paused_at is not None and time.monotonic() - paused_at >= PAUSE_S:
+                        self.stats["resumed_after_pause"] = self.stats.get("resumed_after_pause", 0) + 1
 
     def stage_done(self, grant: Grant, took_s: float | None) -> None:
         if took_s is not None:
             self.metrics.stage_done(grant.stage, grant.width, grant.deployment, took_s)
             self.stage_lat.setdefault(grant.deployment, deque(maxlen=200)).append(took_s)
         prog = self.progress.get(grant.request_id)
+        if prog is not None and grant.stage == "diffuse":
+            prog["step"] = grant.steps[1] if grant.steps is not None else prog["steps"]
+            prog["chunks"] += 1
+            prog.pop("chunk_started", None)
+            prog["chunk"] = None
+            if prog["step"] < prog["steps"]:  # a boundary: paused until its next chunk is granted
+                prog.update(paused=True, state=RequestState.QUEUED.value, last_width=grant.width,
+                            paused_at=time.monotonic())
+                return
+            prog["paused"] = False
         if prog is not None and grant.stage not in prog["stages_done"]:
             prog["stages_done"].append(grant.stage)
             if grant.stage != STAGES[-1] and prog["state"] == RequestState.running(grant.stage).value:
@@ -63,6 +88,8 @@ class RequestLog:
         prog = self.progress.get(grant.request_id)
         if prog is not None:
             prog.update(retries=prog.get("retries", 0) + 1, last_error=error)
+            if grant.steps is not None:  # a chunk re-run from its boundary: the steps lost
+                prog.setdefault("rerun_chunks", []).append(list(grant.steps))
 
     def finished(self, rid: str, final: RequestState, now: float) -> None:
         """Record the end of an admitted request (`rid` in `active`)."""
@@ -93,7 +120,13 @@ class RequestLog:
 
     def status(self, rid: str) -> dict | None:
         prog = self.progress.get(rid)
-        return None if prog is None else dict(prog, stages_done=list(prog["stages_done"]))
+        if prog is None:
+            return None
+        out = dict(prog, stages_done=list(prog["stages_done"]))
+        for k in ("chunk_started", "last_width", "paused_at"):
+            out.pop(k, None)
+        out["progress"] = round(prog["step"] / prog["steps"], 4) if prog.get("steps") else None
+        return out
 
     def attainment(self, window_s: float = 60.0) -> float | None:
         cut = time.time() - window_s

@@ -14,7 +14,12 @@ refuses it (`WrongReplicaError`: the ingress has it granted again), so it never 
 elsewhere. A launch of `batch` > 1 requests is gathered by its batch id and run as one executor
 batch as soon as all its members are here (at most `batch_wait_s`, at least 50 ms, after the
 first); a launch of one runs at once. Calls without a grant go through `@serve.batch`.
+A diffuse grant of a chunk (`Grant.steps`) runs those steps of the payload it gets (the chunk
+state the ingress kept from the last boundary, `trident_rs.models.chunking`); a grant without
+steps given a payload that carries a chunk state runs the steps left (granted on the last plan).
 Replicas never call the controller on a request's path: the ingress reports finished stages.
+Under a shared-pool policy (`AppConfig.pool`) replicas are slots that hold no GPU in Ray and may
+run several launches at once (on the GPU ids each grant names); emulated ones get a thread each.
 Partial images (`partial_images`, diffuse only) wait here in a small mailbox per request id until
 the ingress collects them (`previews(request_id, grant)`, routed by the grant like `run`).
 They register with it when they start (replica id, Ray node, GPU ids), heartbeat every
@@ -23,10 +28,12 @@ They register with it when they start (replica id, Ray node, GPU ids), heartbeat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -34,6 +41,7 @@ from ray.serve.handle import DeploymentHandle
 
 from trident_rs.errors import ConfigError
 from trident_rs.executors.base import StageExecutor, StagePayload, build_executor
+from trident_rs.models.chunking import STEP
 from trident_rs.policy.adapters import ADAPTER_LOAD_S
 from trident_rs.serve.config import AppConfig, StageDeploymentConfig
 from trident_rs.serve.grant import Grant, WrongReplicaError
@@ -50,6 +58,8 @@ def _executor_options(cfg: AppConfig, model: str, dep: StageDeploymentConfig) ->
     kind = cfg.executor_kind(dep)
     if kind == "emulated":
         out = {**opts, "width": dep.width, "time_scale": cfg.time_scale}
+        if "chunk_boundary_s" in cfg.executor_options:  # else the executor's default (the simulator's)
+            out["chunk_boundary_s"] = float(cfg.executor_options["chunk_boundary_s"])
         if cfg.loras and dep.stage == "diffuse":  # sleeps for adapter loads as the policy charges them
             out.update(lora_slots=cfg.lora_slots,
                        adapter_load_s=float(cfg.policy.options.get("adapter_load_s", ADAPTER_LOAD_S)))
@@ -61,6 +71,7 @@ def _executor_options(cfg: AppConfig, model: str, dep: StageDeploymentConfig) ->
     if kind == "xfuser":
         opts["width"] = dep.width
         if cfg.multi_rank(dep):
+            opts.pop("keep_float", None)  # a decode option (float frames too); rank groups do not take it
             opts.pop("device", None)  # each rank uses its own GPU (or the CPU)
             # the replica's k bundles hold one GPU each; n models' rank groups share them
             opts["gpus_per_rank"] = 1.0 / len(cfg.models)
@@ -111,6 +122,8 @@ class StageReplica:
         self.gather_s = max(dep.batch_wait_s, 0.05)
         self.batches: dict[int, tuple[list[tuple[StagePayload, asyncio.Future]], asyncio.TimerHandle | None]] = {}
         self.replica_id, self.node_id, self.gpu_ids = _whoami()
+        # emulated pool slots run many launches at once, each sleeping in a thread of its own
+        self._threads = ThreadPoolExecutor(64, thread_name_prefix=self.name) if kind == "emulated" else None
         self._heartbeat: asyncio.Task | None = None
         if controller is not None and self.replica_id is not None:
             try:
@@ -143,6 +156,8 @@ class StageReplica:
     async def run(self, payload: StagePayload, grant: Grant | None = None) -> StagePayload:
         """Run this stage on one payload; `grant` is the controller's dispatch decision."""
         self._check_adapters(payload)
+        if self.stage == "diffuse":
+            payload = with_step_range(payload, getattr(grant, "steps", None))
         if grant is None or getattr(grant, "batch_id", None) is None:
             return await self._run_batch(payload)  # no launch to follow: Serve's batching
         if grant.replica_id is not None and self.replica_id is not None and grant.replica_id != self.replica_id:
@@ -202,13 +217,17 @@ class StageReplica:
         """Run payloads as same-shape executor batches in a worker thread (the event loop stays free)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(payloads):
-            groups[(p.params.model, p.params.shape, p.params.steps)].append(i)
+            groups[(p.params.model, p.params.shape, p.params.steps, p.step_range)].append(i)
         out: list[Any] = [None] * len(payloads)
-        for (model, _, _), idx in groups.items():
+        for (model, *_), idx in groups.items():
             batch = [payloads[i] for i in idx]
             t0 = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.executors[model].run, batch)
+                if self._threads is not None:
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self._threads, self.executors[model].run, batch)
+                else:
+                    results = await asyncio.to_thread(self.executors[model].run, batch)
             except Exception as e:  # one bad group must not fail the others in the batch
                 results = [e] * len(batch)
             took = time.perf_counter() - t0
@@ -217,6 +236,9 @@ class StageReplica:
                     r.meta[f"{self.stage}_wall_s"] = took
                     r.meta[f"{self.stage}_deployment"] = self.name
                     r.meta[f"{self.stage}_batch"] = len(batch)
+                    if payloads[i].step_range is not None:  # the chunks a request ran, where
+                        a, b = payloads[i].step_range
+                        r.meta["diffuse_chunks"] = [*r.meta.get("diffuse_chunks", []), [a, b, self.name]]
                 out[i] = r
         return out
 
@@ -242,6 +264,17 @@ class StageReplica:
             check = getattr(executor, "check_health", None)
             if check is not None:
                 check()
+
+
+def with_step_range(payload: StagePayload, steps: tuple[int, int] | None) -> StagePayload:
+    """The diffuse payload to run for a grant's `steps` (a chunk [a, b) of the request's denoising
+    steps); without steps, a payload carrying a chunk state runs the steps it has left."""
+    if steps is None:
+        at = payload.tensors.get(STEP)
+        if at is None or payload.step_range is not None:
+            return payload
+        steps = (int(at), payload.params.steps or 0)
+    return dataclasses.replace(payload, step_range=(int(steps[0]), int(steps[1])))
 
 
 class PreviewMailbox:
