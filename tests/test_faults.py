@@ -220,3 +220,50 @@ def test_a_call_that_reached_another_replica_is_granted_again_not_run_there():
         assert inst.controller.done == [("w", "encode"), ("w", "diffuse"), ("w", "decode")]
 
     run_http(CFG, scenario)
+
+
+def test_latents_lost_with_their_node_are_rederived_from_the_embeddings():
+    """Issue 20: decode cannot read the latents (their node died after diffuse finished): the
+    ingress re-runs diffuse from the embeddings it kept, on the last plan, then decode again."""
+    from ray.exceptions import ObjectLostError
+
+    async def scenario(c, inst):
+        _stage(inst, "decode").deaths = [ObjectLostError("ab" * 14, "owner", "call site")]
+        probed = []
+
+        async def probe(ref):
+            probed.append(ref)
+            return len(probed) > 1  # the latents are gone, the embeddings are still there
+
+        inst.probe_input = probe
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "lost1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["rederived_stages"] == 1 and r.json()["timings"]["retries"] == 0
+        assert [_stage(inst, s).calls for s in ("encode", "diffuse", "decode")] == [1, 2, 2]
+        assert len(probed) == 2
+        assert inst.rederive_stats == {"lost_objects": 1, "requests": 1, "stages": 1}
+        await settle()
+        assert inst.controller.finished == [("lost1", "done")] and inst.controller.retries == []
+        assert inst.admission.per_model == {} and inst.inflight.states == {}
+
+    run_http(CFG, scenario)
+
+
+def test_embeddings_lost_before_diffuse_read_them_are_rederived_from_the_request():
+    from ray.exceptions import OwnerDiedError
+
+    async def scenario(c, inst):
+        _stage(inst, "diffuse").deaths = [RayTaskError("run", "tb", OwnerDiedError("ab" * 14, "owner", "site"))]
+
+        async def probe(ref):
+            return False  # the embeddings went with the node
+
+        inst.probe_input = probe
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "lost2"})
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["rederived_stages"] == 1
+        assert [_stage(inst, s).calls for s in ("encode", "diffuse", "decode")] == [2, 2, 1]
+        await settle()
+        assert inst.controller.finished == [("lost2", "done")]
+
+    run_http(CFG, scenario)
