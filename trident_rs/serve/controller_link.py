@@ -192,12 +192,6 @@ class ControllerLink:
         if rid not in self.local and self.up:
             self.handle.stage_retry.remote(grant, attempt, type(error).__name__)
 
-    def _tell_finished(self, rid: str, state: RequestState) -> None:
-        try:
-            self.handle.finish.remote(rid, state.value)  # fire and forget
-        except Exception:  # noqa: BLE001 - nothing more to do for a dead controller
-            pass
-
     # -- dispatch without the controller ------------------------------------------------------------
     def local_grant(self, rid: str, stage: Stage, params: GenerationParams) -> Grant:
         """Where the last plan ran this request class's `stage`; else the stage's most-replicated
