@@ -84,9 +84,10 @@ def test_with_the_controller_down_requests_run_on_the_last_plan_until_it_is_back
         assert grants.deployment == "diffuse-w1" and grants.batch_id is None and grants.local
         assert (await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "c"})).status_code == 200
         assert ctl.submitted == ["a"]  # down: not even tried again before controller_probe_s
-        # only "forget b had it arrived late" (the controller ignores ids it never saw); nothing of c
+        # every end is reported with its real state: a controller that got b's submit late ends it
+        # there; one that never saw b or c counts them once, as done on the last plan (issue 20)
         await settle()  # finish is sent, not waited for
-        assert ctl.finished == [("a", "done"), ("b", "failed")]
+        assert ctl.finished == [("a", "done"), ("b", "done"), ("c", "done")]
         st = (await c.get("/v1/status"))
         assert st.status_code == 200 and inst.link.snapshot()["controller_up"] is False
         del ctl.fail["submit"]
@@ -117,6 +118,39 @@ def test_a_controller_that_dies_or_restarts_mid_request_does_not_lose_it():
             assert inst.link.up is isinstance(error, UnknownRequestError)
 
         run_http(CFG, scenario)
+
+
+def test_a_partitioned_controller_does_not_hold_requests_waiting_for_a_grant():
+    """Issue 20: the controller stops answering (partitioned, not dead). A request waiting for its
+    next stage's grant goes on the last plan as soon as another request's submit times out."""
+    async def scenario(c, inst):
+        ctl = inst.controller
+        real = ctl.acquire
+        stopped = asyncio.Event()
+
+        async def acquire(rid, stage, done=None):
+            if stage != "encode":
+                stopped.set()
+                await asyncio.sleep(60)  # never answered while the partition lasts
+            return await real.remote(rid, stage, done)
+
+        async def hang(*a):
+            await asyncio.sleep(60)
+
+        ctl.acquire = _Method(acquire, eager=True)
+        first = asyncio.ensure_future(c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "p1"}))
+        await asyncio.wait_for(stopped.wait(), 10)
+        ctl.submit = _Method(hang, eager=True)
+        t0 = asyncio.get_running_loop().time()
+        second = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "p2"})
+        r1 = await asyncio.wait_for(first, 10)
+        assert second.status_code == 200 and r1.status_code == 200, (second.text, r1.text)
+        assert asyncio.get_running_loop().time() - t0 < 5  # not the 60 s of the partition
+        assert _stage(inst, "diffuse").grants[-1].local and inst.link.stats["local_requests"] == 2
+        await settle()
+        assert sorted(ctl.finished) == [("p1", "done"), ("p2", "done")]  # each once, with its real state
+
+    run_http({**CFG, "faults": {"controller_timeout_s": 0.2, "retry_backoff_s": 0.0}}, scenario)
 
 
 def test_a_controller_that_does_not_answer_submit_in_time_is_bypassed():
@@ -218,5 +252,52 @@ def test_a_call_that_reached_another_replica_is_granted_again_not_run_there():
         assert _stage(inst, "diffuse").calls == 2 and inst.link.stats["regrants"] == 1
         await settle()
         assert inst.controller.done == [("w", "encode"), ("w", "diffuse"), ("w", "decode")]
+
+    run_http(CFG, scenario)
+
+
+def test_latents_lost_with_their_node_are_rederived_from_the_embeddings():
+    """Issue 20: decode cannot read the latents (their node died after diffuse finished): the
+    ingress re-runs diffuse from the embeddings it kept, on the last plan, then decode again."""
+    from ray.exceptions import ObjectLostError
+
+    async def scenario(c, inst):
+        _stage(inst, "decode").deaths = [ObjectLostError("ab" * 14, "owner", "call site")]
+        probed = []
+
+        async def probe(ref):
+            probed.append(ref)
+            return len(probed) > 1  # the latents are gone, the embeddings are still there
+
+        inst.probe_input = probe
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "lost1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["rederived_stages"] == 1 and r.json()["timings"]["retries"] == 0
+        assert [_stage(inst, s).calls for s in ("encode", "diffuse", "decode")] == [1, 2, 2]
+        assert len(probed) == 2
+        assert inst.rederive_stats == {"lost_objects": 1, "requests": 1, "stages": 1}
+        await settle()
+        assert inst.controller.finished == [("lost1", "done")] and inst.controller.retries == []
+        assert inst.admission.per_model == {} and inst.inflight.states == {}
+
+    run_http(CFG, scenario)
+
+
+def test_embeddings_lost_before_diffuse_read_them_are_rederived_from_the_request():
+    from ray.exceptions import OwnerDiedError
+
+    async def scenario(c, inst):
+        _stage(inst, "diffuse").deaths = [RayTaskError("run", "tb", OwnerDiedError("ab" * 14, "owner", "site"))]
+
+        async def probe(ref):
+            return False  # the embeddings went with the node
+
+        inst.probe_input = probe
+        r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "lost2"})
+        assert r.status_code == 200, r.text
+        assert r.json()["timings"]["rederived_stages"] == 1
+        assert [_stage(inst, s).calls for s in ("encode", "diffuse", "decode")] == [2, 2, 1]
+        await settle()
+        assert inst.controller.finished == [("lost2", "done")]
 
     run_http(CFG, scenario)

@@ -240,3 +240,23 @@ def test_a_request_cancelled_mid_diffuse_stays_cancelled_when_the_policy_launche
         assert st["state"] == "cancelled" and st["stage"] is None, st
         assert ctl.inflight == {} and ctl.broker.granted == {}
     _run(go())
+
+
+def test_after_a_partition_each_request_is_counted_once_with_its_real_state(published):
+    """Issue 20: a submit that reached the controller late (the ingress had gone on the last plan)
+    is ended by the request's real finish; a request the controller never saw is counted once as
+    done on the last plan; a finish repeated is not counted again."""
+    async def go():
+        ctl = mod.Controller(CFG)
+        await ctl.submit("late", "sd3", Shape(512, 512), 4)  # arrived after the ingress gave up on it
+        await ctl.finish("late", "done")  # its real end, reported once the request is done
+        await ctl.finish("never-seen", "done")
+        await ctl.finish("never-seen", "done")  # a repeat: nothing more to count
+        late = await ctl.submit("never-seen", "sd3", Shape(512, 512), 4)  # its submit, later still
+        assert late["ignored"] and late["grant"] is None
+        st = ctl.stats
+        assert st["submitted"] == 1 and st["completed"] == 1 and st.get("failed", 0) == 0
+        assert st["done_on_last_plan"] == 1
+        assert ctl.active == {}
+
+    _run(go())

@@ -3,7 +3,10 @@
 It lets the real Ray Serve runtime (deployments, routing, batching, re-shaping) run on a laptop
 with fake GPUs (`ray start --head --num-gpus=16`). Outputs have the right *kind* of shape so the
 stages chain and the media encoders work, but are tiny: latents in float16 with one channel,
-frames as a 16×16 gray picture per output frame.
+frames as a 16×16 gray picture per output frame. `payload_kb` (executor option) pads the
+encode and diffuse outputs with that many KiB, so that they go to the object store of the node
+that made them (Ray inlines objects under 100 KiB into their owner) as real latents do: the
+node-loss tests and benchmarks need outputs that can be lost with their node.
 
 Diffuse honours `StagePayload.step_range=(a, b)` as the real executors do
 (`trident_rs.models.chunking`): it sleeps for the predicted time of `b - a` steps, plus
@@ -44,9 +47,10 @@ class EmulatedExecutor(StageExecutor):
 
     def __init__(self, model: str, stage: Stage, width: int = 1, time_scale: float = 1.0, cost: Any = None,
                  lora_slots: int | None = None, adapter_load_s: float = ADAPTER_LOAD_S,
-                 chunk_boundary_s: float = CHUNK_BOUNDARY_S):
+                 chunk_boundary_s: float = CHUNK_BOUNDARY_S, payload_kb: int = 0):
         self.model = model
         self.chunk_boundary_s = float(chunk_boundary_s)
+        self.payload_kb = int(payload_kb)
         self.stage = stage
         self.width = width
         self.time_scale = time_scale
@@ -105,6 +109,12 @@ class EmulatedExecutor(StageExecutor):
                 RNG: np.zeros(RNG_BYTES, np.uint8), SCHEDULER_CLASS: np.asarray(EMULATED_SCHEDULER)}
 
     def _outputs(self, shape: Shape) -> dict[str, np.ndarray]:
+        out = self._fake_outputs(shape)
+        if self.payload_kb > 0 and self.stage != "decode":
+            out["pad"] = np.ones(self.payload_kb * 1024, np.uint8)
+        return out
+
+    def _fake_outputs(self, shape: Shape) -> dict[str, np.ndarray]:
         spec = self.spec
         if self.stage == "encode":
             return {"prompt_embeds": np.zeros((1, 8, 16), np.float32)}
@@ -119,7 +129,8 @@ class EmulatedExecutor(StageExecutor):
 def make_executor(
     model: str, stage: Stage, width: int = 1, time_scale: float = 1.0, cost: Any = None,
     lora_slots: int | None = None, adapter_load_s: float = ADAPTER_LOAD_S,
-    chunk_boundary_s: float = CHUNK_BOUNDARY_S, **_: Any
+    chunk_boundary_s: float = CHUNK_BOUNDARY_S, payload_kb: int = 0, **_: Any
 ) -> EmulatedExecutor:
     return EmulatedExecutor(model, stage, width=width, time_scale=time_scale, cost=cost,
-                            lora_slots=lora_slots, adapter_load_s=adapter_load_s, chunk_boundary_s=chunk_boundary_s)
+                            lora_slots=lora_slots, adapter_load_s=adapter_load_s, chunk_boundary_s=chunk_boundary_s,
+                            payload_kb=payload_kb)

@@ -34,7 +34,7 @@ from trident_rs.policy.interface import Policy
 from trident_rs.policy.stage_estimate import default_cost_model
 from trident_rs.policy.types import PlacementPlan, Request
 from trident_rs.request import RequestState
-from trident_rs.serve.broker import Broker
+from trident_rs.serve.broker import MAX_ENDED, Broker
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.grant import Grant
 from trident_rs.serve.metrics import ServeMetrics
@@ -302,9 +302,16 @@ class Controller:
         final = RequestState(state)
         self._collect(done)
         ok = final is RequestState.DONE
+        ended_before = request_id in self.broker.ended
         self.broker.release(request_id, ended_unfinished=not ok)
         if request_id in self.log.active:  # else: not submitted here (restarted controller, late report)
             self.log.finished(request_id, final, self.now())
+        elif not ended_before:  # dispatched on the last plan while this controller was down or did not know it:
+            key = f"{final.value}_on_last_plan"  # counted once; a submit arriving after this is ignored
+            self.log.stats[key] = self.log.stats.get(key, 0) + 1
+            self.broker.ended[request_id] = None
+            while len(self.broker.ended) > MAX_ENDED:
+                self.broker.ended.popitem(last=False)
         self.broker.schedule()
 
     async def reject(self, reason: str = "") -> None:

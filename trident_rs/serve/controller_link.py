@@ -32,6 +32,10 @@ from trident_rs.serve.stage_retry import is_replica_failure
 from trident_rs.vocab import Shape, Stage
 
 logger = logging.getLogger("ray.serve")
+
+
+class ControllerUnreachable(Exception):
+    """The controller stopped answering while a call to it waited."""
 MAX_ROUTES = 4096
 
 
@@ -50,6 +54,7 @@ class ControllerLink:
         self.stats = {"controller_failures": 0, "local_requests": 0, "local_grants": 0, "regrants": 0}
         self.first: dict[str, Grant] = {}  # rid -> first stage's grant, brought by submit
         self._pending: set[asyncio.Task] = set()  # finish calls not waited for
+        self._down_waiters: set[asyncio.Future] = set()  # acquires to wake when the controller goes down
 
     @property
     def up(self) -> bool:
@@ -61,6 +66,29 @@ class ControllerLink:
                            type(e).__name__, self.probe_s)
         self.down_until = self.clock() + self.probe_s
         self.stats["controller_failures"] += 1
+        for fut in list(self._down_waiters):  # requests waiting for a grant go on the last plan now
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _unless_down(self, call: Any) -> Any:
+        """Await `call` (a controller call), unless the controller is found unreachable meanwhile
+        (another request's submit timed out): then cancel it and raise `ControllerUnreachable`.
+        A controller that is partitioned, not dead, never answers: without this, requests waiting
+        for their next stage's grant would wait for it as long as the partition lasts."""
+        gone = asyncio.get_running_loop().create_future()
+        self._down_waiters.add(gone)
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            if hasattr(call, "cancel"):
+                call.cancel()
+            raise ControllerUnreachable()
+        finally:
+            self._down_waiters.discard(gone)
+            if not task.done():
+                task.cancel()
 
     def _go_local(self, rid: str) -> None:
         if rid not in self.local:
@@ -83,8 +111,7 @@ class ControllerLink:
             except Exception as e:  # noqa: BLE001 - sorted just below
                 if not (isinstance(e, asyncio.TimeoutError) or is_replica_failure(e)):
                     raise
-                self._down(e)
-                self._tell_finished(rid, RequestState.FAILED)  # had it got there late: free its place
+                self._down(e)  # had it got there late, `finish` (always sent) ends it there with its real state
         self._go_local(rid)
 
     async def acquire(self, rid: str, stage: Stage, params: GenerationParams,
@@ -95,12 +122,14 @@ class ControllerLink:
             try:
                 grant = self.first.pop(rid, None)
                 if grant is None or grant.stage != stage:
-                    grant = await watch(self.handle.acquire.remote(rid, stage, done))
+                    grant = await watch(self._unless_down(self.handle.acquire.remote(rid, stage, done)))
                 self._remember(params, stage, grant)
                 return grant
             except Exception as e:  # noqa: BLE001 - sorted just below
                 if isinstance(e, UnknownRequestError):  # a restarted controller: it lost our request
                     logger.warning("controller no longer knows request %s; finishing it on the last plan", rid)
+                elif isinstance(e, ControllerUnreachable):
+                    pass  # already marked down
                 elif is_replica_failure(e):
                     self._down(e)
                 else:
@@ -133,11 +162,13 @@ class ControllerLink:
             return Grant.on_last_plan(rid, grant.stage, grant.deployment, grant.width)
 
     def finish(self, rid: str, state: RequestState, done: Grant | None = None) -> None:
-        """Report the end (and `done`, the last stage's grant); not waited for."""
+        """Report the end (and `done`, the last stage's grant); not waited for. Sent for requests
+        dispatched on the last plan too: a controller that got their submit late (partitioned, not
+        dead) ends them with their real state, and one that never knew them counts them once."""
         self.first.pop(rid, None)
         if rid in self.local:
             self.local.discard(rid)
-            return
+            done = None
         try:
             resp = self.handle.finish.remote(rid, state.value, None if done is None or done.local else done)
         except Exception as e:  # noqa: BLE001 - a dead controller forgets the request anyway
@@ -160,12 +191,6 @@ class ControllerLink:
         """Tell the controller (fire and forget) that a stage is being re-run."""
         if rid not in self.local and self.up:
             self.handle.stage_retry.remote(grant, attempt, type(error).__name__)
-
-    def _tell_finished(self, rid: str, state: RequestState) -> None:
-        try:
-            self.handle.finish.remote(rid, state.value)  # fire and forget
-        except Exception:  # noqa: BLE001 - nothing more to do for a dead controller
-            pass
 
     # -- dispatch without the controller ------------------------------------------------------------
     def local_grant(self, rid: str, stage: Stage, params: GenerationParams) -> Grant:

@@ -17,8 +17,9 @@ stage's grant), then for each later stage asks the controller for a grant (repor
 just done on the same call) and calls the granted replica of that stage's deployment with the *ObjectRef of the previous
 stage's output*: embeddings and latents go stage to stage through the object store and only
 the decoded frames come back here. A stage whose replica dies is re-run from that ref
-(`stage_retry`); while the controller is down, grants come from the last plan
-(`controller_link`). The end (done, failed, cancelled, timed_out) is reported to the controller.
+(`stage_retry`); a stage whose input was lost with its node is re-derived: the ingress keeps each
+stage's input until the next stage has run and re-runs the earlier stage from it (`rederive`);
+while the controller is down, grants come from the last plan (`controller_link`). The end (done, failed, cancelled, timed_out) is reported to the controller.
 (No `from __future__ import annotations`: FastAPI must see the body models, not strings.)
 """
 import asyncio
@@ -55,6 +56,7 @@ from trident_rs.serve.grant import Grant, is_wrong_replica
 from trident_rs.serve.idempotency import IdempotencyCache, fingerprint, key_of
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 from trident_rs.serve.own_calls import OwnCalls
+from trident_rs.serve.rederive import Lineage, ray_probe
 from trident_rs.serve.stage_retry import is_replica_failure, run_stage
 from trident_rs.serve.videos import (StageTimes, VideoJob, VideoJobs, check_deletable, estimate_progress,
                                      file_url, fps_for, frames_for_seconds)
@@ -184,6 +186,8 @@ class Ingress:
         configure_guard(self.cfg)
         self.inflight = Inflight()  # DeploymentResponses per request id, for cancellation
         self.preview_sinks: dict[str, tuple[int, asyncio.Queue]] = {}  # streamed requests' partial images
+        self.rederive_stats = {"lost_objects": 0, "requests": 0, "stages": 0}  # outputs lost with a node (rederive)
+        self.probe_input = ray_probe  # whether a kept stage input can still be read (tests swap it)
         f = self.cfg.faults  # the controller may die: the link keeps dispatching on the last plan
         self.link = ControllerLink(controller, {d.name: (d.stage, d.width) for d in self.cfg.deployments},
                                    {d.name: d.replicas for d in self.cfg.deployments},
@@ -262,22 +266,51 @@ class Ingress:
         out: Any = StagePayload(params, dict(inputs or {}), {"request_id": rid, **({"partial_images": sink[0]} if sink else {})})
         retries = 0
         watch = functools.partial(self.inflight.watch, rid)  # awaits that the cancel endpoint can interrupt
-        for stage in STAGES:
-            grant = await self.link.acquire(rid, stage, params, watch, done=last[0])
-            last[0] = None
+        chain = Lineage(STAGES, out, max_rederive=self.cfg.faults.stage_retries + 2)  # lost objects: rederive
+        held: Grant | None = None  # a controller grant not yet run to completion (kept across a re-derivation)
+        i = 0
+        while i < len(STAGES):
+            stage = STAGES[i]
+            if held is not None and held.stage == stage:
+                grant = held
+            elif chain.redo(i):  # re-deriving a stage already reported done: on the last plan
+                grant = self.link.local_grant(rid, stage, params)
+            else:
+                grant = held = await self.link.acquire(rid, stage, params, watch, done=last[0])
+                last[0] = None
             if track is not None:
                 track.update(stage=stage, t=time.monotonic(), width=grant.width)
-            if stage == "diffuse" and grant.chunked:
-                out, n, grant = await self._chunks(rid, params, grant, out, watch, last, track, sink)
-            elif stage == "diffuse" and sink is not None:
-                out, n, grant = await self._with_previews(rid, grant, sink[1], self._run_stage(rid, stage, grant, out, watch))
-            else:
-                out, n, grant = await self._run_stage(rid, stage, grant, out, watch)
-            last[0] = grant
+            chunked = stage == "diffuse" and grant.chunked and not chain.redo(i)
+            try:
+                if chunked:
+                    out, n, grant = await self._chunks(rid, params, grant, chain.input(i), watch, last, track, sink)
+                elif stage == "diffuse" and sink is not None and not chain.redo(i):
+                    out, n, grant = await self._with_previews(rid, grant, sink[1],
+                                                              self._run_stage(rid, stage, grant, chain.input(i), watch))
+                else:
+                    out, n, grant = await self._run_stage(rid, stage, grant, chain.input(i), watch)
+            except Exception as e:  # noqa: BLE001 - Lineage.lost re-raises all but a lost object
+                if chunked:  # the controller has it mid-way through its chunks: re-run whole, on the last plan
+                    held = None
+                    chain.done_once.add(i)
+                elif held is not None and held.stage == stage:
+                    held = grant
+                i = await chain.lost(i, e, self.probe_input)
+                self.rederive_stats["lost_objects"] += 1
+                continue
+            chain.done(i, out)
+            if held is not None and held.stage == stage:
+                held = None
+                last[0] = grant
             if track is not None:
                 track["done"].append((stage, grant.width))
             retries += n
+            i += 1
         out.meta["retries"] = retries
+        out.meta["rederived_stages"] = chain.rederived_stages
+        if chain.rederived_stages:
+            self.rederive_stats["requests"] += 1
+            self.rederive_stats["stages"] += chain.rederived_stages
         return out
 
     async def _chunks(self, rid: str, params: GenerationParams, grant: Grant, prev: Any, watch: Any,
@@ -747,7 +780,7 @@ class Ingress:
         if isinstance(out, dict):
             out["ingress"] = {"admission": self.admission.snapshot(), "controller_link": self.link.snapshot(),
                               "video_jobs": len(self.videos), "idempotency": self.idem.snapshot(),
-                              "files": self.files.snapshot()}
+                              "files": self.files.snapshot(), "rederive": dict(self.rederive_stats)}
         return out
 
     @api.post("/v1/requests/{request_id}/cancel")

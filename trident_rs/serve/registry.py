@@ -2,8 +2,11 @@
 
 Every stage replica registers with the controller when it starts (Serve replica id, deployment,
 Ray node id, GPU ids) and again every `HEARTBEAT_S` (the heartbeat); it deregisters when Serve
-stops it. A replica not heard from for `EXPIRE_S` counts as stopped. A restarted controller
-starts empty and is refilled by the next heartbeats, within `HEARTBEAT_S`.
+stops it. A replica not heard from for `EXPIRE_S` counts as stopped (its node died, or it cannot
+reach the controller); if it is heard from again (a partition healed, a stalled process resumed),
+it is taken back. A controller that itself did not run for `EXPIRE_S` (stopped, partitioned) gives
+every replica a fresh interval before expiring any: it could not have heard them. A restarted
+controller starts empty and is refilled by the next heartbeats, within `HEARTBEAT_S`.
 
 Binding: the policy plans replica groups (deployment, node index, GPUs); Serve decides which
 replicas run and Ray where they go. Each plan group is bound to one live replica of its
@@ -43,18 +46,21 @@ class ReplicaRegistry:
     replicas: dict[str, ReplicaInfo] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> node index, in order first seen
     bound: dict[str, str] = field(default_factory=dict)  # plan group id -> replica id
-    gone: set[str] = field(default_factory=set)  # replicas deregistered or expired (never rebound)
+    gone: set[str] = field(default_factory=set)  # replicas deregistered (never rebound)
+    expired: set[str] = field(default_factory=set)  # replicas not heard from in time (taken back if heard again)
+    last_expire: float | None = None  # when `expire` last ran
     shunned: dict[str, float] = field(default_factory=dict)  # replica id -> until (monotonic)
 
     @property
     def enabled(self) -> bool:
         """Whether any replica ever registered (else grants name no replica: tests, old apps)."""
-        return bool(self.replicas or self.gone)
+        return bool(self.replicas or self.gone or self.expired)
 
     def register(self, replica_id: str, deployment: str, node_id: str, gpu_ids: Any, now: float) -> bool:
         """Add or refresh a replica; True if it is new."""
         if replica_id in self.gone:
             return False
+        self.expired.discard(replica_id)  # heard from again: back
         self.nodes.setdefault(node_id, len(self.nodes))
         info = self.replicas.get(replica_id)
         if info is None:
@@ -71,9 +77,18 @@ class ReplicaRegistry:
         return self.replicas.pop(replica_id, None) is not None
 
     def expire(self, now: float, after_s: float = EXPIRE_S) -> list[str]:
+        if self.last_expire is not None and now - self.last_expire > after_s:  # we were not running
+            for info in self.replicas.values():
+                info.last_seen = max(info.last_seen, now)
+        self.last_expire = now
         old = [r for r, i in self.replicas.items() if now - i.last_seen > after_s]
         for r in old:
-            self.deregister(r)
+            self.replicas.pop(r, None)
+            for gid in [g for g, b in self.bound.items() if b == r]:
+                del self.bound[gid]
+            self.expired.add(r)
+        if len(self.expired) > 10_000:  # replicas that never came back (their node died)
+            self.expired = set(sorted(self.expired)[-5_000:])
         return old
 
     def live_counts(self) -> dict[str, int]:
