@@ -236,3 +236,21 @@ def test_a_last_launch_after_the_preemption_bound_takes_the_fastest_width_with_r
     assert policy._choose(f, 100.0, 1.0, {0: {1, 2}, 1: {0}}).widths == (2,)
     f.pauses = 1  # it may still pause: any width, as before (the free GPUs decide)
     assert len(policy._choose(f, 100.0, 1.0, {0: set(range(8))}).widths) > 1
+
+
+def test_a_late_short_stage_runs_at_any_width_with_room():
+    # a late diffuse waits for its widest efficient width (it would run much longer on fewer);
+    # a late encode or decode (seconds of work) runs at any width that has room, widest efficient
+    # first, rather than wait for a whole node while on-time work keeps every node partly busy
+    from trident_rs.policy.stage_pool import _Flight
+
+    policy = StagePoolPolicy(Cluster(2, 8), COST)
+    r = Request("v", "hunyuanvideo", Shape(720, 1280, 129), 50, 0.0, 1.0)  # its deadline long gone
+    free = {0: set(range(8))}
+    decode = policy._choose(_Flight(r, stage=STAGES.index("decode")), 100.0, 1.0, free)
+    diffuse = policy._choose(_Flight(r, stage=STAGES.index("diffuse")), 100.0, 1.0, free)
+    assert not decode.on_time and not diffuse.on_time
+    assert len(diffuse.widths) == 1
+    _, _, _, efficient = policy._class("hunyuanvideo", STAGES.index("decode"), r.shape, 50)
+    assert decode.widths[0] == max(efficient)
+    assert len(decode.widths) > 1 and sorted(decode.widths) == sorted(set(decode.widths))

@@ -20,8 +20,8 @@ Decisions, each from the cost model:
   tasks: a deep scan stops widening while queued work would use the GPUs); what is left widens
   tasks up to their widest on-time width where an extra GPU saves the most seconds (`spare`:
   long stages, the tail, first; spare GPUs shorten latency, scarce ones are spent on the fewest
-  GPU-seconds). An edit's diffuse runs at width 1 (`Request.widest`). A late request waits for its widest width with parallel efficiency >=
-  `threshold`. A width with no room now falls back to narrower on-time widths.
+  GPU-seconds). An edit's diffuse runs at width 1 (`Request.widest`). A late diffuse waits for its widest width with parallel efficiency >=
+  `threshold`; a late encode or decode (seconds) runs at any width with room, widest efficient first. A width with no room now falls back to narrower on-time widths.
 - **Widths** (`widths`: stage -> widths, default all the cost model has): a runtime that
   deploys only some widths (Serve's `diffuse-w1`, `diffuse-w2`, ...) restricts each stage to them.
 - **Placement**: the GPUs to use are those that cost least to start on (`WeightResidency`:
@@ -325,6 +325,9 @@ class StagePoolPolicy(Policy):
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer; mid-diffuse, it goes on at
         # its own width where the wider one has no room
+        if STAGES[f.stage] != "diffuse":  # a short stage: any width with room, widest efficient first
+            return _Choice(tuple(sorted(efficient, reverse=True)) + tuple(w for w in ws if w not in efficient),
+                           time, rest, False)
         late = (max(efficient),) if not f.done or len(f.gpus) == max(efficient) else (max(efficient), len(f.gpus))
         return _Choice(late, time, rest, False)
 
