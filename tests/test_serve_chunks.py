@@ -9,13 +9,14 @@
   replica death re-runs only the running chunk, a cancel stops at the next boundary.
 """
 import asyncio
-import types
 
 import pytest
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.scripted import ChunkScriptPolicy
 from trident_rs.policy.types import Cluster, ClusterState, Request
+from controller_fakes import published  # noqa: F401 - the fixture
+
 from trident_rs.serve import controller as mod
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.grant import Grant
@@ -30,15 +31,6 @@ POOL = {**SCRIPT, "cluster": {"nodes": 1, "gpus_per_node": 8}, "time_scale": 0.0
         "deployments": [{"stage": "encode", "width": 1, "replicas": 1}, {"stage": "decode", "width": 1, "replicas": 1}]
         + [{"stage": "diffuse", "width": w, "replicas": 1} for w in (1, 2, 4, 8)],
         "policy": {"name": "trident", "options": {"placement": "pool", "elastic": True, "boundary_s": 0.001}}}
-
-
-@pytest.fixture
-def published(monkeypatch):
-    kv: dict[str, int] = {}
-    monkeypatch.setattr(mod.serve, "get_replica_context", lambda: types.SimpleNamespace(app_name="app"))
-    monkeypatch.setattr(mod, "publish_counts", lambda app, counts: kv.update(counts))
-    monkeypatch.setattr(mod, "read_count", lambda app, dep: kv.get(dep))
-    return kv
 
 
 async def _register(ctl, cfg) -> None:

@@ -2,11 +2,12 @@
 a policy that fails or times out never taking the controller down (issue 8, item 4); the lean
 request path, the replica registry and grants naming replicas (issue 21)."""
 import asyncio
-import types
 
 import pytest
 
 from trident_rs.errors import UnknownRequestError
+from controller_fakes import published  # noqa: F401 - the fixture
+
 from trident_rs.serve import controller as mod
 from trident_rs.vocab import Shape
 
@@ -14,16 +15,6 @@ CFG = {"models": ["sd3"], "faults": {"controller_timeout_s": 0.2}, "executor": "
        "cluster": {"nodes": 1, "gpus_per_node": 8},
        "deployments": [{"stage": s, "width": 1, "replicas": 1} for s in ("encode", "diffuse", "decode")],
        "policy": {"name": "greedy", "options": {"replan": False}}}
-
-
-@pytest.fixture
-def published(monkeypatch):
-    """Serve's replica context and the KV store, faked; returns what the controller published."""
-    kv: dict[str, int] = {}
-    monkeypatch.setattr(mod.serve, "get_replica_context", lambda: types.SimpleNamespace(app_name="app"))
-    monkeypatch.setattr(mod, "publish_counts", lambda app, counts: kv.update(counts))
-    monkeypatch.setattr(mod, "read_count", lambda app, dep: kv.get(dep))
-    return kv
 
 
 def _run(coro):

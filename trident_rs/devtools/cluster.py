@@ -119,34 +119,29 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _sigterm)
 
 
-def actor_nodes(deployments: tuple[str, ...], app: str | None = None) -> dict[str, str]:
-    """Live Serve replica actors of these deployments -> their Ray node id."""
+def _replica_actors(deployments: tuple[str, ...], app: str | None) -> list[tuple[str, dict]]:
+    """(actor name, Ray's actor info) of the live Serve replicas of these deployments."""
     from ray._private.state import actors
 
-    out = {}
+    out = []
     for info in actors().values():
         name = info.get("Name") or ""
         if info.get("State") != "ALIVE" or not name.startswith("SERVE_REPLICA::"):
             continue
         parts = name[len("SERVE_REPLICA::"):].split("#")
         if len(parts) >= 2 and parts[1] in deployments and (app is None or parts[0] == app):
-            out[name] = (info.get("Address") or {}).get("NodeID", "")
+            out.append((name, info))
     return out
+
+
+def actor_nodes(deployments: tuple[str, ...], app: str | None = None) -> dict[str, str]:
+    """Live Serve replica actors of these deployments -> their Ray node id."""
+    return {name: (info.get("Address") or {}).get("NodeID", "") for name, info in _replica_actors(deployments, app)}
 
 
 def actor_pids(deployments: tuple[str, ...], app: str | None = None) -> dict[str, int]:
     """Live Serve replica actors of these deployments -> their process id (on this machine)."""
-    from ray._private.state import actors
-
-    out = {}
-    for info in actors().values():
-        name = info.get("Name") or ""
-        if info.get("State") != "ALIVE" or not name.startswith("SERVE_REPLICA::"):
-            continue
-        parts = name[len("SERVE_REPLICA::"):].split("#")
-        if len(parts) >= 2 and parts[1] in deployments and (app is None or parts[0] == app) and info.get("Pid"):
-            out[name] = int(info["Pid"])
-    return out
+    return {name: int(info["Pid"]) for name, info in _replica_actors(deployments, app) if info.get("Pid")}
 
 
 def placement_groups_by_node() -> list[dict[str, Any]]:
