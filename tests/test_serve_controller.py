@@ -251,3 +251,28 @@ def test_after_a_partition_each_request_is_counted_once_with_its_real_state(publ
         assert ctl.active == {}
 
     _run(go())
+
+
+def test_a_request_done_on_the_last_plan_leaves_no_gpus_held_by_its_later_stages(published):
+    """Issue 20, found by the partition test: the ingress gave up on the controller after the
+    encode (its acquire cancelled) and finished the request on the last plan. The policy still
+    launches that request's diffuse and decode; nobody collects those grants, so they must be
+    voided, or they hold the replicas forever and every later acquire waits."""
+    async def go():
+        ctl = mod.Controller(CFG)  # one replica per stage
+        grant = (await ctl.submit("p", "sd3", Shape(512, 512), 4))["grant"]
+        waiting = asyncio.ensure_future(ctl.acquire("p", "diffuse", grant))
+        await asyncio.sleep(0)
+        waiting.cancel()  # the partition: the ingress stopped waiting for the controller
+        await asyncio.gather(waiting, return_exceptions=True)
+        await ctl.finish("p", "done")  # done on the last plan: no last grant comes with it
+        for _ in range(3):
+            ctl.broker.schedule()
+        assert ctl.inflight == {} and ctl.broker.granted == {}, (ctl.inflight, ctl.broker.granted)
+        nxt = await ctl.submit("q", "sd3", Shape(512, 512), 4)  # the replicas are free for the next
+        grant = nxt["grant"]
+        for stage in ("diffuse", "decode"):
+            grant = await asyncio.wait_for(ctl.acquire("q", stage, grant), 5)
+        await ctl.finish("q", "done", grant)
+        assert ctl.stats["completed"] == 2
+    _run(go())

@@ -273,7 +273,13 @@ class Controller:
             raise UnknownRequestError(request_id)
         fut = self.broker.wait(request_id, stage)
         self.broker.schedule()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:  # the ingress gave up waiting (controller unreachable): a
+            key = (request_id, stage)  # later launch of it waits in `granted` until its finish frees it
+            if self.broker.waiters.get(key) is fut:
+                del self.broker.waiters[key]
+            raise
 
     async def regrant(self, grant: Grant, here: str | None = None) -> Grant:
         """`grant`'s replica is gone (Serve routed the call to `here` instead): the same launch on
@@ -303,7 +309,9 @@ class Controller:
         self._collect(done)
         ok = final is RequestState.DONE
         ended_before = request_id in self.broker.ended
-        self.broker.release(request_id, ended_unfinished=not ok)
+        # a request done on the last plan (no last grant: this controller did not see its last
+        # stages) may still have stages the policy will launch: void them, or they hold GPUs forever
+        self.broker.release(request_id, ended_unfinished=not ok or done is None)
         if request_id in self.log.active:  # else: not submitted here (restarted controller, late report)
             self.log.finished(request_id, final, self.now())
         elif not ended_before:  # dispatched on the last plan while this controller was down or did not know it:
