@@ -40,7 +40,8 @@ Decisions, each from the cost model:
   goes on where it ran (free of cost), moves to another width where that pays for the
   regroup, or yields its GPUs to more urgent work and pauses (its state in host memory).
   Starvation is bounded: after `max_preemptions` pauses a request runs its remaining steps in
-  one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs.
+  one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs (its
+  last launch, which keeps its width to the end, at the fastest width with room then).
   Paused state never exceeds `host_memory_gb`: a request whose pause would overflow it goes on.
   `chunk_edits=False` runs image edits' diffuse in one launch (the real executors cannot resume
   an edit's shortened schedule yet; the Serve controller sets it for them).
