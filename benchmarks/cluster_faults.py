@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from trident_rs.devtools.cluster import HEAD_RESOURCE
 from trident_rs.vocab import STAGES, DeploymentKey, percentile
 
 APP = "faults"
@@ -38,6 +39,7 @@ def app_args(replicas: tuple[int, int, int] = (2, 2, 2), time_scale: float = 0.5
         "deployments": [{"stage": s, "width": 1, "replicas": n, "max_replicas": n}
                         for s, n in zip(STAGES, replicas)],
         "policy": {"name": "greedy", "options": {"replan": False}},
+        "control_resources": {HEAD_RESOURCE: 0.01},  # the request path on the head: any worker may go
         "limits": {"max_queue_per_model": 100_000, "request_timeout_s": 600},
         "faults": {"stage_retries": 6, "retry_backoff_s": 0.25, "controller_timeout_s": 2.0,
                    "controller_probe_s": 5.0},

@@ -42,6 +42,7 @@ def lc():
     with node_cluster(workers=3, gpus_per_node=2, head_gpus=0, cpus_per_node=1, head_cpus=2) as c:
         serve.run(build_app(app_args(time_scale=1.5)), name=APP, route_prefix="/")
         assert wait_for(lambda: sum(map(len, registry_nodes(status(c.url)).values())) == 6, 180)
+        assert len(c.removable(APP)) == 3, "the Ingress and Controller are on the head (control_resources)"
         yield c
 
 

@@ -33,6 +33,9 @@ def local_cluster(nodes: int = 2, gpus_per_node: int = 8, cpus_per_node: float =
 
 # Serve actors that must not be on a node a test removes: the app's request path lives there
 PINNED_DEPLOYMENTS = ("Ingress", "Controller")
+# A custom resource only the head node has: `control_resources={HEAD_RESOURCE: 0.01}` in an app's
+# config puts its Ingress and Controller there, so every worker node is removable
+HEAD_RESOURCE = "trident_head"
 
 
 class LocalCluster:
@@ -86,7 +89,8 @@ def node_cluster(workers: int = 1, gpus_per_node: int = 8, cpus_per_node: float 
     old = signal.getsignal(signal.SIGTERM)
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": cpus_per_node if head_cpus is None else head_cpus,
-                                      "num_gpus": hg, "include_dashboard": False})
+                                      "num_gpus": hg, "include_dashboard": False,
+                                      "resources": {HEAD_RESOURCE: 1}})
     try:
         for _ in range(workers):
             cluster.add_node(num_cpus=cpus_per_node, num_gpus=gpus_per_node)

@@ -26,9 +26,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg = AppConfig.parse(args)
     check_startup(cfg)  # width > 1 with real executors: xfuser and enough GPUs, or ConfigError now
     raw = cfg.model_dump(mode="json")
-    controller = ControllerDeployment.bind(raw)
+    control = {"ray_actor_options": {"num_cpus": 0, "resources": cfg.control_resources}}
+    controller = ControllerDeployment.options(**control).bind(raw)
     stages = {
         d.name: StageDeployment.options(**stage_options(cfg, d)).bind(raw, d.stage, d.width, controller)
         for d in cfg.deployments
     }
-    return IngressDeployment.bind(raw, controller, stages)
+    return IngressDeployment.options(**control).bind(raw, controller, stages)

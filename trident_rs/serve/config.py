@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from trident_rs.errors import ConfigError
 from trident_rs.models.spec import REGISTRY, get_spec
@@ -146,6 +146,10 @@ class AppConfig(BaseModel):
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
     replica_cpus: float = Field(0.0, ge=0, description="num_cpus per stage replica (0 lets many share 2 cores)")
+    control_resources: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="Ray custom resources the Ingress and Controller replicas require, "
+        "e.g. {\"head\": 0.01} with the head started `--resources '{\"head\": 1}'`: keeps the request "
+        "path on a node that is not lost with the GPU nodes")
     gpu_wait_s: float = Field(
         30.0, ge=0, description="app build waits this long for a Ray node with the GPUs the widest real "
         "width > 1 deployment needs (nodes still joining) before failing with ConfigError")
