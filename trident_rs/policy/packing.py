@@ -64,13 +64,16 @@ def pack(cluster: Cluster, counts: dict[Deployment, int],
             d = deployment_of(g) if len(g.stages) == 1 else None
             if d is None or len(wanted.get(d, ())) >= counts.get(d, 0):
                 continue
-            if g.node >= cluster.nodes or any(i >= G for i in g.gpus):
+            if g.node >= cluster.nodes or g.node in cluster.down or any(i >= G for i in g.gpus):
                 continue
             wanted.setdefault(d, []).append(g)
             for i in g.gpus:
                 soft[g.node][i] = True
     buckets: list[set[int]] = [set() for _ in range(G + 1)]  # nodes by free GPU count
-    buckets[G].update(range(cluster.nodes))
+    buckets[G].update(cluster.up)
+    buckets[0].update(cluster.down)
+    for n in cluster.down:  # lost: nothing goes there
+        free[n], n_free[n] = [False] * G, 0
 
     def take(node: int, gpus: tuple[int, ...]) -> None:
         buckets[n_free[node]].discard(node)

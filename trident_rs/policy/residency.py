@@ -18,6 +18,7 @@ Offloaded stages (`Launch.offload`) stay in host memory and are charged by the r
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trident_rs.vocab import STAGES, Shape
@@ -107,12 +108,12 @@ class WeightResidency:
     def holds(self, node: int, gpu: int) -> Resident | None:
         return self.gpus.get((node, gpu))
 
-    def first_free_for(self, model: str, width: int, nodes: int, gpus_per_node: int,
+    def first_free_for(self, model: str, width: int, nodes: Iterable[int], gpus_per_node: int,
                        busy_until: dict[GPU, float], now: float) -> float:
-        """Earliest time `width` GPUs of one node that hold `model` (or nothing) are free, from
-        each GPU's predicted end of its launch (`busy_until`); inf if no node has that many."""
+        """Earliest time `width` GPUs of one of `nodes` that hold `model` (or nothing) are free,
+        from each GPU's predicted end of its launch (`busy_until`); inf if no node has that many."""
         best = float("inf")
-        for n in range(nodes):
+        for n in nodes:
             times = []
             for i in range(gpus_per_node):
                 held = self.gpus.get((n, i))

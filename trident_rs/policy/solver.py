@@ -148,7 +148,7 @@ class PlacementSolver:
     def _packing_limits(self, widths: list[int]) -> dict[int, int]:
         """GPUs that groups of width >= w may use in total, per width w."""
         G = self.cluster.gpus_per_node
-        return {w: self.cluster.nodes * (G // w) * w for w in widths}
+        return {w: len(self.cluster.up) * (G // w) * w for w in widths}
 
     def _fair_share(self, forecast, classes) -> float:
         """Share of every class's demand the plan must serve (on time, or late at its efficient

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 from trident_rs.errors import ConfigError
@@ -240,6 +240,8 @@ class StagePoolPolicy(Policy):
 
     def _schedule(self, state: ClusterState) -> SchedulerOutput:
         now = state.now
+        if state.down != self.cluster.down:  # nodes lost or back: reserve and share only the nodes up
+            self.cluster = replace(self.cluster, down=state.down)
         free = {n: set(g) for n, g in state.free_gpus.items() if g}
         self._mark_urgent(now)
         if not self.ready or not free:
@@ -336,7 +338,7 @@ class StagePoolPolicy(Policy):
         """The `w` GPUs of one node predicted to be free soonest, and when (EASY backfilling's
         reservation for the first task that finds no room)."""
         best = None
-        for n in range(self.cluster.nodes):
+        for n in self.cluster.up:
             idle = free.get(n, set())
             when = sorted((now if i in idle else max(self.busy_until.get((n, i), now), now), i)
                           for i in range(self.cluster.gpus_per_node))[:w]
@@ -399,7 +401,7 @@ class StagePoolPolicy(Policy):
         if load >= self.model_load_s:  # another model's GPUs: only within our share, and only if
             # waiting for our own GPUs (their first free moment, then the work queued ahead of us
             # shared over them) finishes later or misses; always where ours can never hold `w`
-            own = self.residency.first_free_for(r.model, w, self.cluster.nodes, self.cluster.gpus_per_node,
+            own = self.residency.first_free_for(r.model, w, self.cluster.up, self.cluster.gpus_per_node,
                                                 self.busy_until, now)
             if own < _INF:
                 budget, count = self._budget

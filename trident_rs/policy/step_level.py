@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.interface import Policy
@@ -192,6 +192,8 @@ class StepLevelPolicy(Policy):
 
     def schedule(self, state: ClusterState) -> SchedulerOutput:
         now = state.now
+        if state.down != self.cluster.down:  # nodes lost or back
+            self.cluster = replace(self.cluster, down=state.down)
         for rid, t in list(self.boundary.items()):  # not resumed when their chunk ended: paused
             if t < now:
                 del self.boundary[rid]
@@ -249,7 +251,7 @@ class StepLevelPolicy(Policy):
         when = self._own_free.get(key)
         if when is None:
             when = self._own_free[key] = self.residency.first_free_for(
-                req.model, k, self.cluster.nodes, self.cluster.gpus_per_node, self.busy_until, now)
+                req.model, k, self.cluster.up, self.cluster.gpus_per_node, self.busy_until, now)
         return when >= now + load
 
     def _state_bytes(self, req: Request) -> float:

@@ -11,7 +11,8 @@ Each request runs encode -> diffuse -> decode as three launches on separate repl
 (encode and decode on narrow groups, diffuse on groups of several widths), so decode never
 holds the GPUs of a wide diffuse group. The plan comes from `PlacementSolver` (from a forecast
 given in the options, or learned from the first arrivals); the `Controller` re-plans when the
-mix or rate shifts, and new plans are returned through `SchedulerOutput.new_plan`.
+mix or rate shifts, and new plans are returned through `SchedulerOutput.new_plan`. Nodes lost
+or back (`ClusterState.down` changed) re-plan at once onto the nodes up.
 
 Options (all keyword): forecast (Forecast), workload (a published trace name or CSV path, read
 for its class mix), models (model -> share of GPU time, or a list of models with equal shares:
@@ -24,12 +25,14 @@ adapter_load_s, lora_slots: `policy/adapters.py`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.controller import Controller, ControllerConfig, Transition
 from trident_rs.policy.dispatcher import Dispatcher
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.packing import pack, plan_counts
 from trident_rs.policy.solver import PlacementSolver
 from trident_rs.policy.types import Cluster, ClusterState, Launch, PlacementPlan, Request, SchedulerOutput, STAGES
 from trident_rs.policy.traces import read_named_trace
@@ -135,6 +138,8 @@ class TridentPolicy(Policy):
     def schedule(self, state: ClusterState) -> SchedulerOutput:
         now = state.now
         reason = ""
+        if state.down != self.cluster.down:
+            self._nodes_changed(state.down, now)
         if self.transition is not None and now - self._transition_since > self.controller.config.cooldown_s:
             # still waiting on long drains a cooldown later: keep the (valid) plan reached so
             # far and let the controller re-plan from it, rather than block re-planning
@@ -185,6 +190,34 @@ class TridentPolicy(Policy):
         return self.dispatcher.pending()
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _nodes_changed(self, down: frozenset[int], now: float) -> None:
+        """Nodes were lost or came back: re-plan onto the nodes up now, at once (a capacity
+        change, not a load shift: no persistence, no cooldown). With no recent arrivals to
+        plan for, the forecast the current plan was built for is solved again on the nodes up."""
+        lost, back = sorted(down - self.cluster.down), sorted(self.cluster.down - down)
+        self.cluster = replace(self.cluster, down=down)
+        self.solver.cluster = self.cluster
+        if not self.cluster.up:
+            return  # nothing left to place on: keep the plan until a node is back
+        reason = "; ".join(part for part in (f"node(s) {lost} lost" if lost else "",
+                                             f"node(s) {back} back" if back else "") if part)
+        try:
+            transition = self.controller.replan(now, self.plan, reason, self.dispatcher.requests.values())
+        except ConfigError:  # the classes seen no longer all fit on the nodes left
+            transition = None
+        if transition is None:
+            target, forecast = None, self.controller.planned_for
+            if forecast is not None and forecast.rates:
+                try:
+                    target = self.solver.solve(forecast, self.plan)
+                except ConfigError:  # its classes do not all fit on the nodes left
+                    pass
+            if target is None:
+                target = PlacementPlan(tuple(pack(self.cluster, plan_counts(self.plan), self.plan)[0]))
+            transition = Transition(target, reason, gpus_per_node=self.cluster.gpus_per_node)
+        self.transition, self._transition_since = transition, now
+        self._served = set()
+
     def _can_serve(self, request: Request) -> bool:
         """Whether the plan being moved to has a group for every stage of `request`, its diffuse
         at least as wide as the request's ideal width (on time, else efficient)."""

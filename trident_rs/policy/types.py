@@ -47,14 +47,23 @@ class Request:
 
 @dataclass(frozen=True)
 class Cluster:
+    """`nodes` x `gpus_per_node` GPUs; the nodes in `down` are lost (a plan places nothing there)."""
+
     nodes: int
     gpus_per_node: int
     gpu_memory_gb: float = 48.0
     gpu_name: str = "L20"
+    down: frozenset[int] = frozenset()
+
+    @property
+    def up(self) -> list[int]:
+        """The nodes a plan may use, in order."""
+        return [n for n in range(self.nodes) if n not in self.down]
 
     @property
     def total_gpus(self) -> int:
-        return self.nodes * self.gpus_per_node
+        """The GPUs of the nodes up."""
+        return len(self.up) * self.gpus_per_node
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,7 @@ class ClusterState:
     now: float
     free_gpus: dict[int, frozenset[int]]  # node -> free GPU indices
     ready_groups: frozenset[str] = frozenset()  # plan groups started and idle
+    down: frozenset[int] = frozenset()  # nodes lost: no GPU of theirs is free; a re-plan leaves them out
 
 
 @dataclass(frozen=True)

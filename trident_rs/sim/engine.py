@@ -25,7 +25,7 @@ from trident_rs.policy.adapters import ADAPTER_LOAD_S, AdapterResidency
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 
-_DONE, _READY, _WAKE = 0, 1, 2
+_DONE, _READY, _WAKE, _NODE = 0, 1, 2, 3
 _GPU = tuple[int, int]  # (node, gpu index)
 
 
@@ -48,7 +48,11 @@ class SimConfig:
     not hold (`WeightResidency`). Diffuse chunks (`Launch.steps`) pay `chunk_boundary_s` when
     they resume a request, and move its chunk state (`chunk_state_bytes`) between GPUs, or back
     from host memory where the request was paused; paused state beyond `host_memory_gb` is a
-    policy violation."""
+    policy violation. A node lost (`node_faults`) takes its GPUs, its replica groups and the
+    weights they held; a launch running there is re-run from its start elsewhere, as Serve's
+    ingress does (on no GPUs the policy accounts for); the policy sees the node in
+    `ClusterState.down` until it is back, and its plan's groups there start again (start cost)
+    once it is."""
 
     noise: float = 0.0  # sigma of a mean-1 lognormal factor per (request, stage), the same under every policy
     seed: int = 0
@@ -68,6 +72,7 @@ class SimConfig:
     # a diffuse launch first loads the adapters its GPUs lack, `adapter_load_s` each
     adapter_load_s: float = ADAPTER_LOAD_S
     lora_slots: int = 4
+    node_faults: tuple[tuple[float, int, float], ...] = ()  # (when lost, node, when back; inf: never)
 
     @classmethod
     def ideal(cls, **overrides) -> "SimConfig":
@@ -189,6 +194,18 @@ class Simulator:
         self.at_boundary: list[str] = []
         self.paused: dict[str, float] = {}  # request -> bytes of chunk state in host memory
         self.paused_bytes = self.peak_paused_bytes = 0.0
+        # node faults: nodes down, the plan's groups waiting there for the node, launches whose
+        # GPUs went with their node (re-run elsewhere: when they end, and that they free nothing)
+        self.down: set[int] = set()
+        self.plan_groups: dict[str, ReplicaGroup] = {}
+        self.lost_groups: dict[int, dict[str, ReplicaGroup]] = {}
+        self.ends: dict[int, float] = {}  # id(launch) in flight -> its end
+        self.rerun_end: dict[int, float] = {}
+        self.orphaned: set[int] = set()
+        for t_lost, node, t_back in self.config.node_faults:
+            if not 0 <= node < cluster.nodes or not 0 <= t_lost < t_back:
+                raise ValueError(f"node fault {(t_lost, node, t_back)}: needs a node of 0..{cluster.nodes - 1} "
+                                 f"and 0 <= lost < back")
 
     # ---- event plumbing -------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: object) -> None:
@@ -236,7 +253,8 @@ class Simulator:
             for node in self.dirty:
                 self.free_view[node] = frozenset(self.free[node])
             self.dirty.clear()
-        return ClusterState(now=self.now, free_gpus=self.free_view, ready_groups=frozenset(self.idle))
+        return ClusterState(now=self.now, free_gpus=self.free_view, ready_groups=frozenset(self.idle),
+                            down=frozenset(self.down))
 
     # ---- plans ----------------------------------------------------------------------------
     def _apply_plan(self, plan: PlacementPlan, initial: bool) -> None:
@@ -245,11 +263,15 @@ class Simulator:
         except ValueError as e:
             self._fail(f"invalid plan: {e}")
         new = {g.id: g for g in plan.groups}
+        self.plan_groups = new
         for gid, g in list(self.groups.items()) + list(self.starting_group.items()):
             if new.get(gid) != g:
                 self._remove_group(gid)
         for gid, g in new.items():
             if gid in self.groups or gid in self.starting:
+                continue
+            if g.node in self.down:  # starts when its node is back
+                self.lost_groups.setdefault(g.node, {})[gid] = g
                 continue
             self._add_group(g, initial)
 
@@ -436,6 +458,7 @@ class Simulator:
         self.busy_gpu_seconds += duration * launch.width
         self.launches += 1
         self.running[id(launch)] = (launch, self.now, extra)
+        self.ends[id(launch)] = self.now + duration
         self._push(self.now + duration, _DONE, launch)
 
     def _refuse_for_memory(self, launch: Launch, first: Request, batch: int) -> bool:
@@ -477,6 +500,7 @@ class Simulator:
     def _launch_done(self, launch: Launch) -> None:
         n = len(launch.stages)
         _, start, extra = self.running.pop(id(launch))
+        self.ends.pop(id(launch), None)
         for rid in launch.request_ids:
             self.in_flight.discard(rid)
             self.timeline.setdefault(rid, []).append(StageRecord(
@@ -494,8 +518,37 @@ class Simulator:
             if i == len(STAGES):
                 self.finish[rid] = self.now + self.config.request_overhead_s
                 del self.where[rid]
-        self._release(launch.node, launch.gpus)
+        if id(launch) in self.orphaned:  # its GPUs went with its node
+            self.orphaned.discard(id(launch))
+        else:
+            self._release(launch.node, launch.gpus)
         self.policy.on_launch_done(launch, self.now)
+
+    # ---- node faults ----------------------------------------------------------------------
+    def _node_lost(self, node: int) -> None:
+        self.down.add(node)
+        self.free[node].clear()
+        self.dirty.add(node)
+        lost = self.lost_groups.setdefault(node, {})
+        for gid, g in list(self.groups.items()) + list(self.starting_group.items()):
+            if g.node == node:
+                self._remove_group(gid)
+                lost[gid] = g
+        self.free[node].clear()  # (removing a starting group gave back what it held)
+        for key in [k for k in self.residency.gpus if k[0] == node]:  # a fresh node holds no weights
+            del self.residency.gpus[key]
+        for lid, (launch, start, _) in self.running.items():
+            if launch.node == node and lid not in self.orphaned:  # re-run from its start, elsewhere
+                self.orphaned.add(lid)
+                self.rerun_end[lid] = self.now + (self.ends[lid] - start)
+
+    def _node_back(self, node: int) -> None:
+        self.down.discard(node)
+        self.free[node] = set(range(self.cluster.gpus_per_node))
+        self.dirty.add(node)
+        for gid, g in self.lost_groups.pop(node, {}).items():
+            if self.plan_groups.get(gid) == g:  # still in the plan: its replica starts again
+                self._add_group(g, initial=False)
 
     # ---- main loop ------------------------------------------------------------------------
     def _schedule(self) -> bool:
@@ -539,6 +592,10 @@ class Simulator:
         plan = self.policy.initial_plan(0.0)
         if plan is not None:
             self._apply_plan(plan, initial=True)
+        for t_lost, node, t_back in self.config.node_faults:
+            self._push(t_lost, _NODE, (node, False))
+            if t_back < math.inf:
+                self._push(t_back, _NODE, (node, True))
         arrivals, i, n = self.requests, 0, len(self.requests)
         until = math.inf if self.config.until is None else self.config.until
         idle_wakeups = 0
@@ -562,7 +619,15 @@ class Simulator:
             while self.events and self.events[0][0] == t:
                 _, _, kind, payload = heapq.heappop(self.events)
                 if kind == _DONE:
+                    lid = id(payload)
+                    if lid in self.rerun_end:  # lost with its node: it ends when its re-run does
+                        self._push(self.rerun_end.pop(lid), _DONE, payload)
+                        continue
                     self._launch_done(payload)
+                    only_wakeup = False
+                elif kind == _NODE:
+                    node, back = payload
+                    self._node_back(node) if back else self._node_lost(node)
                     only_wakeup = False
                 elif kind == _READY:
                     self._group_ready(payload)
