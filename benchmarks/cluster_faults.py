@@ -29,8 +29,13 @@ STAGE_DEPLOYMENTS = tuple(DeploymentKey(s, 1).name for s in STAGES)
 BODY = {"model": "sd3", "prompt": "cluster faults", "height": 512, "width": 512, "steps": 28}
 
 
+POLICIES = {"greedy": {"name": "greedy", "options": {"replan": False}},
+            # the solver's replica groups; load re-plans off, so that only nodes lost or back re-plan
+            "trident": {"name": "trident", "options": {"placement": "groups", "replan": False}}}
+
+
 def app_args(replicas: tuple[int, int, int] = (2, 2, 2), time_scale: float = 0.5, payload_kb: int = 256,
-             nodes: int = 3, gpus: int = 2) -> dict[str, Any]:
+             nodes: int = 3, gpus: int = 2, policy: str = "greedy") -> dict[str, Any]:
     """sd3 512x512 28 steps at `time_scale` 0.5: encode ~0.05 s, diffuse ~0.85 s, decode ~0.03 s."""
     return {
         "models": ["sd3"], "executor": "emulated", "time_scale": time_scale,
@@ -38,7 +43,7 @@ def app_args(replicas: tuple[int, int, int] = (2, 2, 2), time_scale: float = 0.5
         "cluster": {"nodes": nodes, "gpus_per_node": gpus},
         "deployments": [{"stage": s, "width": 1, "replicas": n, "max_replicas": n}
                         for s, n in zip(STAGES, replicas)],
-        "policy": {"name": "greedy", "options": {"replan": False}},
+        "policy": POLICIES[policy],
         "control_resources": {HEAD_RESOURCE: 0.01},  # the request path on the head: any worker may go
         "limits": {"max_queue_per_model": 100_000, "request_timeout_s": 600},
         "faults": {"stage_retries": 6, "retry_backoff_s": 0.25, "controller_timeout_s": 2.0,

@@ -10,7 +10,11 @@ removed (`Cluster.remove_node`: its raylet killed, with its replicas and objects
 a fresh node of the same size is added. Reports per seed: sent/completed/lost, stage re-runs
 (replica deaths) and re-derived stages (outputs lost with the node), how long the controller's
 registry took to drop the node's replicas and to register replicas on the new node, and whether
-the plan's groups are bound there again. Writes benchmarks/results/node_loss.json.
+the plan's groups are bound there again. `--policy trident` runs the solver's replica groups
+(load re-plans off): the controller tells the policy the node is down (`ClusterState.down`, from
+Ray's node list) and it re-plans onto the nodes left, then back when the new node takes the
+lost one's place; the re-plans and how long after the removal and the add they came are reported.
+Writes benchmarks/results/node_loss[_<policy>].json.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from pathlib import Path
 from cluster_faults import (APP, Load, app_args, registry_nodes, remove_node, status, wait_for)
 
 
-def one_seed(seed: int, load_s: float, rate: float, down_s: float) -> dict:
+def one_seed(seed: int, load_s: float, rate: float, down_s: float, policy: str = "greedy") -> dict:
     from ray import serve
 
     from trident_rs.devtools.cluster import node_cluster
@@ -33,7 +37,7 @@ def one_seed(seed: int, load_s: float, rate: float, down_s: float) -> dict:
 
     rng = random.Random(seed)
     with node_cluster(workers=3, gpus_per_node=2, head_gpus=0, cpus_per_node=1, head_cpus=2) as lc:
-        serve.run(build_app(app_args()), name=APP, route_prefix="/")
+        serve.run(build_app(app_args(policy=policy)), name=APP, route_prefix="/")
         url = lc.url
         assert wait_for(lambda: sum(map(len, registry_nodes(status(url)).values())) == 6, 120), "replicas"
         warm = Load(url, rate=2.0, seed=1000 + seed)
@@ -49,12 +53,20 @@ def one_seed(seed: int, load_s: float, rate: float, down_s: float) -> dict:
             gone = events["removed"]["node"]
             events["registry_dropped_s"] = (round(time.monotonic() - t, 2) if wait_for(
                 lambda: gone not in registry_nodes(status(url)), 60, 0.2) else None)
+            events["policy_told_down_s"] = (round(time.monotonic() - t, 2) if wait_for(
+                lambda: status(url)["cluster"]["down"], 60, 0.2) else None)
             time.sleep(max(0.0, down_s - (time.monotonic() - t)))
             t2 = time.monotonic()
             new = lc.add()
             events["added"] = {"node": new, "t": round(t2 - load.t0, 2)}
-            events["registry_new_node_s"] = (round(time.monotonic() - t2, 2) if wait_for(
-                lambda: new in registry_nodes(status(url)), 120, 0.2) else None)
+            seen: dict[str, float] = {}  # when each was first seen, polled together
+            checks = {"registry_new_node_s": lambda st: new in registry_nodes(st),
+                      "policy_told_back_s": lambda st: not st["cluster"]["down"]}
+            while len(seen) < len(checks) and time.monotonic() - t2 < 120:
+                st = status(url)
+                seen.update({k: round(time.monotonic() - t2, 2) for k, ok in checks.items() if k not in seen and ok(st)})
+                time.sleep(0.2)
+            events.update({k: seen.get(k) for k in checks})
 
         load.t0 = time.monotonic()
         client = load.start(load_s)  # in its own thread: Ray adds nodes from the main thread only
@@ -74,6 +86,8 @@ def one_seed(seed: int, load_s: float, rate: float, down_s: float) -> dict:
            "events": events, "registry_after": {k[:12]: v for k, v in regs.items()},
            "groups_bound_on_new_node": len(bound_new),
            "ingress_rederive": (st.get("ingress") or {}).get("rederive"),
+           "node_replans": [{"reason": r["reason"], "counts": r["counts"], "wall": r["wall"]}
+                            for r in st.get("replans", []) if "node(s)" in r["reason"]],
            "controller_stats": st.get("stats")}
     return res
 
@@ -84,11 +98,13 @@ def main() -> None:
     ap.add_argument("--load-s", type=float, default=60)
     ap.add_argument("--rate", type=float, default=1.2)
     ap.add_argument("--down-s", type=float, default=15)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "node_loss.json"))
+    ap.add_argument("--policy", choices=("greedy", "trident"), default="greedy")
+    ap.add_argument("--out", default="")
     a = ap.parse_args()
+    a.out = a.out or str(Path(__file__).parent / "results" / f"node_loss{'' if a.policy == 'greedy' else '_' + a.policy}.json")
     runs = []
     for seed in a.seeds:
-        r = one_seed(seed, a.load_s, a.rate, a.down_s)
+        r = one_seed(seed, a.load_s, a.rate, a.down_s, a.policy)
         runs.append(r)
         ev = r["events"]
         print(f"seed {seed}: sent {r['sent']} completed {r['completed']} lost {r['lost']} | stage re-runs "
@@ -96,10 +112,12 @@ def main() -> None:
               f"node {str(ev.get('removed', {}).get('node'))[:12]} removed at {ev.get('removed', {}).get('t')} s with "
               f"{ev.get('removed', {}).get('replicas')}; registry dropped it after {ev.get('registry_dropped_s')} s; "
               f"new node registered after {ev.get('registry_new_node_s')} s, {r['groups_bound_on_new_node']} groups "
-              f"bound there | P95 {r['p95_s']} s", flush=True)
+              f"bound there | policy told down after {ev.get('policy_told_down_s')} s, back after "
+              f"{ev.get('policy_told_back_s')} s; node re-plans {[x['reason'] for x in r['node_replans']]} | "
+              f"P95 {r['p95_s']} s", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs, "config": app_args()}, indent=1, default=str))
+    out.write_text(json.dumps({"runs": runs, "config": app_args(policy=a.policy)}, indent=1, default=str))
     ok = all(r["lost"] == 0 for r in runs)
     print(f"{len(runs)} runs, lost {sum(r['lost'] for r in runs)}, re-derived stages "
           f"{sum(r['rederived_stages'] for r in runs)}; written {out}")

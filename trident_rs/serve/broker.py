@@ -50,7 +50,7 @@ class Broker:
         self.on_grant, self.metrics, self.evict, self.ray_nodes = on_grant, metrics, evict, ray_nodes
         self.defrags: list[dict] = []
         self.cluster = cfg.cluster.to_cluster()
-        self.registry = ReplicaRegistry()
+        self.registry = ReplicaRegistry(plan_nodes=self.cluster.nodes)
         self.plan: PlacementPlan = PlacementPlan(())
         self.counts: dict[str, int] = {}  # the plan's counts (the target)
         self.published: dict[str, int] | None = None  # what Serve is told to run now
@@ -236,15 +236,39 @@ class Broker:
         return self.registry.bind([(g.id, self.deployment_for(g.stages[0], g.width), g.node)
                                    for g in self.plan.groups], time.monotonic())
 
+    def nodes_alive(self, alive: dict[str, float]) -> list[str]:
+        """Ray's live nodes are `alive` (node id -> GPUs): every registered node not among them
+        is lost (its replicas leave the registry, its index is down for the policy); a live node
+        with GPUs that the registry does not know takes a lost node's place (a node added back:
+        the policy plans on it again, and Serve then starts replicas there). The replicas dropped."""
+        dropped: list[str] = []
+        for node_id in [n for n in self.registry.nodes if n not in alive]:
+            gone = self.registry.node_lost(node_id)
+            logger.warning("Ray node %s is dead: its %d replica(s) leave the registry", node_id[:12], len(gone))
+            dropped += gone
+        for node_id, gpus in sorted(alive.items()):
+            if not self.down:
+                break
+            if gpus >= self.cluster.gpus_per_node and node_id not in self.registry.nodes:
+                index = self.registry.node_seen(node_id)
+                logger.warning("Ray node %s joined: it takes the place of lost node %d", node_id[:12], index)
+        return dropped
+
+    @property
+    def down(self) -> frozenset[int]:
+        """Plan nodes lost and not yet replaced by a new node."""
+        return frozenset(i for i in self.registry.lost if i < self.cluster.nodes)
+
     def state(self) -> ClusterState:
         busy = {(l.node, g) for l, _ in self.inflight.values() for g in l.gpus}
+        down = self.down
         free = {n: frozenset(g for g in range(self.cluster.gpus_per_node) if (n, g) not in busy)
-                for n in range(self.cluster.nodes)}
+                for n in range(self.cluster.nodes) if n not in down}
         bound = self.bindings()
         ready = frozenset(g.id for g in self.plan.groups
-                          if (not self.registry.enabled or g.id in bound)
+                          if (not self.registry.enabled or g.id in bound) and g.node not in down
                           and not any((g.node, x) in busy for x in g.gpus))
-        return ClusterState(self.now(), free, ready)
+        return ClusterState(self.now(), free, ready, down)
 
     def schedule(self) -> None:
         """Run the policy until it launches nothing more. A policy that raises is logged and

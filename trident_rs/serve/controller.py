@@ -38,7 +38,7 @@ from trident_rs.serve.broker import MAX_ENDED, Broker
 from trident_rs.serve.config import AppConfig
 from trident_rs.serve.grant import Grant
 from trident_rs.serve.metrics import ServeMetrics
-from trident_rs.serve.registry import EXPIRE_S
+from trident_rs.serve.registry import EXPIRE_S, HEARTBEAT_S
 from trident_rs.serve.request_log import RequestLog
 from trident_rs.serve.scaling import publish_counts, read_count
 from trident_rs.serve.slo import clock_scale, default_slo_s
@@ -109,6 +109,13 @@ def _ray_gpu_nodes() -> dict[str, float]:
 
     return {n["NodeID"]: float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes()
             if n.get("Alive") and n.get("Resources", {}).get("GPU", 0.0) > 0}
+
+
+def _ray_alive_nodes() -> dict[str, float]:
+    """The live Ray nodes -> their GPUs."""
+    import ray
+
+    return {n["NodeID"]: float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")}
 
 
 class Controller:
@@ -196,11 +203,18 @@ class Controller:
             self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def _tick_loop(self) -> None:
+        nodes_checked = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.policy.tick_s)
             try:
                 if self.broker.registry.expire(time.monotonic(), EXPIRE_S):
                     logger.warning("stage replicas stopped heartbeating; dropped from the registry")
+                if self.broker.registry.nodes and time.monotonic() - nodes_checked >= HEARTBEAT_S:
+                    nodes_checked = time.monotonic()
+                    try:  # a node lost: the policy re-plans onto the nodes left (`ClusterState.down`)
+                        self.broker.nodes_alive(await asyncio.to_thread(_ray_alive_nodes))
+                    except Exception:  # noqa: BLE001 - GCS unreachable for now: check next time
+                        logger.warning("could not list Ray's nodes; node loss checked next time")
                 self.broker.roll()
                 self.broker.schedule()
             except Exception:

@@ -14,6 +14,13 @@ deployment, preferring a replica on the group's node; a binding lasts as long as
 The policy adopts where Ray placed the replicas: Serve cannot put a given replica on a given
 node, so the plan's node of a group is a preference, and `status` shows where each group runs.
 A width-k group never spans nodes (its replica is a STRICT_PACK placement group).
+
+Node indices: the plan's nodes are indices; the registry gives each Ray node an index when its
+first replica registers. A node Ray reports dead (`node_lost`) gives its index up: the policy
+sees that index as down, and the next new node to register takes it (a node added back fills
+the place of the one lost; so does a new node Ray reports with GPUs before any replica runs
+there, since a policy planning around a lost node would never start one there); a node that
+registered beyond the plan's `plan_nodes` before the loss was noticed moves into the place at once.
 """
 from __future__ import annotations
 
@@ -50,6 +57,8 @@ class ReplicaRegistry:
     expired: set[str] = field(default_factory=set)  # replicas not heard from in time (taken back if heard again)
     last_expire: float | None = None  # when `expire` last ran
     shunned: dict[str, float] = field(default_factory=dict)  # replica id -> until (monotonic)
+    lost: set[int] = field(default_factory=set)  # indices of nodes lost, not yet taken by a new node
+    plan_nodes: int = 0  # the plan's node count (indices from it on are extra nodes); 0: no limit
 
     @property
     def enabled(self) -> bool:
@@ -61,7 +70,7 @@ class ReplicaRegistry:
         if replica_id in self.gone:
             return False
         self.expired.discard(replica_id)  # heard from again: back
-        self.nodes.setdefault(node_id, len(self.nodes))
+        self.node_seen(node_id)
         info = self.replicas.get(replica_id)
         if info is None:
             self.replicas[replica_id] = ReplicaInfo(replica_id, deployment, node_id,
@@ -90,6 +99,32 @@ class ReplicaRegistry:
         if len(self.expired) > 10_000:  # replicas that never came back (their node died)
             self.expired = set(sorted(self.expired)[-5_000:])
         return old
+
+    def node_seen(self, node_id: str) -> int:
+        """The index of `node_id`; a new node takes the place of a lost one first."""
+        if node_id not in self.nodes:
+            index = min(self.lost) if self.lost else len(self.nodes)
+            self.lost.discard(index)
+            self.nodes[node_id] = index
+        return self.nodes[node_id]
+
+    def node_lost(self, node_id: str) -> list[str]:
+        """Ray reports `node_id` dead: drop its replicas (as expired) and free its index. The
+        replicas dropped."""
+        index = self.nodes.pop(node_id, None)
+        if index is None:
+            return []
+        extra = sorted((i, n) for n, i in self.nodes.items() if self.plan_nodes and i >= self.plan_nodes)
+        if extra and index < self.plan_nodes:  # a node that joined before this loss was seen replaces it
+            self.nodes[extra[0][1]] = index
+            index = extra[0][0]
+        self.lost.add(index)
+        dropped = [r for r, i in self.replicas.items() if i.node_id == node_id]
+        for r in dropped:
+            del self.replicas[r]
+            self.expired.add(r)
+        self.bound = {g: r for g, r in self.bound.items() if r not in dropped}
+        return dropped
 
     def live_counts(self) -> dict[str, int]:
         """Registered (running) replicas per deployment."""

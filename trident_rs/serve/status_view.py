@@ -48,13 +48,14 @@ def status(broker: Broker, log: RequestLog, now: float) -> dict:
                 "replica_node": registry.node_of(replica) if replica else None}
 
     groups = [group(g) for g in plan.groups]
-    nodes = [{"node": n, "gpus": cluster.gpus_per_node, "groups": [g for g in groups if g["node"] == n]}
-             for n in range(cluster.nodes)]
+    down = broker.down
+    nodes = [{"node": n, "gpus": cluster.gpus_per_node, "down": n in down,
+              "groups": [g for g in groups if g["node"] == n]} for n in range(cluster.nodes)]
     stats = dict(log.stats)
     return {
         "policy": getattr(broker.policy, "name", type(broker.policy).__name__),
         "time_s": round(now, 3),
-        "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node},
+        "cluster": {"nodes": cluster.nodes, "gpus_per_node": cluster.gpus_per_node, "down": sorted(down)},
         "counts": dict(broker.counts),
         "published_counts": dict(broker.published or {}),
         "plan": groups,
