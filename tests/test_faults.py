@@ -269,13 +269,13 @@ def test_latents_lost_with_their_node_are_rederived_from_the_embeddings():
             probed.append(ref)
             return len(probed) > 1  # the latents are gone, the embeddings are still there
 
-        inst.probe_input = probe
+        inst.runner.probe_input = probe
         r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "lost1"})
         assert r.status_code == 200, r.text
         assert r.json()["timings"]["rederived_stages"] == 1 and r.json()["timings"]["retries"] == 0
         assert [_stage(inst, s).calls for s in ("encode", "diffuse", "decode")] == [1, 2, 2]
         assert len(probed) == 2
-        assert inst.rederive_stats == {"lost_objects": 1, "requests": 1, "stages": 1}
+        assert inst.runner.rederive_stats == {"lost_objects": 1, "requests": 1, "stages": 1}
         await settle()
         assert inst.controller.finished == [("lost1", "done")] and inst.controller.retries == []
         assert inst.admission.per_model == {} and inst.inflight.states == {}
@@ -292,7 +292,7 @@ def test_embeddings_lost_before_diffuse_read_them_are_rederived_from_the_request
         async def probe(ref):
             return False  # the embeddings went with the node
 
-        inst.probe_input = probe
+        inst.runner.probe_input = probe
         r = await c.post("/v1/generate", json=BODY, headers={"X-Request-Id": "lost2"})
         assert r.status_code == 200, r.text
         assert r.json()["timings"]["rederived_stages"] == 1

@@ -12,20 +12,13 @@ diffuse replica from the loop's latents (`trident_rs.models.preview`), kept ther
 (`stage_deployment.PreviewMailbox`) and collected by the ingress while the diffuse call runs.
 
 For each generation it validates (`GenerationParams.resolved()`: typed errors -> 4xx JSON),
-admits it (bounded queue, 429), tells the controller of the arrival (the answer brings the first
-stage's grant), then for each later stage asks the controller for a grant (reporting the stage
-just done on the same call) and calls the granted replica of that stage's deployment with the *ObjectRef of the previous
-stage's output*: embeddings and latents go stage to stage through the object store and only
-the decoded frames come back here. A stage whose replica dies is re-run from that ref
-(`stage_retry`); a stage whose input was lost with its node is re-derived: the ingress keeps each
-stage's input until the next stage has run and re-runs the earlier stage from it (`rederive`);
-while the controller is down, grants come from the last plan (`controller_link`). The end (done, failed, cancelled, timed_out) is reported to the controller.
+admits it (bounded queue, 429), runs its stages on the granted replicas (`stage_runner`: grants,
+ObjectRefs stage to stage, re-runs, re-derivation, chunks, the last plan while the controller is
+down) and reports its end (done, failed, cancelled, timed_out) to the controller.
 (No `from __future__ import annotations`: FastAPI must see the body models, not strings.)
 """
 import asyncio
 import base64
-import dataclasses
-import functools
 import json
 import time
 import uuid
@@ -52,19 +45,18 @@ from trident_rs.serve.config import AppConfig
 from trident_rs.serve.controller_link import ControllerLink
 from trident_rs.serve.edits import parse_edit, read_form
 from trident_rs.serve.files import FileStore
-from trident_rs.serve.grant import Grant, is_wrong_replica
+from trident_rs.serve.grant import Grant
 from trident_rs.serve.idempotency import IdempotencyCache, fingerprint, key_of
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
 from trident_rs.serve.own_calls import OwnCalls
-from trident_rs.serve.rederive import Lineage, ray_probe
-from trident_rs.serve.stage_retry import is_replica_failure, run_stage
+from trident_rs.serve.stage_retry import is_replica_failure
+from trident_rs.serve.stage_runner import StageRunner
 from trident_rs.serve.videos import (StageTimes, VideoJob, VideoJobs, check_deletable, estimate_progress,
                                      file_url, fps_for, frames_for_seconds)
-from trident_rs.vocab import STAGES, error_body
+from trident_rs.vocab import error_body
 
 api = FastAPI(title="trident_rs", description="Stage-level serving of diffusion pipelines")
 EVENTS_POLL_S = 0.1  # how often the progress stream looks at the controller
-PREVIEW_POLL_S = 0.05  # how often a streamed image request collects its partial images
 api.add_middleware(GuardMiddleware)  # API key, body size, JSON syntax (trident_rs.serve.limits)
 
 
@@ -185,13 +177,12 @@ class Ingress:
         self.admission = Admission.from_config(self.cfg)  # bounded queue per model -> 429
         configure_guard(self.cfg)
         self.inflight = Inflight()  # DeploymentResponses per request id, for cancellation
-        self.preview_sinks: dict[str, tuple[int, asyncio.Queue]] = {}  # streamed requests' partial images
-        self.rederive_stats = {"lost_objects": 0, "requests": 0, "stages": 0}  # outputs lost with a node (rederive)
-        self.probe_input = ray_probe  # whether a kept stage input can still be read (tests swap it)
         f = self.cfg.faults  # the controller may die: the link keeps dispatching on the last plan
         self.link = ControllerLink(controller, {d.name: (d.stage, d.width) for d in self.cfg.deployments},
                                    {d.name: d.replicas for d in self.cfg.deployments},
                                    timeout_s=f.controller_timeout_s, probe_s=f.controller_probe_s)
+        self.runner = StageRunner(self.cfg, self.link, self.stages, self.inflight)  # a request's stages
+        self.preview_sinks = self.runner.preview_sinks  # streamed requests' partial images
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _checked(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -239,7 +230,7 @@ class Ingress:
         state = RequestState.FAILED
         last: list[Grant | None] = [None]  # the grant of the last stage that ran to completion
         try:
-            result = await asyncio.wait_for(self._stages(rid, params, last, track, inputs),
+            result = await asyncio.wait_for(self.runner.run(rid, params, last, track, inputs),
                                             self.cfg.limits.request_timeout_s)
             result.meta["latency_s"] = time.perf_counter() - t0
             state = RequestState.DONE
@@ -256,151 +247,6 @@ class Ingress:
             self.inflight.end(rid, state is RequestState.DONE)  # otherwise cancel what is still pending
             self.admission.release(rid)
             self.link.finish(rid, state, last[0])  # sent, not waited for
-
-    async def _stages(self, rid: str, params: GenerationParams, last: list, track: dict | None = None,
-                      inputs: dict | None = None) -> StagePayload:
-        """Encode, diffuse, decode: each stage where its grant says, re-run if its replica dies.
-        Each acquire carries the previous stage's grant: that is how the controller hears it is done."""
-        await self.link.submit(rid, params)
-        sink = self.preview_sinks.get(rid)
-        out: Any = StagePayload(params, dict(inputs or {}), {"request_id": rid, **({"partial_images": sink[0]} if sink else {})})
-        retries = 0
-        watch = functools.partial(self.inflight.watch, rid)  # awaits that the cancel endpoint can interrupt
-        chain = Lineage(STAGES, out, max_rederive=self.cfg.faults.stage_retries + 2)  # lost objects: rederive
-        held: Grant | None = None  # a controller grant not yet run to completion (kept across a re-derivation)
-        i = 0
-        while i < len(STAGES):
-            stage = STAGES[i]
-            if held is not None and held.stage == stage:
-                grant = held
-            elif chain.redo(i):  # re-deriving a stage already reported done: on the last plan
-                grant = self.link.local_grant(rid, stage, params)
-            else:
-                grant = held = await self.link.acquire(rid, stage, params, watch, done=last[0])
-                last[0] = None
-            if track is not None:
-                track.update(stage=stage, t=time.monotonic(), width=grant.width)
-            chunked = stage == "diffuse" and grant.chunked and not chain.redo(i)
-            try:
-                if chunked:
-                    out, n, grant = await self._chunks(rid, params, grant, chain.input(i), watch, last, track, sink)
-                elif stage == "diffuse" and sink is not None and not chain.redo(i):
-                    out, n, grant = await self._with_previews(rid, grant, sink[1],
-                                                              self._run_stage(rid, stage, grant, chain.input(i), watch))
-                else:
-                    out, n, grant = await self._run_stage(rid, stage, grant, chain.input(i), watch)
-            except Exception as e:  # noqa: BLE001 - Lineage.lost re-raises all but a lost object
-                if chunked:  # the controller has it mid-way through its chunks: re-run whole, on the last plan
-                    held = None
-                    chain.done_once.add(i)
-                elif held is not None and held.stage == stage:
-                    held = grant
-                i = await chain.lost(i, e, self.probe_input)
-                self.rederive_stats["lost_objects"] += 1
-                continue
-            chain.done(i, out)
-            if held is not None and held.stage == stage:
-                held = None
-                last[0] = grant
-            if track is not None:
-                track["done"].append((stage, grant.width))
-            retries += n
-            i += 1
-        out.meta["retries"] = retries
-        out.meta["rederived_stages"] = chain.rederived_stages
-        if chain.rederived_stages:
-            self.rederive_stats["requests"] += 1
-            self.rederive_stats["stages"] += chain.rederived_stages
-        return out
-
-    async def _chunks(self, rid: str, params: GenerationParams, grant: Grant, prev: Any, watch: Any,
-                      last: list, track: dict | None, sink: tuple | None = None) -> tuple[Any, int, Grant]:
-        """Diffuse chunk by chunk (issue 17). Each chunk runs where its grant says, from the
-        ObjectRef of the last boundary's state, which this ingress owns: a replica that dies
-        loses only the chunk it was running, re-run from that ref. At each boundary the chunk's
-        grant goes back with the `acquire` of the next one, which the policy grants now (the same
-        or another replica, at any width), later (the request is paused, its state kept in the
-        object store), or never again before the request's next stage. A cancel lets the running
-        chunk end, then stops the request at that boundary (the controller frees its GPUs with
-        the chunk's grant). A grant without steps (the last plan) runs all the steps left.
-        Returns (the last chunk's output, re-runs, its grant)."""
-        reruns = 0
-        shielded = functools.partial(self.inflight.watch, rid, shield=True)  # a cancel waits for the boundary
-        while True:
-            if self.inflight.cancelled(rid):
-                raise RequestCancelled(rid)
-            if track is not None:
-                track.update(width=grant.width)
-            run = self._run_stage(rid, "diffuse", grant, prev, shielded if grant.chunked else watch,
-                                  shield=grant.chunked)
-            if sink is not None:  # a streamed image: each chunk's partial images, from its replica
-                prev, n, grant = await self._with_previews(rid, grant, sink[1], run)
-            else:
-                prev, n, grant = await run
-            reruns += n
-            if self.inflight.cancelled(rid):
-                last[0] = grant  # the boundary: the controller frees what the chunk held
-                raise RequestCancelled(rid)
-            if not grant.chunked or grant.steps[1] >= params.denoise_steps:
-                return prev, reruns, grant
-            last[0] = grant
-            grant = await self.link.acquire(rid, "diffuse", params, watch, done=grant)
-            last[0] = None
-
-    async def _with_previews(self, rid: str, grant: Grant, queue: asyncio.Queue, run: Any) -> Any:
-        """Await `run` (the diffuse stage) while collecting the request's partial images from the
-        granted replica into `queue` every `PREVIEW_POLL_S`, and once more when it is done."""
-        stage = self.stages[grant.deployment]
-
-        async def collect(drop: bool = False) -> None:
-            try:
-                got = await stage.previews.remote(rid, grant, drop)
-            except Exception:  # noqa: BLE001 - a preview lost is not the request lost
-                return
-            for item in sorted(got):
-                queue.put_nowait(item)
-
-        async def poll() -> None:
-            while True:
-                await asyncio.sleep(PREVIEW_POLL_S)
-                await collect()
-
-        poller = asyncio.get_running_loop().create_task(poll())
-        try:
-            out = await run
-        finally:
-            poller.cancel()
-        await collect(drop=True)  # the previews were made during the call: all are there now
-        return out
-
-    async def _run_stage(self, rid: str, stage: str, grant: Grant, prev: Any, watch: Any,
-                         shield: bool = False) -> tuple[Any, int, Grant]:
-        """One stage on its granted replica, granted again if that replica is gone before the
-        call reaches it; re-run if it dies while running (on the deployment's least busy replica:
-        the controller stops binding the dead one). Returns (output, re-runs, grant). `shield`:
-        a cancel does not interrupt the call (a diffuse chunk runs to its boundary)."""
-        faults = self.cfg.faults
-        reruns = 0
-
-        def on_retry(attempt: int, e: BaseException, g: Grant) -> None:
-            nonlocal reruns
-            reruns += 1
-            self.link.stage_retry(rid, g, attempt, e)
-
-        while True:
-            try:
-                out, _ = await run_stage(
-                    lambda g=grant: self.inflight.add(rid, self.stages[g.deployment].run.remote(
-                        prev, g if not reruns else dataclasses.replace(g, replica_id=None)), shield=shield),
-                    watch, stage=stage, last=stage == STAGES[-1],
-                    retries=max(0, faults.stage_retries - reruns), backoff_s=faults.retry_backoff_s,
-                    on_retry=lambda attempt, e, g=grant: on_retry(attempt, e, g))
-                return out, reruns, grant
-            except Exception as e:  # noqa: BLE001 - sorted just below
-                if not is_wrong_replica(e):
-                    raise
-                here = getattr(getattr(e, "cause", None), "here", None) or getattr(e, "here", None)
-                grant = await self.link.regrant(rid, grant, watch, here)
 
     # -- OpenAI-compatible endpoints ------------------------------------------------------------------
     def _base_url(self, request: Request) -> str:
@@ -780,7 +626,7 @@ class Ingress:
         if isinstance(out, dict):
             out["ingress"] = {"admission": self.admission.snapshot(), "controller_link": self.link.snapshot(),
                               "video_jobs": len(self.videos), "idempotency": self.idem.snapshot(),
-                              "files": self.files.snapshot(), "rederive": dict(self.rederive_stats)}
+                              "files": self.files.snapshot(), "rederive": dict(self.runner.rederive_stats)}
         return out
 
     @api.post("/v1/requests/{request_id}/cancel")
