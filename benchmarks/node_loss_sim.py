@@ -10,7 +10,8 @@ policies see the node in `ClusterState.down`: trident's pool stops placing there
 groups (`trident:placement=groups`) re-plan onto the nodes left at once and back when it returns;
 the baselines' groups there are simply not ready while it is down. Reported: attainment without
 and with the fault, of all requests and of those arriving while the node is down, side by side.
-Writes `benchmarks/results/node_loss_sim.json` and prints a table.
+Writes `benchmarks/results/node_loss_sim.json` and `.png` and prints a table; `--report JSON`
+reprints the table and redraws the plot of a run.
 """
 from __future__ import annotations
 
@@ -76,13 +77,46 @@ def table(rows: list[dict], policies: list[str]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], policies: list[str], path: Path) -> None:
+    """Mean attainment per policy, healthy beside node lost, of all requests and of those arriving
+    while the node is down."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    x = np.arange(len(policies))
+    for ax, key, title in ((axes[0], "attainment", "all requests"),
+                           (axes[1], "attainment_while_down", "requests arriving while node 1 is down")):
+        for k, (tag, label) in enumerate((("healthy", "healthy"), ("node_lost", "node 1 lost"))):
+            means = [sum(r["policies"][n][tag][key] or 0 for r in rows) / len(rows) for n in policies]
+            ax.bar(x + (k - 0.5) * 0.38, means, 0.38, label=label)
+        ax.set_xticks(x, policies, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0.6, 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("mean SLO attainment (quick suite, 32 points)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", default="", help="comma-separated indices of the quick suite's points")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/node_loss_sim.json")
+    ap.add_argument("--report", default="", help="reprint the table and redraw the plot of this JSON; run nothing")
     args = ap.parse_args()
+    if args.report:
+        rows = json.loads(Path(args.report).read_text())["points"]
+        names = [n for n in args.policies if n in rows[0]["policies"]]
+        print(table(rows, names))
+        plot(rows, names, Path(args.report).with_suffix(".png"))
+        return 0
     points = suite_points(quick=True)
     if args.points:
         keep = {int(x) for x in args.points.split(",")}
@@ -96,7 +130,8 @@ def main() -> int:
     Path(args.out).write_text(json.dumps({"lost_node": LOST_NODE, "noise": NOISE, "wall_s": wall, "points": rows},
                                          indent=1, default=float))
     print(table(rows, args.policies))
-    print(f"\n{len(rows)} points in {wall:.0f} s; wrote {args.out}")
+    plot(rows, args.policies, Path(args.out).with_suffix(".png"))
+    print(f"\n{len(rows)} points in {wall:.0f} s; wrote {args.out} and its .png")
     return 0
 
 
