@@ -40,6 +40,14 @@ async def _register(ctl, cfg) -> None:
             await ctl.register(f"{name}#{i}", name, "node-a")
 
 
+async def _first_chunk(rid: str) -> tuple:
+    """A controller on SCRIPT with its replicas registered, and `rid`'s first diffuse chunk grant."""
+    ctl = mod.Controller(SCRIPT)
+    await _register(ctl, SCRIPT)
+    grant = (await ctl.submit(rid, "sd3", Shape(512, 512), 4))["grant"]
+    return ctl, await ctl.acquire(rid, "diffuse", grant)
+
+
 def test_pool_config_reserves_no_gpus_and_may_deploy_more_slots_than_gpus():
     cfg = AppConfig.parse(SCRIPT)  # 5 replicas of 6 GPU-widths on 2 GPUs: slots, not reservations
     assert cfg.pool and not any(cfg.reserves_gpus(d) for d in cfg.deployments)
@@ -86,10 +94,7 @@ def test_chunk_grants_change_width_pause_and_report_progress(published):
 
 def test_a_request_cancelled_at_a_boundary_frees_its_gpus_and_is_never_granted_again(published):
     async def go():
-        ctl = mod.Controller(SCRIPT)
-        await _register(ctl, SCRIPT)
-        grant = (await ctl.submit("c", "sd3", Shape(512, 512), 4))["grant"]
-        grant = await ctl.acquire("c", "diffuse", grant)
+        ctl, grant = await _first_chunk("c")
         assert grant.steps == (0, 1)
         await ctl.finish("c", "cancelled", grant)  # the ingress stops at the chunk's end
         assert ctl.inflight == {} and ctl.broker.granted == {}
@@ -102,10 +107,7 @@ def test_a_request_cancelled_at_a_boundary_frees_its_gpus_and_is_never_granted_a
 
 def test_a_pool_grant_whose_replica_is_gone_moves_to_another_of_its_width(published):
     async def go():
-        ctl = mod.Controller(SCRIPT)
-        await _register(ctl, SCRIPT)
-        grant = (await ctl.submit("r", "sd3", Shape(512, 512), 4))["grant"]
-        grant = await ctl.acquire("r", "diffuse", grant)
+        ctl, grant = await _first_chunk("r")
         assert grant.deployment == "diffuse-w1"
         await ctl.deregister(grant.replica_id)
         again = await asyncio.wait_for(ctl.regrant(grant), 1.0)
@@ -286,7 +288,7 @@ def test_a_streamed_request_collects_each_chunks_partial_images():
 
     async def go():
         queue: asyncio.Queue = asyncio.Queue()
-        inst.preview_sinks["s"] = (2, queue)
+        inst.runner.preview_sinks["s"] = (2, queue)
         params = GenerationParams(model="tiny-sd3", prompt="p", steps=4).resolved()
         await inst.generate(params, "s")
         return [queue.get_nowait()[0] for _ in range(queue.qsize())]
