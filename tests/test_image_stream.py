@@ -57,7 +57,7 @@ def test_stream_sends_n_partial_images_then_the_completed_image(n):
         events = await _stream(client, n)
         plain = await client.images.generate(model="tiny-sd3", prompt="a red boat", size="64x64",
                                              extra_body={"seed": 7, "steps": 4})
-        return events, plain, dict(inst.preview_sinks), inst.admission.snapshot()
+        return events, plain, dict(inst.runner.preview_sinks), inst.admission.snapshot()
     events, plain, sinks, adm = run_openai(CFG, go)
     done = _check_events(events, n)
     assert np.array_equal(_pixels(done.b64_json), _pixels(plain.data[0].b64_json))

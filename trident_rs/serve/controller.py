@@ -103,19 +103,16 @@ def _policy_options(cfg: AppConfig, cost: Any) -> dict[str, Any]:
     return options
 
 
-def _ray_gpu_nodes() -> dict[str, float]:
-    """GPUs of every live Ray node that has any."""
-    import ray
-
-    return {n["NodeID"]: float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes()
-            if n.get("Alive") and n.get("Resources", {}).get("GPU", 0.0) > 0}
-
-
 def _ray_alive_nodes() -> dict[str, float]:
     """The live Ray nodes -> their GPUs."""
     import ray
 
     return {n["NodeID"]: float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")}
+
+
+def _ray_gpu_nodes() -> dict[str, float]:
+    """GPUs of every live Ray node that has any."""
+    return {n: gpus for n, gpus in _ray_alive_nodes().items() if gpus > 0}
 
 
 class Controller:

@@ -182,7 +182,6 @@ class Ingress:
                                    {d.name: d.replicas for d in self.cfg.deployments},
                                    timeout_s=f.controller_timeout_s, probe_s=f.controller_probe_s)
         self.runner = StageRunner(self.cfg, self.link, self.stages, self.inflight)  # a request's stages
-        self.preview_sinks = self.runner.preview_sinks  # streamed requests' partial images
 
     # -- the pipeline -----------------------------------------------------------------------------
     def _checked(self, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -314,7 +313,7 @@ class Ingress:
         n = body.partial_images or 0
         queue: asyncio.Queue = asyncio.Queue()
         if n:
-            self.preview_sinks[rid] = (n, queue)
+            self.runner.preview_sinks[rid] = (n, queue)
         common = {"size": f"{base.width}x{base.height}", "quality": _quality(body.quality),
                   "background": "opaque", "output_format": "png"}
 
@@ -349,7 +348,7 @@ class Ingress:
                         usage={"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                                "output_tokens": 0, "total_tokens": 0})
         finally:
-            self.preview_sinks.pop(rid, None)
+            self.runner.preview_sinks.pop(rid, None)
             if not task.done():
                 task.cancel()  # the client went away: the request is cancelled
                 await asyncio.wait({task}, timeout=5.0)

@@ -186,7 +186,7 @@ class Simulator:
         self.residency = WeightResidency(  # what each GPU holds, for shared-pool launches
             cost, cluster.gpu_memory_gb, self.config.start_cost_s if self.config.model_load_s is None
             else self.config.model_load_s, self.config.regroup_s)
-        self.running: dict[int, tuple[Launch, float, float]] = {}  # id(launch) in flight -> (launch, start, extra s)
+        self.running: dict[int, tuple[Launch, float, float, float]] = {}  # id(launch) in flight -> (launch, start, extra s, end)
         # diffuse chunks: steps done per request; requests whose chunk just ended (paused unless
         # the policy resumes them at once); paused requests and the host memory they hold
         self.steps_done: dict[str, int] = {}
@@ -199,7 +199,6 @@ class Simulator:
         self.down: set[int] = set()
         self.plan_groups: dict[str, ReplicaGroup] = {}
         self.lost_groups: dict[int, dict[str, ReplicaGroup]] = {}
-        self.ends: dict[int, float] = {}  # id(launch) in flight -> its end
         self.rerun_end: dict[int, float] = {}
         self.orphaned: set[int] = set()
         for t_lost, node, t_back in self.config.node_faults:
@@ -457,8 +456,7 @@ class Simulator:
         self._take(node, gpus)
         self.busy_gpu_seconds += duration * launch.width
         self.launches += 1
-        self.running[id(launch)] = (launch, self.now, extra)
-        self.ends[id(launch)] = self.now + duration
+        self.running[id(launch)] = (launch, self.now, extra, self.now + duration)
         self._push(self.now + duration, _DONE, launch)
 
     def _refuse_for_memory(self, launch: Launch, first: Request, batch: int) -> bool:
@@ -499,8 +497,7 @@ class Simulator:
 
     def _launch_done(self, launch: Launch) -> None:
         n = len(launch.stages)
-        _, start, extra = self.running.pop(id(launch))
-        self.ends.pop(id(launch), None)
+        _, start, extra, _ = self.running.pop(id(launch))
         for rid in launch.request_ids:
             self.in_flight.discard(rid)
             self.timeline.setdefault(rid, []).append(StageRecord(
@@ -527,20 +524,19 @@ class Simulator:
     # ---- node faults ----------------------------------------------------------------------
     def _node_lost(self, node: int) -> None:
         self.down.add(node)
-        self.free[node].clear()
         self.dirty.add(node)
         lost = self.lost_groups.setdefault(node, {})
         for gid, g in list(self.groups.items()) + list(self.starting_group.items()):
             if g.node == node:
                 self._remove_group(gid)
                 lost[gid] = g
-        self.free[node].clear()  # (removing a starting group gave back what it held)
+        self.free[node].clear()  # after the groups: removing a starting one gives back what it held
         for key in [k for k in self.residency.gpus if k[0] == node]:  # a fresh node holds no weights
             del self.residency.gpus[key]
-        for lid, (launch, start, _) in self.running.items():
+        for lid, (launch, start, _, end) in self.running.items():
             if launch.node == node and lid not in self.orphaned:  # re-run from its start, elsewhere
                 self.orphaned.add(lid)
-                self.rerun_end[lid] = self.now + (self.ends[lid] - start)
+                self.rerun_end[lid] = self.now + (end - start)
 
     def _node_back(self, node: int) -> None:
         self.down.discard(node)
