@@ -165,3 +165,32 @@ def test_the_serve_controller_replans_onto_the_nodes_left_and_back(published):  
         assert ctl.broker.registry.node_of("r3") == 1
         assert (await ctl.status())["cluster"]["down"] == []
     asyncio.run(go())
+
+
+def test_a_group_of_a_lost_plan_node_bound_to_a_live_replica_elsewhere_stays_ready(published):  # noqa: F811
+    """In Serve a group's plan node is a preference: greedy plans both diffuse groups on node 1,
+    Ray put one diffuse replica there and one on node 2. Node 1 is lost: the group bound to the
+    replica on node 2 still runs work (else no diffuse group would be ready until a node is back;
+    found as a hung request in the cluster-fault test)."""
+    import asyncio
+
+    from trident_rs.serve import controller as mod
+
+    cfg = {"models": ["sd3"], "executor": "emulated", "time_scale": 0.001,
+           "cluster": {"nodes": 3, "gpus_per_node": 2},
+           "deployments": [{"stage": s, "width": 1, "replicas": 2, "max_replicas": 2}
+                           for s in ("encode", "diffuse", "decode")],
+           "policy": {"name": "greedy", "options": {"replan": False}}}
+
+    async def go():
+        ctl = mod.Controller(cfg)
+        for rid, dep, node in (("e0", "encode-w1", "a"), ("e1", "encode-w1", "a"), ("d0", "diffuse-w1", "b"),
+                               ("d1", "diffuse-w1", "c"), ("x0", "decode-w1", "c"), ("x1", "decode-w1", "c")):
+            await ctl.register(rid, dep, node, ["0"])
+        diffuse = {g.id for g in ctl.plan.groups if g.stages == ("diffuse",)}
+        assert {g.node for g in ctl.plan.groups if g.id in diffuse} == {1}
+        ctl.broker.nodes_alive({"a": 2.0, "c": 2.0})
+        assert ctl.broker.down == frozenset({1})
+        ready = ctl.broker.state().ready_groups & diffuse
+        assert len(ready) == 1 and ctl.broker.bindings()[next(iter(ready))] == "d1"
+    asyncio.run(go())

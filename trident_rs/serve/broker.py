@@ -265,8 +265,10 @@ class Broker:
         free = {n: frozenset(g for g in range(self.cluster.gpus_per_node) if (n, g) not in busy)
                 for n in range(self.cluster.nodes) if n not in down}
         bound = self.bindings()
+        # a group is ready when bound to a live replica, wherever Ray put it: its plan node is a
+        # preference (a group of a lost node bound to a replica elsewhere still runs work)
         ready = frozenset(g.id for g in self.plan.groups
-                          if (not self.registry.enabled or g.id in bound) and g.node not in down
+                          if (not self.registry.enabled or g.id in bound)
                           and not any((g.node, x) in busy for x in g.gpus))
         return ClusterState(self.now(), free, ready, down)
 
