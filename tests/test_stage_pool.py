@@ -95,9 +95,12 @@ def test_model_loads_are_avoided_while_the_model_has_its_own_gpus():
     reqs = workload(80, 3.0, 3, ("flux", "sd3"), 8.0)
     res = simulate(cluster, StagePoolPolicy(cluster, COST, models={"flux": 1, "sd3": 1}), COST, reqs,
                    SimConfig(start_cost_s=20.0))
-    loads = sum(1 for r in reqs for rec in res.timeline[r.id] if rec.extra_s >= 20.0)
     assert len(res.finish) == len(reqs)
-    assert loads <= 8  # of 240 launches
+    loads = [(r.id, i) for r in reqs for i, rec in enumerate(res.timeline[r.id]) if rec.extra_s >= 20.0]
+    at_start = [(rid, i) for rid, i in loads if not res.timeline[rid][i].steps or res.timeline[rid][i].steps[0] == 0]
+    assert len(at_start) <= 8  # of 240 launches
+    for rid, i in set(loads) - set(at_start):  # mid-diffuse, a load only ever widens (where it pays)
+        assert res.timeline[rid][i].width > res.timeline[rid][i - 1].width
 
 
 def test_residency_prices_model_loads_weight_copies_and_regroups():
@@ -267,3 +270,33 @@ def test_a_late_short_stage_runs_at_any_width_with_room():
     _, _, _, efficient = policy._class("hunyuanvideo", STAGES.index("decode"), r.shape, 50)
     assert decode.widths[0] == max(efficient)
     assert len(decode.widths) > 1 and sorted(decode.widths) == sorted(set(decode.widths))
+
+
+def test_a_diffuse_at_its_boundary_widens_onto_gpus_that_must_load_its_model_where_that_pays():
+    # a HunyuanVideo diffuse runs at width 1 on the one GPU of its node that holds its model; the
+    # node's other 7 GPUs hold FLUX and are free. At its chunk boundary, loading the model onto
+    # them (20 s) and running its 49 remaining steps at width 8 finishes far sooner than going on
+    # at width 1 (~10 s a step): it widens. A paused request (not going on where it ran) and the
+    # policy with `widen_loads=False` still wait for GPUs that hold the model
+    from trident_rs.policy.stage_pool import _Flight
+
+    r = Request("v", "hunyuanvideo", Shape(720, 1280, 129), 50, 0.0, 100_000.0)
+    for widen in (True, False):
+        policy = StagePoolPolicy(Cluster(1, 8), COST, widen_loads=widen)
+        for g in range(1, 8):
+            policy.residency.record("flux", ("diffuse",), 0, (g,), Shape(1024, 1024))
+        policy.residency.record("hunyuanvideo", ("diffuse",), 0, (0,), r.shape)
+        f = _Flight(r, stage=STAGES.index("diffuse"), node=0, gpus=(0,), done=1)
+        policy.flights[r.id] = f
+        policy._budget, policy._ahead = policy._budgets(), {}
+        free = {0: set(range(8))}
+        c = policy._choose(f, 50.0, 1.0, free)
+        assert 8 in c.widths and c.time[8] + 20.0 < c.time[1]
+        work = c.time[8] + c.rest
+        policy._boundary = {r.id}
+        spot = policy._place(f, 8, free, 50.0, work, policy._stay_s(f, c, 1.0))
+        assert (spot is not None) == widen
+        if widen:
+            assert spot[1] == tuple(range(8)) and spot[2] >= 20.0
+        policy._boundary = set()  # paused: it did not go on where it ran
+        assert policy._place(f, 8, free, 50.0, work, policy._stay_s(f, c, 1.0)) is None

@@ -38,7 +38,9 @@ Decisions, each from the cost model:
   long as makes the boundary's cost (`boundary_s`) at most `chunk_overhead` of it. At every
   boundary the request is decided again like any ready task, with its remaining steps: it
   goes on where it ran (free of cost), moves to another width where that pays for the
-  regroup, or yields its GPUs to more urgent work and pauses (its state in host memory).
+  regroup, or yields its GPUs to more urgent work and pauses (its state in host memory). It
+  widens onto GPUs that must load its model only where the load plus its remaining steps there
+  finish sooner than going on (`widen_loads`); a paused request waits for GPUs holding its model.
   Starvation is bounded: after `max_preemptions` pauses a request runs its remaining steps in
   one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs (its
   last launch, which keeps its width to the end, at the fastest width with room then).
@@ -124,6 +126,7 @@ class StagePoolPolicy(Policy):
                  elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_OVERHEAD_S + CHUNK_BOUNDARY_S,
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
                  spare: str = "gain", widths: dict | None = None, chunk_edits: bool = True,
+                 widen_loads: bool = True,
                  **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
@@ -143,6 +146,7 @@ class StagePoolPolicy(Policy):
         if spare not in ("gain", "deadline"):
             raise ConfigError(f"trident (pool): spare must be 'gain' or 'deadline', got {spare!r}")
         self.spare = spare
+        self.widen_loads = widen_loads if isinstance(widen_loads, bool) else str(widen_loads).lower() in ("1", "true")
         self.chunk_edits = chunk_edits if isinstance(chunk_edits, bool) else str(chunk_edits).lower() in ("1", "true")
         try:  # the widths each stage may run at (a runtime that deploys only some): None, all
             self.widths = None if widths is None else {s: frozenset(int(w) for w in ws) for s, ws in widths.items()}
@@ -278,7 +282,7 @@ class StagePoolPolicy(Policy):
                 room = free if hold is None else _backfill(free, hold, now + slack * c.time[w])
                 if (w >= blocked and not f.urgent) or not any(len(g) >= w for g in room.values()):
                     continue
-                spot = self._place(f, w, room, now, slack * (c.time[w] + c.rest))
+                spot = self._place(f, w, room, now, slack * (c.time[w] + c.rest), self._stay_s(f, c, slack))
                 if spot is not None:
                     break
             if spot is None:
@@ -380,8 +384,16 @@ class StagePoolPolicy(Policy):
                 spare -= w - cur
         return out
 
+    def _stay_s(self, f: _Flight, c: _Choice, slack: float) -> float:
+        """Predicted seconds to finish going on where it runs (a diffuse at its chunk boundary);
+        0 where it cannot go on there (a model load never pays then)."""
+        cur = len(f.gpus)
+        if not self.widen_loads or not f.done or f.request.id not in self._boundary or cur not in c.time:
+            return 0.0
+        return slack * (c.time[cur] + c.rest)
+
     def _place(self, f: _Flight, w: int, free: dict[int, set[int]], now: float,
-               work_s: float) -> tuple[int, tuple[int, ...], float] | None:
+               work_s: float, stay_s: float = 0.0) -> tuple[int, tuple[int, ...], float] | None:
         """(node, GPUs, load seconds) for a width-`w` launch of `f`'s next stage, or None to wait."""
         r, stage = f.request, STAGES[f.stage]
         best = None
@@ -396,7 +408,7 @@ class StagePoolPolicy(Policy):
         if best is None:
             return None
         _, n, gpus, load = best
-        if load >= self.model_load_s and f.done and not f.urgent:
+        if load >= self.model_load_s and f.done and not f.urgent and load + work_s >= stay_s:
             return None  # a paused diffuse waits for GPUs holding its model rather than load it
         if load >= self.model_load_s:  # another model's GPUs: only within our share, and only if
             # waiting for our own GPUs (their first free moment, then the work queued ahead of us
