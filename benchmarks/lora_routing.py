@@ -24,7 +24,7 @@ from pathlib import Path
 
 from trident_rs.policy.stage_estimate import default_cost_model
 from trident_rs.policy.types import Cluster
-from trident_rs.sim.engine import SimConfig
+from trident_rs.sim import SimConfig
 from trident_rs.sim.lora_workload import with_adapters
 from trident_rs.sim.runner import run_policy
 from trident_rs.sim.workloads import load_workload

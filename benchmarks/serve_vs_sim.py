@@ -44,7 +44,7 @@ import numpy as np
 from trident_rs.policy import registry
 from trident_rs.policy.cost_model import CostModel
 from trident_rs.policy.types import Cluster, Request
-from trident_rs.sim.engine import SimConfig, simulate
+from trident_rs.sim import SimConfig, simulate
 from trident_rs.sim.metrics import summarize
 from trident_rs.sim.workloads import describe, load_workload
 from trident_rs.vocab import percentile

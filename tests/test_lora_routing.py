@@ -81,7 +81,7 @@ def test_workload_adapters_are_zipf_popular_and_leave_some_requests_plain():
 def _sim(requests, routing, load_s=1.0, slots=4):
     from trident_rs.policy.stage_estimate import default_cost_model
     from trident_rs.policy.types import Cluster
-    from trident_rs.sim.engine import SimConfig
+    from trident_rs.sim import SimConfig
     from trident_rs.sim.runner import run_policy
 
     cost = default_cost_model()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.types import Cluster
-from trident_rs.sim.engine import SimConfig
+from trident_rs.sim import SimConfig
 from trident_rs.sim.runner import expand, run_policy
 from trident_rs.sim.workloads import describe, load_workload, workload_names
 

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 import time
-import zlib
-from dataclasses import dataclass, field
 
 from trident_rs.errors import TridentError
-from trident_rs.policy.baselines import stage_width
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.payload_size import (
-    CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S, SERVE_REQUEST_OVERHEAD_S, TEXT_EMBEDDING_BYTES, chunk_state_bytes,
-    latent_bytes,
-)
-from trident_rs.policy.adapters import ADAPTER_LOAD_S, AdapterResidency
-from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
+from trident_rs.policy.payload_size import TEXT_EMBEDDING_BYTES, chunk_state_bytes, latent_bytes
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
+from trident_rs.sim.config import SimConfig
+from trident_rs.sim.launch_cost import LaunchCost
+from trident_rs.sim.records import SimResult, StageRecord
+
+__all__ = ["PolicyViolation", "SimConfig", "SimResult", "Simulator", "StageRecord", "simulate"]
 
 _DONE, _READY, _WAKE, _NODE = 0, 1, 2, 3
 _GPU = tuple[int, int]  # (node, gpu index)
@@ -33,111 +29,6 @@ class PolicyViolation(TridentError, RuntimeError):
     """A policy returned a decision that breaks the Policy contract."""
 
 
-
-@dataclass(frozen=True)
-class SimConfig:
-    """Physical knobs of the simulated cluster.
-
-    Every policy is charged the same: stage times drawn around the cost model's prediction
-    (`noise`, lognormal, mean 1; policies only ever see predictions), GPU memory (a launch that
-    would not fit is refused, as it would OOM: its requests fail), the Serve runtime's overhead
-    per stage hop and per request, transfers between stages on different GPUs, the start of a
-    new replica group (`start_cost_s`) and, for shared-pool launches (no replica group),
-    regrouping GPUs into a new sequence-parallel group (`regroup_s`), loading another model
-    onto them (`model_load_s`, default the start cost) or copying in a stage's weights they do
-    not hold (`WeightResidency`). Diffuse chunks (`Launch.steps`) pay `chunk_boundary_s` when
-    they resume a request, and move its chunk state (`chunk_state_bytes`) between GPUs, or back
-    from host memory where the request was paused; paused state beyond `host_memory_gb` is a
-    policy violation. A node lost (`node_faults`) takes its GPUs, its replica groups and the
-    weights they held; a launch running there is re-run from its start elsewhere, as Serve's
-    ingress does (on no GPUs the policy accounts for); the policy sees the node in
-    `ClusterState.down` until it is back, and its plan's groups there start again (start cost)
-    once it is."""
-
-    noise: float = 0.0  # sigma of a mean-1 lognormal factor per (request, stage), the same under every policy
-    seed: int = 0
-    intra_node_gbps: float = 20.0  # GB/s between GPUs of one node (PCIe)
-    inter_node_gbps: float = 10.0  # GB/s between nodes
-    start_cost_s: float = 20.0  # seconds until a replica group added by a new plan is ready
-    until: float | None = None  # stop at this virtual time (unfinished requests stay unfinished)
-    max_idle_wakeups: int = 10_000  # empty periodic wakeups with nothing else to do -> stall
-    enforce_memory: bool = True  # refuse launches whose predicted peak exceeds GPU memory
-    hop_overhead_s: float = SERVE_HOP_OVERHEAD_S  # added to every launch
-    request_overhead_s: float = SERVE_REQUEST_OVERHEAD_S  # added to every request's latency
-    regroup_s: float = DEFAULT_REGROUP_S
-    model_load_s: float | None = None  # None: start_cost_s
-    chunk_boundary_s: float = CHUNK_BOUNDARY_S  # added to every chunk that resumes a request
-    host_memory_gb: float = 512.0  # paused requests' chunk state held in host memory, cluster-wide
-    # LoRA adapters: each diffuse replica group (or pool GPU set) keeps an LRU of `lora_slots`;
-    # a diffuse launch first loads the adapters its GPUs lack, `adapter_load_s` each
-    adapter_load_s: float = ADAPTER_LOAD_S
-    lora_slots: int = 4
-    node_faults: tuple[tuple[float, int, float], ...] = ()  # (when lost, node, when back; inf: never)
-
-    @classmethod
-    def ideal(cls, **overrides) -> "SimConfig":
-        """No noise, no overheads, no regroup cost, memory unchecked: the engine before the
-        fair yardstick (for before/after comparisons and for exact-timing tests)."""
-        base = dict(enforce_memory=False, hop_overhead_s=0.0, request_overhead_s=0.0, regroup_s=0.0,
-                    model_load_s=0.0)
-        return cls(**{**base, **overrides})
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    """One launch of one request, for its timeline: when it could start, when it ran, where."""
-
-    stages: tuple[str, ...]
-    ready: float  # arrival, or the end of the previous launch
-    start: float
-    end: float
-    width: int
-    node: int
-    batch: int
-    extra_s: float = 0.0  # transfer, overhead, regroup and offload time inside [start, end]
-    steps: tuple[int, int] | None = None  # diffuse chunk: steps [a, b)
-
-    @property
-    def queued_s(self) -> float:
-        return self.start - self.ready
-
-    @property
-    def run_s(self) -> float:
-        return self.end - self.start
-
-
-@dataclass
-class SimResult:
-    """Everything the metrics need, per request and per run."""
-
-    policy: str
-    cluster: Cluster
-    requests: list[Request]
-    finish: dict[str, float]  # request id -> time its decode finished
-    busy_gpu_seconds: float
-    end_time: float
-    launches: int
-    plan_changes: int
-    schedule_calls: int
-    decision_time_s: float  # wall time spent inside policy.schedule()
-    wall_time_s: float
-    in_flight_at_end: int
-    replan_reasons: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # request id -> why (memory refusal)
-    memory_refusals: int = 0  # launches refused
-    timeline: dict[str, list[StageRecord]] = field(default_factory=dict)
-    demoted: frozenset[str] = frozenset()  # requests the policy demoted as late (if it says)
-    peak_paused_gb: float = 0.0  # most chunk state paused requests held in host memory at once
-    adapter_hits: int = 0  # adapters diffuse launches found loaded
-    adapter_loads: int = 0  # adapters diffuse launches loaded first
-
-    def request_timeline(self, request_id: str) -> dict:
-        """Queue and run time per launch, width, and whether the policy demoted the request."""
-        recs = self.timeline.get(request_id, [])
-        return {"stages": [{"stages": list(r.stages), "queued_s": r.queued_s, "run_s": r.run_s, "width": r.width,
-                            "node": r.node, "batch": r.batch, "extra_s": r.extra_s,
-                            **({"steps": list(r.steps)} if r.steps else {})} for r in recs],
-                "demoted": request_id in self.demoted, "failed": self.failed.get(request_id, "")}
 
 class Simulator:
     """Run `policy` over `requests` on `cluster`; `cost` provides stage times (see CostModel)."""
@@ -171,7 +62,6 @@ class Simulator:
         self.events: list[tuple[float, int, int, object]] = []
         self.seq = 0
         self.wakeup_at: float | None = None
-        self.stage_cache: dict[tuple, float] = {}
         self.busy_gpu_seconds = 0.0
         self.launches = self.plan_changes = self.schedule_calls = 0
         self.decision_time = 0.0
@@ -182,15 +72,11 @@ class Simulator:
         self._refused_this_call = False
         self.timeline: dict[str, list[StageRecord]] = {}
         self.ready_at: dict[str, float] = {}  # request -> when its next launch could start
-        self.adapter_lru = AdapterResidency(self.config.lora_slots, self.config.adapter_load_s)
-        self.residency = WeightResidency(  # what each GPU holds, for shared-pool launches
-            cost, cluster.gpu_memory_gb, self.config.start_cost_s if self.config.model_load_s is None
-            else self.config.model_load_s, self.config.regroup_s)
+        self.charges = LaunchCost(cost, cluster, self.config)
         self.running: dict[int, tuple[Launch, float, float, float]] = {}  # id(launch) in flight -> (launch, start, extra s, end)
         # diffuse chunks: steps done per request; requests whose chunk just ended (paused unless
         # the policy resumes them at once); paused requests and the host memory they hold
         self.steps_done: dict[str, int] = {}
-        self.noise_of: dict[tuple[str, str], float] = {}  # (request, stage) -> its time factor (`_noise`)
         self.at_boundary: list[str] = []
         self.paused: dict[str, float] = {}  # request -> bytes of chunk state in host memory
         self.paused_bytes = self.peak_paused_bytes = 0.0
@@ -275,7 +161,7 @@ class Simulator:
             self._add_group(g, initial)
 
     def _remove_group(self, gid: str) -> None:
-        self.adapter_lru.forget(gid)
+        self.charges.adapters.forget(gid)
         g = self.groups.pop(gid, None)
         if g is not None:  # ready group: its GPUs drain (in-flight work finishes), then are free
             for gpu in g.gpus:
@@ -336,18 +222,6 @@ class Simulator:
         self._make_ready(g)
 
     # ---- launches -------------------------------------------------------------------------
-    def _stage_time(self, model: str, stage: str, shape, width: int, batch: int, steps: int,
-                    encode_image: bool = False) -> float:
-        key = (model, stage, shape, width, batch, steps, encode_image)
-        t = self.stage_cache.get(key)
-        if t is None:
-            w = stage_width(model, stage, width)  # the widest degree the stage supports within the launch
-            edit = {"encode_image": True} if encode_image else {}  # (cost models without edits keep working)
-            t = float(self.cost.stage_time(model, stage, shape, width=w, batch=batch,
-                                           steps=steps if stage == "diffuse" else 1, **edit))
-            self.stage_cache[key] = t
-        return t
-
     def _transfer_time(self, req: Request, launch: Launch) -> float:
         """Moving what the launch needs from where the request's last launch left it: nothing
         on the same GPUs; a paused request's chunk state comes back from host memory."""
@@ -368,20 +242,6 @@ class Simulator:
             size = latent_bytes(req.model, s.height, s.width, s.frames)
         gbps = self.config.intra_node_gbps if node == launch.node else self.config.inter_node_gbps
         return size / (gbps * 1e9)
-
-    def _noise(self, rid: str, stage: str) -> float:
-        """The lognormal time factor of `stage` of request `rid`: drawn from (seed, request,
-        stage) alone, so every policy runs the same request's stage at the same factor (common
-        random numbers: policies differ by their decisions, not by their luck), and the chunks
-        of one diffuse share it (a slow request is slow at every step: chunking does not
-        average its noise away)."""
-        key = (rid, stage)
-        factor = self.noise_of.get(key)
-        if factor is None:
-            sigma = self.config.noise
-            rng = random.Random(zlib.crc32(f"{self.config.seed}/{rid}/{stage}".encode()))
-            factor = self.noise_of[key] = rng.lognormvariate(-sigma * sigma / 2, sigma)
-        return factor
 
     def _steps_of(self, launch: Launch) -> int:
         """Denoising steps the launch runs (checked: a chunk starts where each request stands)."""
@@ -437,13 +297,11 @@ class Simulator:
         if self.config.enforce_memory and self._refuse_for_memory(launch, first, batch):
             return
         steps = self._steps_of(launch)
-        encode_image = any(self.by_id[r].encode_image for r in launch.request_ids)  # an edit in the batch
-        compute = sum(self._stage_time(launch.model, s, first.shape, launch.width, batch, steps, encode_image)
-                      * (sum(self._noise(r, s) for r in launch.request_ids) / batch if self.config.noise > 0 else 1.0)
-                      for s in launch.stages)
-        transfer = max(self._transfer_time(self.by_id[r], launch) for r in launch.request_ids)
-        extra = transfer + self.config.hop_overhead_s + self._pool_load_s(launch, first.shape)
-        extra += self._adapter_load_s(launch)
+        reqs = [self.by_id[r] for r in launch.request_ids]
+        compute = self.charges.compute_s(launch, reqs, steps)
+        transfer = max(self._transfer_time(r, launch) for r in reqs)
+        extra = transfer + self.config.hop_overhead_s + self.charges.weights_s(launch, first.shape)
+        extra += self.charges.adapters_s(launch, reqs)
         if launch.steps is not None and launch.steps[0] > 0:
             extra += self.config.chunk_boundary_s
         for rid in launch.request_ids:
@@ -475,25 +333,6 @@ class Simulator:
             self.paused_bytes -= self.paused.pop(rid, 0.0)
         self.policy.on_launch_refused(launch, self.now)
         return True
-
-    def _pool_load_s(self, launch: Launch, shape) -> float:
-        """Shared-pool launches (no replica group) pay for the weights their GPUs lack and for
-        regrouping (`WeightResidency`). Replica groups pay their start cost instead."""
-        if launch.group_id:
-            return 0.0
-        r = self.residency
-        cost = r.load_s(launch.model, launch.stages, launch.node, launch.gpus, launch.offload)
-        r.record(launch.model, launch.stages, launch.node, launch.gpus, shape, launch.offload)
-        return cost
-
-    def _adapter_load_s(self, launch: Launch) -> float:
-        """A diffuse launch first loads the LoRA adapters its replica group (pool launches: its
-        GPUs) lacks; the batch's requests share one adapter set, as the executors run them."""
-        if "diffuse" not in launch.stages:
-            return 0.0
-        names = tuple(dict.fromkeys(a for rid in launch.request_ids for a in self.by_id[rid].adapters))
-        key = launch.group_id or (launch.node, tuple(sorted(launch.gpus)))
-        return self.adapter_lru.use(key, names) * self.adapter_lru.load_s
 
     def _launch_done(self, launch: Launch) -> None:
         n = len(launch.stages)
@@ -531,8 +370,7 @@ class Simulator:
                 self._remove_group(gid)
                 lost[gid] = g
         self.free[node].clear()  # after the groups: removing a starting one gives back what it held
-        for key in [k for k in self.residency.gpus if k[0] == node]:  # a fresh node holds no weights
-            del self.residency.gpus[key]
+        self.charges.node_lost(node)
         for lid, (launch, start, _, end) in self.running.items():
             if launch.node == node and lid not in self.orphaned:  # re-run from its start, elsewhere
                 self.orphaned.add(lid)
@@ -657,7 +495,7 @@ class Simulator:
             memory_refusals=self.memory_refusals, timeline=self.timeline,
             demoted=frozenset(getattr(self.policy, "demoted", ()) or ()),
             peak_paused_gb=self.peak_paused_bytes / 1e9,
-            adapter_hits=self.adapter_lru.hits, adapter_loads=self.adapter_lru.loads,
+            adapter_hits=self.charges.adapters.hits, adapter_loads=self.charges.adapters.loads,
         )
 
 

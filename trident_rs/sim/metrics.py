@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from trident_rs.sim.engine import SimResult
+from trident_rs.sim.records import SimResult
 from trident_rs.vocab import percentile
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from trident_rs.policy import registry
 from trident_rs.policy.types import Cluster, Request
-from trident_rs.sim.engine import SimConfig, SimResult, simulate
+from trident_rs.sim import SimConfig, SimResult, simulate
 from trident_rs.sim.metrics import summarize
 from trident_rs.vocab import percentile
 
