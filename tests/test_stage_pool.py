@@ -3,6 +3,7 @@ with the simulator."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -300,3 +301,32 @@ def test_a_diffuse_at_its_boundary_widens_onto_gpus_that_must_load_its_model_whe
             assert spot[1] == tuple(range(8)) and spot[2] >= 20.0
         policy._boundary = set()  # paused: it did not go on where it ran
         assert policy._place(f, 8, free, 50.0, work, policy._stay_s(f, c, 1.0)) is None
+
+
+def test_on_time_widths_leave_room_for_a_decode_at_the_width_its_memory_needs():
+    # a 768x1360x81 CogVideoX decode needs 2 GPUs (memory) and takes far longer there than at its
+    # fastest width. A diffuse width is on time only if that narrow decode still fits after it,
+    # where any width allows it; where none does, the widths on time with the fastest decode (the
+    # request is not given up as late while a fast decode could still save it)
+    from trident_rs.policy.stage_pool import _Flight
+
+    r = Request("v", "cogvideox", Shape(768, 1360, 81), 6, 0.0, 0.0)
+    d = STAGES.index("diffuse")
+    probe = StagePoolPolicy(Cluster(1, 8), COST)
+    ws, time, fast, _ = probe._class(r.model, d, r.shape, r.steps)
+    narrow = probe._rest_narrow(r.model, d, r.shape, r.steps)
+    assert narrow > fast
+    w0 = ws[0]
+    wide = [w for w in ws if time[w] + narrow < time[w0] + fast]
+    assert wide  # a wider diffuse makes room for the narrow decode in the time w0 leaves for the fast one
+    free = {0: set(range(8))}
+
+    def choose(deadline: float, **options):
+        policy = StagePoolPolicy(Cluster(1, 8), COST, **options)
+        return policy._choose(_Flight(replace(r, deadline=deadline), stage=d), 0.0, 1.0, free)
+
+    c = choose(time[w0] + fast + 1e-6)
+    assert c.on_time and w0 not in c.widths and set(wide) <= set(c.widths) and c.rest == narrow
+    assert w0 in choose(time[w0] + fast + 1e-6, narrow_rest=False).widths
+    tight = choose(time[ws[-1]] + fast + 1e-6)  # on time only if the decode runs at its fastest
+    assert tight.on_time and tight.rest == fast

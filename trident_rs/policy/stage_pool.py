@@ -15,7 +15,10 @@ Decisions, each from the cost model:
 - **Slack from measured error**: predictions are multiplied by `exp(mean + z * std)` of the
   log of observed / predicted launch times (z for `confidence`), learned online.
 - **Width**: a task's on-time widths are those whose predicted finish (this stage, then the
-  fastest rest, with slack) meets its deadline. The free GPUs go first to every scanned
+  later stages at their narrowest widths, with slack) meets its deadline; where no width does,
+  those that meet it with the later stages at their fastest (`narrow_rest`: a diffuse planned
+  on a fast decode left no time for the width-2 decode a long video's memory needs, and the
+  decode then queued as late work). The free GPUs go first to every scanned
   on-time task's narrowest on-time width (the scan is the `scan_limit` most urgent ready
   tasks: a deep scan stops widening while queued work would use the GPUs); what is left widens
   tasks up to their widest on-time width where an extra GPU saves the most seconds (`spare`:
@@ -126,7 +129,7 @@ class StagePoolPolicy(Policy):
                  elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_OVERHEAD_S + CHUNK_BOUNDARY_S,
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
                  spare: str = "gain", widths: dict | None = None, chunk_edits: bool = True,
-                 widen_loads: bool = True,
+                 widen_loads: bool = True, narrow_rest: bool = True,
                  **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
@@ -146,6 +149,7 @@ class StagePoolPolicy(Policy):
         if spare not in ("gain", "deadline"):
             raise ConfigError(f"trident (pool): spare must be 'gain' or 'deadline', got {spare!r}")
         self.spare = spare
+        self.narrow_rest = narrow_rest if isinstance(narrow_rest, bool) else str(narrow_rest).lower() in ("1", "true")
         self.widen_loads = widen_loads if isinstance(widen_loads, bool) else str(widen_loads).lower() in ("1", "true")
         self.chunk_edits = chunk_edits if isinstance(chunk_edits, bool) else str(chunk_edits).lower() in ("1", "true")
         try:  # the widths each stage may run at (a runtime that deploys only some): None, all
@@ -179,6 +183,7 @@ class StagePoolPolicy(Policy):
         self._widths: dict[tuple, tuple[int, ...]] = {}
         self._batch: dict[tuple, int] = {}
         self._classes: dict[tuple, tuple] = {}
+        self._narrow_rest: dict[tuple, float] = {}
         # each model's share of the pool: its decayed predicted GPU-seconds of arrivals, the
         # prior (`models`: model -> share, from past traffic or equal) only breaking ties
         prior = dict(models) if isinstance(models, dict) else dict.fromkeys(models or (), 1.0)
@@ -326,6 +331,13 @@ class StagePoolPolicy(Policy):
                 if room:
                     return _Choice((min(room, key=lambda w: (time[w], w)),), time, rest, True)
             return _Choice(ws, time, rest, True)
+        if self.narrow_rest:  # on time leaving room for the later stages at their narrowest width
+            # (what they get when GPUs are scarce: a long video's decode at the width its memory
+            # needs), where any width does; else on time if the later stages run at their fastest
+            narrow = self._rest_narrow(r.model, f.stage, r.shape, f.steps_left)
+            on_time = [w for w in ws if now + slack * (time[w] + narrow) <= r.deadline]
+            if on_time:
+                return _Choice(tuple(on_time), time, narrow, True)
         on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
         if on_time:  # which of them: `_share_out`, from the free GPUs
             return _Choice(tuple(on_time), time, rest, True)
@@ -590,6 +602,15 @@ class StagePoolPolicy(Policy):
             w0 = ws[0]
             efficient = [w for w in ws if time[w0] * w0 / (time[w] * w) >= self.threshold]
             out = self._classes[k] = (ws, time, rest, efficient)
+        return out
+
+    def _rest_narrow(self, model: str, stage_index: int, shape: Shape, steps: int) -> float:
+        """Seconds of the stages after this one, each at its narrowest feasible width."""
+        k = (model, stage_index, shape, steps)
+        out = self._narrow_rest.get(k)
+        if out is None:
+            out = self._narrow_rest[k] = sum(self._time(model, s, shape, self._feasible(model, s, shape)[0], steps)
+                                             for s in STAGES[stage_index + 1:])
         return out
 
     def _feasible(self, model: str, stage: str, shape: Shape) -> tuple[int, ...]:
