@@ -268,7 +268,7 @@ def test_a_late_short_stage_runs_at_any_width_with_room():
     diffuse = policy._choose(_Flight(r, stage=STAGES.index("diffuse")), 100.0, 1.0, free)
     assert not decode.on_time and not diffuse.on_time
     assert len(diffuse.widths) == 1
-    _, _, _, efficient = policy._class("hunyuanvideo", STAGES.index("decode"), r.shape, 50)
+    *_, efficient = policy._class("hunyuanvideo", STAGES.index("decode"), r.shape, 50)
     assert decode.widths[0] == max(efficient)
     assert len(decode.widths) > 1 and sorted(decode.widths) == sorted(set(decode.widths))
 
@@ -313,8 +313,7 @@ def test_on_time_widths_leave_room_for_a_decode_at_the_width_its_memory_needs():
     r = Request("v", "cogvideox", Shape(768, 1360, 81), 6, 0.0, 0.0)
     d = STAGES.index("diffuse")
     probe = StagePoolPolicy(Cluster(1, 8), COST)
-    ws, time, fast, _ = probe._class(r.model, d, r.shape, r.steps)
-    narrow = probe._rest_narrow(r.model, d, r.shape, r.steps)
+    ws, time, fast, narrow, _ = probe._class(r.model, d, r.shape, r.steps)
     assert narrow > fast
     w0 = ws[0]
     wide = [w for w in ws if time[w] + narrow < time[w0] + fast]

@@ -138,7 +138,7 @@ class StagePoolPolicy(Policy):
             threshold, confidence, share_window_s = float(threshold), float(confidence), float(share_window_s)
             scan_limit, max_batch, batch_max_pixels = int(scan_limit), int(max_batch), int(batch_max_pixels)
             model_load_s, regroup_s = float(model_load_s), float(regroup_s)
-            elastic = elastic if isinstance(elastic, bool) else str(elastic).lower() in ("1", "true", "yes", "on")
+            elastic = _flag(elastic, ("1", "true", "yes", "on"))
             chunk_overhead, boundary_s = float(chunk_overhead), float(boundary_s)
             max_preemptions, max_pause_s, host_memory_gb = int(max_preemptions), float(max_pause_s), float(host_memory_gb)
         except (TypeError, ValueError) as e:
@@ -149,9 +149,8 @@ class StagePoolPolicy(Policy):
         if spare not in ("gain", "deadline"):
             raise ConfigError(f"trident (pool): spare must be 'gain' or 'deadline', got {spare!r}")
         self.spare = spare
-        self.narrow_rest = narrow_rest if isinstance(narrow_rest, bool) else str(narrow_rest).lower() in ("1", "true")
-        self.widen_loads = widen_loads if isinstance(widen_loads, bool) else str(widen_loads).lower() in ("1", "true")
-        self.chunk_edits = chunk_edits if isinstance(chunk_edits, bool) else str(chunk_edits).lower() in ("1", "true")
+        self.narrow_rest, self.widen_loads = _flag(narrow_rest), _flag(widen_loads)
+        self.chunk_edits = _flag(chunk_edits)
         try:  # the widths each stage may run at (a runtime that deploys only some): None, all
             self.widths = None if widths is None else {s: frozenset(int(w) for w in ws) for s, ws in widths.items()}
         except (TypeError, ValueError, AttributeError):
@@ -183,7 +182,6 @@ class StagePoolPolicy(Policy):
         self._widths: dict[tuple, tuple[int, ...]] = {}
         self._batch: dict[tuple, int] = {}
         self._classes: dict[tuple, tuple] = {}
-        self._narrow_rest: dict[tuple, float] = {}
         # each model's share of the pool: its decayed predicted GPU-seconds of arrivals, the
         # prior (`models`: model -> share, from past traffic or equal) only breaking ties
         prior = dict(models) if isinstance(models, dict) else dict.fromkeys(models or (), 1.0)
@@ -204,7 +202,7 @@ class StagePoolPolicy(Policy):
         r = request
         work = 0.0  # GPU-seconds of all its stages, each at its cheapest width
         for i in range(len(STAGES)):
-            ws, time, _, _ = self._class(r.model, i, r.shape, r.steps, r.widest(STAGES[i]))
+            ws, time, _, _, _ = self._class(r.model, i, r.shape, r.steps, r.widest(STAGES[i]))
             work += min(w * time[w] for w in ws)
         self.demand[r.model] = self.demand.get(r.model, 0.0) + work
 
@@ -317,7 +315,8 @@ class StagePoolPolicy(Policy):
     # ---- decisions -------------------------------------------------------------------------
     def _choose(self, f: _Flight, now: float, slack: float, free: dict[int, set[int]]) -> _Choice:
         r = f.request
-        ws, time, rest, efficient = self._class(r.model, f.stage, r.shape, f.steps_left, r.widest(STAGES[f.stage]))
+        ws, time, rest, narrow, efficient = self._class(r.model, f.stage, r.shape, f.steps_left,
+                                                        r.widest(STAGES[f.stage]))
         if f.done:  # mid-diffuse: going on at its width is free, another width regroups, and it
             # widens only where that is faster even so
             cur = len(f.gpus)
@@ -334,7 +333,6 @@ class StagePoolPolicy(Policy):
         if self.narrow_rest:  # on time leaving room for the later stages at their narrowest width
             # (what they get when GPUs are scarce: a long video's decode at the width its memory
             # needs), where any width does; else on time if the later stages run at their fastest
-            narrow = self._rest_narrow(r.model, f.stage, r.shape, f.steps_left)
             on_time = [w for w in ws if now + slack * (time[w] + narrow) <= r.deadline]
             if on_time:
                 return _Choice(tuple(on_time), time, narrow, True)
@@ -586,9 +584,9 @@ class StagePoolPolicy(Policy):
 
     # ---- cost-model lookups (cached) -------------------------------------------------------
     def _class(self, model: str, stage_index: int, shape: Shape, steps: int, top: int | None = None):
-        """(feasible widths, stage seconds per width, fastest seconds of the stages after it,
-        widths with parallel efficiency >= threshold) of a stage of a request class; `top`: its
-        widest width (`Request.widest`), None if any."""
+        """(feasible widths, stage seconds per width, seconds of the stages after it each at its
+        fastest and each at its narrowest width, widths with parallel efficiency >= threshold) of
+        a stage of a request class; `top`: its widest width (`Request.widest`), None if any."""
         k = (model, stage_index, shape, steps, top)
         out = self._classes.get(k)
         if out is None:
@@ -597,20 +595,12 @@ class StagePoolPolicy(Policy):
             if top is not None:
                 ws = tuple(w for w in ws if w <= top) or ws[:1]
             time = {w: self._time(model, stage, shape, w, steps) for w in ws}
-            rest = sum(min(self._time(model, s, shape, w, steps) for w in self._feasible(model, s, shape))
-                       for s in STAGES[stage_index + 1:])
+            later = [(s, self._feasible(model, s, shape)) for s in STAGES[stage_index + 1:]]
+            rest = sum(min(self._time(model, s, shape, w, steps) for w in fw) for s, fw in later)
+            narrow = sum(self._time(model, s, shape, fw[0], steps) for s, fw in later)
             w0 = ws[0]
             efficient = [w for w in ws if time[w0] * w0 / (time[w] * w) >= self.threshold]
-            out = self._classes[k] = (ws, time, rest, efficient)
-        return out
-
-    def _rest_narrow(self, model: str, stage_index: int, shape: Shape, steps: int) -> float:
-        """Seconds of the stages after this one, each at its narrowest feasible width."""
-        k = (model, stage_index, shape, steps)
-        out = self._narrow_rest.get(k)
-        if out is None:
-            out = self._narrow_rest[k] = sum(self._time(model, s, shape, self._feasible(model, s, shape)[0], steps)
-                                             for s in STAGES[stage_index + 1:])
+            out = self._classes[k] = (ws, time, rest, narrow, efficient)
         return out
 
     def _feasible(self, model: str, stage: str, shape: Shape) -> tuple[int, ...]:
@@ -647,6 +637,11 @@ class StagePoolPolicy(Policy):
         self.seq += 1
         key = -_INF if f.urgent else r.deadline + (r.slo_s if f.late else 0.0)
         heapq.heappush(self.ready, (key, self.seq, rid))
+
+
+def _flag(value: object, true: tuple[str, ...] = ("1", "true")) -> bool:
+    """An on/off option as YAML or the suite's `trident:key=value` ablations give it."""
+    return value if isinstance(value, bool) else str(value).lower() in true
 
 
 def _backfill(free: dict[int, set[int]], hold: tuple[int, frozenset[int], float], end: float) -> dict[int, set[int]]:
