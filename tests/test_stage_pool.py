@@ -329,3 +329,32 @@ def test_on_time_widths_leave_room_for_a_decode_at_the_width_its_memory_needs():
     assert w0 in choose(time[w0] + fast + 1e-6, narrow_rest=False).widths
     tight = choose(time[ws[-1]] + fast + 1e-6)  # on time only if the decode runs at its fastest
     assert tight.on_time and tight.rest == fast
+
+
+def test_a_request_on_time_at_the_median_is_not_given_up_as_late():
+    # the slack (90% confidence of the measured error) makes a width "on time" only with margin;
+    # a request that misses with that margin at every width but meets its deadline at the
+    # median prediction still has a better-than-even chance: it keeps on-time order, at the
+    # widths that make it, rather than wait as late work for its efficient width
+    from trident_rs.policy.stage_pool import _Flight
+
+    r = Request("x", "flux", Shape(2048, 2048), 28, 0.0, 0.0)
+    d = STAGES.index("diffuse")
+    free = {0: set(range(8))}
+
+    def choose(**options):
+        policy = StagePoolPolicy(Cluster(1, 8), COST, **options)
+        for ratio in [0.8, 1.25] * 10:  # a measured error: median 1, slack well above it
+            policy.error.add(ratio)
+        slack, median = policy.error.factor(policy.z), policy.error.factor(0.0)
+        ws, time, rest, narrow, _ = policy._class(r.model, d, r.shape, r.steps)
+        fastest = min(ws, key=lambda w: time[w])
+        deadline = median * (time[fastest] + rest) * 1.01  # on time at the median, at its fastest only
+        assert slack * (time[fastest] + rest) > deadline and slack > 1.2 * median
+        c = policy._choose(_Flight(replace(r, deadline=deadline), stage=d), 0.0, slack, free)
+        return c, [w for w in ws if median * (time[w] + rest) <= deadline]
+
+    c, at_median = choose()
+    assert c.on_time and at_median and set(c.widths) == set(at_median)
+    late, _ = choose(late_at_median=False)
+    assert not late.on_time and len(late.widths) == 1  # late: waits for its widest efficient width

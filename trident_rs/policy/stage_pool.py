@@ -13,7 +13,9 @@ Decisions, each from the cost model:
   is *late*: its key becomes deadline + SLO, so it yields to on-time work but overtakes new
   arrivals after a bounded wait (never starved, and its lateness stays bounded for the tail).
 - **Slack from measured error**: predictions are multiplied by `exp(mean + z * std)` of the
-  log of observed / predicted launch times (z for `confidence`), learned online.
+  log of observed / predicted launch times (z for `confidence`), learned online. A request
+  is late only where even the median (`exp(mean)`) misses at every width (`late_at_median`):
+  one on time at the median but not with the slack keeps its chance, at the widths that make it.
 - **Width**: a task's on-time widths are those whose predicted finish (this stage, then the
   later stages at their narrowest widths, with slack) meets its deadline; where no width does,
   those that meet it with the later stages at their fastest (`narrow_rest`: a diffuse planned
@@ -129,7 +131,7 @@ class StagePoolPolicy(Policy):
                  elastic: bool = True, chunk_overhead: float = 0.02, boundary_s: float = SERVE_HOP_OVERHEAD_S + CHUNK_BOUNDARY_S,
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
                  spare: str = "gain", widths: dict | None = None, chunk_edits: bool = True,
-                 widen_loads: bool = True, narrow_rest: bool = True,
+                 widen_loads: bool = True, narrow_rest: bool = True, late_at_median: bool = True,
                  **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
@@ -151,6 +153,7 @@ class StagePoolPolicy(Policy):
         self.spare = spare
         self.narrow_rest, self.widen_loads = _flag(narrow_rest), _flag(widen_loads)
         self.chunk_edits = _flag(chunk_edits)
+        self.late_at_median = _flag(late_at_median)
         try:  # the widths each stage may run at (a runtime that deploys only some): None, all
             self.widths = None if widths is None else {s: frozenset(int(w) for w in ws) for s, ws in widths.items()}
         except (TypeError, ValueError, AttributeError):
@@ -339,6 +342,12 @@ class StagePoolPolicy(Policy):
         on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
         if on_time:  # which of them: `_share_out`, from the free GPUs
             return _Choice(tuple(on_time), time, rest, True)
+        if self.late_at_median:  # still more likely on time than not at some width: not given up
+            # as late (late work yields to all on-time work and waits for its efficient width)
+            median = self.error.factor(0.0)
+            on_time = [w for w in ws if now + median * (time[w] + rest) <= r.deadline]
+            if on_time:
+                return _Choice(tuple(on_time), time, rest, True)
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer; mid-diffuse, it goes on at
         # its own width where the wider one has no room
