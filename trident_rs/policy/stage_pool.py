@@ -61,11 +61,10 @@ from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 from trident_rs.errors import ConfigError
-from trident_rs.policy.batching import best_batch_size
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.baselines import feasible_widths
 from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S, chunk_state_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
+from trident_rs.policy.stage_costs import StageCosts
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
 
 _INF = float("inf")
@@ -181,9 +180,7 @@ class StagePoolPolicy(Policy):
         self.busy_until: dict[tuple[int, int], float] = {}  # GPU -> predicted end of its launch
         self.started: dict[tuple, tuple[float, float]] = {}  # launch key -> (start, predicted seconds)
         self.error = _LogError()
-        self._times: dict[tuple, float] = {}
-        self._widths: dict[tuple, tuple[int, ...]] = {}
-        self._batch: dict[tuple, int] = {}
+        self.costs = StageCosts(cost, cluster, self.widths, max_batch)
         self._classes: dict[tuple, tuple] = {}
         # each model's share of the pool: its decayed predicted GPU-seconds of arrivals, the
         # prior (`models`: model -> share, from past traffic or equal) only breaking ties
@@ -477,13 +474,13 @@ class StagePoolPolicy(Policy):
         r, stage = f.request, STAGES[f.stage]
         if not c.on_time or r.shape.pixels > self.batch_max_pixels or stage == "decode":
             return []
-        size = self._best_batch(r.model, stage, r.shape, w, f.steps_left)
+        size = self.costs.best_batch(r.model, stage, r.shape, w, f.steps_left)
         mem = getattr(self.cost, "launch_memory", None)
         while size > 1 and mem is not None and mem(r.model, (stage,), r.shape, w, size) > self.cluster.gpu_memory_gb:
             size //= 2
         if size <= 1:
             return []
-        t = load + slack * (self._time(r.model, stage, r.shape, w, f.steps_left, size) + c.rest)
+        t = load + slack * (self.costs.time(r.model, stage, r.shape, w, f.steps_left, size) + c.rest)
         if now + t > r.deadline:
             return []
         out = []
@@ -515,7 +512,7 @@ class StagePoolPolicy(Policy):
                 self.paused_bytes -= self._state_bytes(g)
                 g.urgent = False
         launch = Launch(tuple(batch), r.model, (stage,), w, node, gpus, steps=steps)
-        predicted = load + self._time(r.model, stage, r.shape, w, n, len(batch))
+        predicted = load + self.costs.time(r.model, stage, r.shape, w, n, len(batch))
         self.residency.record(r.model, (stage,), node, gpus, r.shape)
         self.started[_key(launch)] = (now, predicted)
         for i in gpus:
@@ -525,7 +522,7 @@ class StagePoolPolicy(Policy):
     # ---- step elasticity -------------------------------------------------------------------
     def _chunk_steps(self, model: str, shape: Shape, w: int, batch: int) -> int:
         """Steps per chunk: the fewest whose time makes the boundary at most `chunk_overhead` of it."""
-        per_step = self._time(model, "diffuse", shape, w, 1, batch)
+        per_step = self.costs.time(model, "diffuse", shape, w, 1, batch)
         return max(1, math.ceil(self.boundary_s / (self.chunk_overhead * per_step)))
 
     def _state_bytes(self, f: _Flight) -> float:
@@ -600,45 +597,17 @@ class StagePoolPolicy(Policy):
         out = self._classes.get(k)
         if out is None:
             stage = STAGES[stage_index]
-            ws = self._feasible(model, stage, shape)
+            ws = self.costs.feasible(model, stage, shape)
             if top is not None:
                 ws = tuple(w for w in ws if w <= top) or ws[:1]
-            time = {w: self._time(model, stage, shape, w, steps) for w in ws}
-            later = [(s, self._feasible(model, s, shape)) for s in STAGES[stage_index + 1:]]
-            rest = sum(min(self._time(model, s, shape, w, steps) for w in fw) for s, fw in later)
-            narrow = sum(self._time(model, s, shape, fw[0], steps) for s, fw in later)
+            time = {w: self.costs.time(model, stage, shape, w, steps) for w in ws}
+            later = [(s, self.costs.feasible(model, s, shape)) for s in STAGES[stage_index + 1:]]
+            rest = sum(min(self.costs.time(model, s, shape, w, steps) for w in fw) for s, fw in later)
+            narrow = sum(self.costs.time(model, s, shape, fw[0], steps) for s, fw in later)
             w0 = ws[0]
             efficient = [w for w in ws if time[w0] * w0 / (time[w] * w) >= self.threshold]
             out = self._classes[k] = (ws, time, rest, narrow, efficient)
         return out
-
-    def _feasible(self, model: str, stage: str, shape: Shape) -> tuple[int, ...]:
-        """Widths `stage` runs at, that fit in memory, within a node (the widest if none fits)."""
-        k = (model, stage, shape)
-        out = self._widths.get(k)
-        if out is None:
-            out = feasible_widths(self.cost, self.cluster, model, stage, shape)
-            allowed = self.widths.get(stage) if self.widths is not None else None
-            if allowed:  # the deployed widths that fit; none fits: the widest deployed
-                out = tuple(w for w in out if w in allowed) or (max(allowed),)
-            self._widths[k] = out
-        return out
-
-    def _time(self, model: str, stage: str, shape: Shape, width: int, steps: int, batch: int = 1) -> float:
-        k = (model, stage, shape, width, steps, batch)
-        t = self._times.get(k)
-        if t is None:
-            t = self._times[k] = float(self.cost.stage_time(model, stage, shape, width, batch,
-                                                            steps if stage == "diffuse" else 1))
-        return t
-
-    def _best_batch(self, model: str, stage: str, shape: Shape, width: int, steps: int) -> int:
-        k = (model, stage, shape, width, steps)
-        b = self._batch.get(k)
-        if b is None:
-            b = self._batch[k] = best_batch_size(
-                lambda size: self._time(model, stage, shape, width, steps, size), self.max_batch)
-        return b
 
     def _push(self, rid: str) -> None:
         f = self.flights[rid]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.interface import Policy
-from trident_rs.policy.baselines import feasible_widths
+from trident_rs.policy.stage_costs import StageCosts
 from trident_rs.policy.payload_size import chunk_state_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
@@ -149,8 +149,7 @@ class StepLevelPolicy(Policy):
         self.boundary: dict[str, float] = {}  # request -> when its chunk ended (resumable now)
         self.paused: dict[str, float] = {}  # request -> bytes of its chunk state in host memory
         self.paused_bytes = 0.0
-        self._feasible_cache: dict[tuple, tuple[int, ...]] = {}
-        self._time_cache: dict[tuple, float] = {}
+        self.costs = StageCosts(cost, cluster)
         self._eff_cache: dict[tuple, int] = {}
         self._times_cache: dict[tuple, dict[int, float]] = {}
         self._after_cache: dict[tuple, float] = {}
@@ -505,21 +504,11 @@ class StepLevelPolicy(Policy):
             heapq.heappush(self.stage_q, (req.deadline, self.seq, rid))
 
     def _feasible(self, model: str, stage: str, shape: Shape) -> tuple[int, ...]:
-        """Widths the cost model has for `stage`, within a node, that fit in memory (the widest
-        if none fits: the runtime refuses it)."""
-        key = (model, stage, shape)
-        out = self._feasible_cache.get(key)
-        if out is None:
-            out = self._feasible_cache[key] = feasible_widths(self.cost, self.cluster, model, stage, shape)
-        return out
+        return self.costs.feasible(model, stage, shape)
 
     def _time(self, model: str, stage: str, shape: Shape, width: int, batch: int = 1) -> float:
         """Seconds of one call (one step for diffuse)."""
-        key = (model, stage, shape, width, batch)
-        t = self._time_cache.get(key)
-        if t is None:
-            t = self._time_cache[key] = float(self.cost.stage_time(model, stage, shape, width, batch, 1))
-        return t
+        return self.costs.time(model, stage, shape, width, 1, batch)
 
     def _after(self, req: Request, stage_index: int) -> float:
         """Fastest seconds of the stages after `stage_index` (the rest of the diffuse excluded),
