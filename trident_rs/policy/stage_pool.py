@@ -330,21 +330,17 @@ class StagePoolPolicy(Policy):
                 if room:
                     return _Choice((min(room, key=lambda w: (time[w], w)),), time, rest, True)
             return _Choice(ws, time, rest, True)
-        if self.narrow_rest:  # on time leaving room for the later stages at their narrowest width
-            # (what they get when GPUs are scarce: a long video's decode at the width its memory
-            # needs), where any width does; else on time if the later stages run at their fastest
-            on_time = [w for w in ws if now + slack * (time[w] + narrow) <= r.deadline]
-            if on_time:
-                return _Choice(tuple(on_time), time, narrow, True)
-        on_time = [w for w in ws if now + slack * (time[w] + rest) <= r.deadline]
-        if on_time:  # which of them: `_share_out`, from the free GPUs
-            return _Choice(tuple(on_time), time, rest, True)
-        if self.late_at_median:  # still more likely on time than not at some width: not given up
-            # as late (late work yields to all on-time work and waits for its efficient width)
-            median = self.error.factor(0.0)
-            on_time = [w for w in ws if now + median * (time[w] + rest) <= r.deadline]
-            if on_time:
-                return _Choice(tuple(on_time), time, rest, True)
+        # on time, tried in this order: with the slack, leaving room for the later stages at their
+        # narrowest width (what they get when GPUs are scarce: a long video's decode at the width
+        # its memory needs; `narrow_rest`); with the slack, the later stages at their fastest; at
+        # the median, still more likely on time than not (`late_at_median`: late work yields to all
+        # on-time work and waits for its efficient width)
+        tries = [(slack, narrow)] * self.narrow_rest + [(slack, rest)] \
+            + [(self.error.factor(0.0), rest)] * self.late_at_median
+        for factor, after in tries:
+            on_time = tuple(w for w in ws if now + factor * (time[w] + after) <= r.deadline)
+            if on_time:  # which of them: `_share_out`, from the free GPUs
+                return _Choice(on_time, time, after, True)
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer; mid-diffuse, it goes on at
         # its own width where the wider one has no room
