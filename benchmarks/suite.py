@@ -5,6 +5,8 @@ with the fair engine (memory enforced, stage-time noise, Serve's overheads, regr
     .venv/bin/python benchmarks/suite.py                    # 160 points, < 40 min on 2 cores
     .venv/bin/python benchmarks/suite.py --only check       # the held-out checking points only
     .venv/bin/python benchmarks/suite.py --report benchmarks/results/suite_quick.json  # tables of a run
+    .venv/bin/python benchmarks/suite.py --policies trident --merge benchmarks/results/suite.json \
+        --note "why"                                        # rerun one policy into an earlier run
 
 Each point declares (see `SuitePoint`):
 - family: sd3, flux, cogvideox, hunyuanvideo alone, or an image family mixed with a video
@@ -425,6 +427,28 @@ def plot(points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write_doc(path: Path, doc: dict) -> None:
+    path.write_text(json.dumps(doc, indent=1, default=float))
+
+
+def merge_into(path: Path, results: list[dict], note: str) -> None:
+    """Replace, at each of this run's points, the metrics of the policies it ran (and trident's
+    timelines, where kept) in an earlier run's JSON: a policy changed since that run is rerun
+    alone, the others keep their figures."""
+    doc = json.loads(path.read_text())
+    by_name = {pt["name"]: pt for pt in doc["points"]}
+    missing = [r["name"] for r in results if r["name"] not in by_name]
+    if missing:
+        raise SystemExit(f"--merge: {path} has no point(s) {missing[:3]}")
+    for r in results:
+        pt = by_name[r["name"]]
+        pt["policies"].update(r["policies"])
+        if "trident_missed_timelines" in r:
+            pt["trident_missed_timelines"] = r["trident_missed_timelines"]
+    doc["note"] = note
+    write_doc(path, doc)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 points on 32 GPUs, ~150 requests each")
@@ -436,6 +460,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     ap.add_argument("--report", default="", help="print the summary and bound table of an existing JSON; run nothing")
+    ap.add_argument("--merge", default="", help="also merge this run's policies into an existing JSON (same points)")
+    ap.add_argument("--note", default="", help="with --merge: what was rerun and why (the JSON's `note`)")
     args = ap.parse_args()
     if args.report:
         doc = json.loads(Path(args.report).read_text())
@@ -443,6 +469,8 @@ def main() -> int:
         print(breakdown(doc["points"]))
         print("\n" + bound_table(doc["points"]))
         return 0
+    if args.merge and not Path(args.merge).is_file():
+        ap.error(f"--merge: no such file {args.merge}")
     points = suite_points(args.quick)
     if args.only != "all":
         points = [p for p in points if p.check == (args.only == "check")]
@@ -468,7 +496,9 @@ def main() -> int:
     results.sort(key=lambda r: r["point"]["index"])
     wall = time.perf_counter() - t0
     doc = {"quick": args.quick, "noise": NOISE, "wall_s": wall, "points": results}
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=float))
+    write_doc(out / f"{stem}.json", doc)
+    if args.merge:
+        merge_into(Path(args.merge), results, args.note or f"{' '.join(args.policies)} rerun and merged")
     plot(results, out / f"{stem}.png")
     print(summary(results))
     print(breakdown(results))
