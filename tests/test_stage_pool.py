@@ -358,3 +358,27 @@ def test_a_request_on_time_at_the_median_is_not_given_up_as_late():
     assert c.on_time and at_median and set(c.widths) == set(at_median)
     late, _ = choose(late_at_median=False)
     assert not late.on_time and len(late.widths) == 1  # late: waits for its widest efficient width
+
+
+def test_a_request_narrowed_at_its_boundary_does_not_strand_gpus_a_waiting_task_cannot_take():
+    # one node; R (81-frame CogVideoX) runs at width 8. W, the same shape, arrives at 215 s with
+    # a deadline only width 8 meets; R's deadline is earlier, so R goes first at its boundaries,
+    # and with 5 steps left its narrowest on-time width is small. Without `fill` R narrows to
+    # width 1 for its last steps, 7 GPUs stand idle (W needs all 8) and W misses; with it R
+    # runs on them at width 8 and W starts as soon as R is done, on time. The same with a
+    # `fill_delay` no chunk meets (a tighter class of requests could be arriving).
+    cluster, big = Cluster(1, 8), Shape(768, 1360, 81)
+    reqs = [Request("R", "cogvideox", big, 50, 0.0, 400.0), Request("W", "cogvideox", big, 50, 215.0, 615.0)]
+
+    def run(**options):
+        res = simulate(cluster, StagePoolPolicy(cluster, COST, **options), COST, reqs, SimConfig.ideal())
+        tail = [rec.width for rec in res.timeline["R"] if rec.stages == ("diffuse",) and rec.start > 220]
+        return {r.id: res.finish[r.id] <= r.deadline for r in reqs}, tail
+
+    made, tail = run()
+    assert made == {"R": True, "W": True} and tail and set(tail) == {8}
+    for options in ({"fill": False}, {"fill_delay": 1e-3}):
+        made, tail = run(**options)
+        assert made == {"R": True, "W": False} and min(tail) == 1
+    with pytest.raises(ConfigError, match="fill_delay"):
+        StagePoolPolicy(cluster, COST, fill_delay=-1)

@@ -50,6 +50,10 @@ Decisions, each from the cost model:
   one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs (its
   last launch, which keeps its width to the end, at the fastest width with room then).
   Paused state never exceeds `host_memory_gb`: a request whose pause would overflow it goes on.
+  A chunk does not strand GPUs (`fill`): where it would leave GPUs of its node that no undecided
+  task fits while on-time work waits for more (a whole node), it runs on them, if they hold its
+  model and one chunk there is at most `fill_delay` of the tightest recent SLO (an arrival may
+  have to wait for it).
   `chunk_edits=False` runs image edits' diffuse in one launch (the real executors cannot resume
   an edit's shortened schedule yet; the Serve controller sets it for them).
 """
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 
@@ -131,7 +136,7 @@ class StagePoolPolicy(Policy):
                  max_preemptions: int = 4, max_pause_s: float = 60.0, host_memory_gb: float = 512.0,
                  spare: str = "gain", widths: dict | None = None, chunk_edits: bool = True,
                  widen_loads: bool = True, narrow_rest: bool = True, late_at_median: bool = True,
-                 **ignored: object) -> None:
+                 fill: bool = True, fill_delay: float = 0.1, **ignored: object) -> None:
         unknown = sorted(set(ignored) - _SHARED_OPTIONS)
         if unknown:
             raise ConfigError(f"unknown trident (pool) option(s) {unknown}")
@@ -142,6 +147,7 @@ class StagePoolPolicy(Policy):
             elastic = _flag(elastic, ("1", "true", "yes", "on"))
             chunk_overhead, boundary_s = float(chunk_overhead), float(boundary_s)
             max_preemptions, max_pause_s, host_memory_gb = int(max_preemptions), float(max_pause_s), float(host_memory_gb)
+            fill_delay = float(fill_delay)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"trident (pool): bad option value ({e})") from None
         if not 0.5 <= confidence < 1 or not 0 < threshold <= 1 or scan_limit < 1 or max_batch < 1:
@@ -153,14 +159,18 @@ class StagePoolPolicy(Policy):
         self.narrow_rest, self.widen_loads = _flag(narrow_rest), _flag(widen_loads)
         self.chunk_edits = _flag(chunk_edits)
         self.late_at_median = _flag(late_at_median)
+        self.fill, self.fill_delay = _flag(fill), fill_delay
+        # (arrival, SLO seconds) of the requests arrived within `share_window_s` of the latest,
+        # only those no later arrival's SLO undercuts: the first is the tightest
+        self._slos: deque[tuple[float, float]] = deque()
         try:  # the widths each stage may run at (a runtime that deploys only some): None, all
             self.widths = None if widths is None else {s: frozenset(int(w) for w in ws) for s, ws in widths.items()}
         except (TypeError, ValueError, AttributeError):
             raise ConfigError(f"trident (pool): widths must map stage -> [width, ...], got {widths!r}") from None
         if not 0 < chunk_overhead <= 1 or boundary_s < 0 or max_preemptions < 0 or max_pause_s <= 0 \
-                or host_memory_gb < 0:
+                or host_memory_gb < 0 or fill_delay < 0:
             raise ConfigError("trident (pool): need 0 < chunk_overhead <= 1, boundary_s >= 0, max_preemptions >= 0, "
-                              "max_pause_s > 0, host_memory_gb >= 0")
+                              "max_pause_s > 0, host_memory_gb >= 0, fill_delay >= 0")
         self.cluster, self.cost = cluster, cost
         self.threshold, self.scan_limit = threshold, scan_limit
         self.elastic, self.chunk_overhead, self.boundary_s = elastic, chunk_overhead, boundary_s
@@ -197,6 +207,11 @@ class StagePoolPolicy(Policy):
 
     def add_request(self, request: Request, now: float) -> None:
         self.flights[request.id] = _Flight(request)
+        while self._slos and self._slos[-1][1] >= request.slo_s:  # the window's minimum first
+            self._slos.pop()
+        self._slos.append((now, request.slo_s))
+        while self._slos[0][0] < now - self.window_s:
+            self._slos.popleft()
         self._push(request.id)
         self._decay(now)
         r = request
@@ -301,6 +316,8 @@ class StagePoolPolicy(Policy):
                 m = f.request.model
                 self._ahead[m] = self._ahead.get(m, 0.0) + c.narrowest * c.time[c.narrowest]
                 continue
+            if self.fill and c.on_time:
+                w, spot = self._fill(f, c, w, spot, free, scanned, choices, taken, launches, now, slack)
             node, gpus, load = spot
             batch = [rid] + self._companions(f, c, w, scanned, choices, taken, now, slack, load)
             taken.update(batch)
@@ -395,6 +412,34 @@ class StagePoolPolicy(Policy):
                 out[rid] = w
                 spare -= w - cur
         return out
+
+    def _fill(self, f: _Flight, c: _Choice, w: int, spot, free, scanned, choices, taken, launches,
+              now: float, slack: float) -> tuple[int, tuple[int, tuple[int, ...], float]]:
+        """(width, spot) of an on-time diffuse chunk about to leave GPUs of its node that no
+        undecided task's narrowest width fits, while on-time work waits for more than that: it
+        runs on them, at its fastest on-time width there, rather than strand them (`fill`; a
+        request narrowed at its boundary for new work leaves 7 GPUs a width-8 task cannot take).
+        Only onto GPUs holding its model, and only where one chunk there (it holds them that
+        long) is at most `fill_delay` of the tightest SLO of the requests that arrived within
+        `share_window_s` of the latest: an arrival of any class may have to wait for it."""
+        node = spot[0]
+        left, rid = len(free[node]) - w, f.request.id
+        if left <= 0 or STAGES[f.stage] != "diffuse" or not self.elastic or f.pauses >= self.max_preemptions \
+                or any(min(choices[x].widths) <= left for _, _, x in scanned if x != rid and x not in taken):
+            return w, spot
+        placed = {x for launch in launches for x in launch.request_ids}
+        if not any(choices[x].on_time and min(choices[x].widths) > left for _, _, x in scanned
+                   if x != rid and x not in placed):
+            return w, spot
+        r, tightest = f.request, self._slos[0][1]
+        for v in sorted((v for v in c.widths if w < v <= len(free[node]) and c.time[v] < c.time[w]), reverse=True):
+            chunk = self.costs.time(r.model, "diffuse", r.shape, v, self._chunk_steps(r.model, r.shape, v, 1))
+            if chunk > self.fill_delay * tightest:
+                continue
+            wide = self._place(f, v, {node: free[node]}, now, slack * (c.time[v] + c.rest), self._stay_s(f, c, slack))
+            if wide is not None and wide[2] < self.model_load_s:
+                return v, wide
+        return w, spot
 
     def _stay_s(self, f: _Flight, c: _Choice, slack: float) -> float:
         """Predicted seconds to finish going on where it runs (a diffuse at its chunk boundary);
