@@ -431,7 +431,7 @@ def write_doc(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1, default=float))
 
 
-def merge_into(path: Path, results: list[dict], note: str) -> None:
+def merge_into(path: Path, results: list[dict], note: str) -> dict:
     """Replace, at each of this run's points, the metrics of the policies it ran (and trident's
     timelines, where kept) in an earlier run's JSON: a policy changed since that run is rerun
     alone, the others keep their figures."""
@@ -447,6 +447,20 @@ def merge_into(path: Path, results: list[dict], note: str) -> None:
             pt["trident_missed_timelines"] = r["trident_missed_timelines"]
     doc["note"] = note
     write_doc(path, doc)
+    return doc
+
+
+def save_run(doc: dict, path: Path, merge: Path | None, note: str) -> tuple[dict, Path]:
+    """Write this run's JSON at `path`, or with `merge`, merge its policies into that earlier
+    run (and write the run alone at `path` only where that is another file: the default `--out`
+    is the earlier run's own path). Returns the document the tables and the plot show (the
+    merged one) and where that is."""
+    if merge is None:
+        write_doc(path, doc)
+        return doc, path
+    if path.resolve() != merge.resolve():
+        write_doc(path, doc)
+    return merge_into(merge, doc["points"], note), merge
 
 
 def main() -> int:
@@ -496,15 +510,14 @@ def main() -> int:
     results.sort(key=lambda r: r["point"]["index"])
     wall = time.perf_counter() - t0
     doc = {"quick": args.quick, "noise": NOISE, "wall_s": wall, "points": results}
-    write_doc(out / f"{stem}.json", doc)
-    if args.merge:
-        merge_into(Path(args.merge), results, args.note or f"{' '.join(args.policies)} rerun and merged")
-    plot(results, out / f"{stem}.png")
-    print(summary(results))
-    print(breakdown(results))
-    if "bound" in args.policies:
-        print("\n" + bound_table(results))
-    print(f"\n{len(results)} points in {wall:.0f} s; wrote {out / (stem + '.json')} and {stem}.png")
+    note = args.note or f"{' '.join(args.policies)} rerun and merged"
+    shown, path = save_run(doc, out / f"{stem}.json", Path(args.merge) if args.merge else None, note)
+    plot(shown["points"], path.with_suffix(".png"))
+    print(summary(shown["points"]))
+    print(breakdown(shown["points"]))
+    if any("bound" in pt["policies"] for pt in shown["points"]):
+        print("\n" + bound_table(shown["points"]))
+    print(f"\n{len(results)} points in {wall:.0f} s; wrote {path} and {path.with_suffix('.png').name}")
     return 0
 
 

@@ -40,3 +40,17 @@ def test_merge_refuses_points_the_earlier_run_lacks(tmp_path):
     with pytest.raises(SystemExit, match="no point"):
         suite.merge_into(path, [{"name": "zz", "policies": {}}], "x")
     assert path.read_text() == before
+
+
+def test_a_rerun_merged_into_the_default_output_path_keeps_the_other_policies(tmp_path):
+    # `--policies trident --merge benchmarks/results/suite.json` with the default `--out`: the
+    # run alone must not overwrite the earlier run it merges into (it once did, leaving trident only)
+    path = tmp_path / "suite.json"
+    suite.write_doc(path, {"points": [_point("a", 0.5, 0.7)]})
+    run = {"points": [{"name": "a", "policies": {"trident": {"slo_attainment": 0.9}}}]}
+    shown, where = suite.save_run(run, path, path, "trident rerun")
+    assert where == path and json.loads(path.read_text()) == shown
+    assert shown["points"][0]["policies"] == {"trident": {"slo_attainment": 0.9}, "paper": {"slo_attainment": 0.7}}
+    other = tmp_path / "alone.json"  # to another file: the run alone there, the merge in place
+    suite.save_run(run, other, path, "again")
+    assert json.loads(other.read_text()) == run and json.loads(path.read_text())["note"] == "again"
