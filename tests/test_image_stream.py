@@ -1,6 +1,7 @@
 """Issue 18 part 2: `POST /v1/images/generations` with `stream: true` and `partial_images`,
 through the official `openai` client against the ingress's FastAPI app in-process
 (tests/ingress_fakes.py: fake stages, and real `StageReplica`s on the tiny models)."""
+import asyncio
 import base64
 import io
 import json
@@ -135,3 +136,28 @@ def test_real_stages_stream_previews_and_the_same_image_as_without_stream():
     parts = [_pixels(e.b64_json) for e in events[:-1]]
     assert all(p.shape == (64, 64, 3) for p in parts) and not np.array_equal(parts[0], parts[1])
     assert np.array_equal(_pixels(done.b64_json), _pixels(plain.data[0].b64_json))
+
+
+def test_a_partial_image_taken_by_a_poll_in_flight_when_the_diffuse_ends_still_reaches_the_client():
+    """The replica answers a `previews` poll by taking the images out of its mailbox: a poll
+    under way when the diffuse call returns must be let finish, not cancelled (CI lost one so)."""
+    async def go(client, http, inst):
+        diffuse = inst.stages["diffuse-w1"].handle
+        take, run = diffuse.previews.fn, diffuse.run.fn
+        taken = asyncio.Event()
+
+        async def slow_answer(rid, grant=None, drop=False):
+            got = await take(rid, grant, drop)  # taken on the replica at once ...
+            if got and not drop:
+                taken.set()
+                await asyncio.sleep(0.2)  # ... answered after the diffuse call has returned
+            return got
+
+        async def run_until_a_poll_took_images(prev, grant):
+            out = await run(prev, grant)
+            await taken.wait()
+            return out
+        diffuse.previews.fn, diffuse.run.fn = slow_answer, run_until_a_poll_took_images
+        return await _stream(client, 3)
+    events = run_openai(CFG, go)
+    _check_events(events, 3)

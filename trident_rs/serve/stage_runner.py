@@ -15,6 +15,7 @@ only the decoded frames come back), and:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import time
@@ -152,16 +153,24 @@ class StageRunner:
             for item in sorted(got):
                 queue.put_nowait(item)
 
-        async def poll() -> None:
-            while True:
-                await asyncio.sleep(PREVIEW_POLL_S)
-                await collect()
+        done = asyncio.Event()
 
+        async def poll() -> None:
+            while not done.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), PREVIEW_POLL_S)
+                if not done.is_set():
+                    await collect()
+
+        # the poller is stopped between calls, never cancelled inside one: a `previews` call the
+        # replica has answered (taking its images out of the mailbox) must reach the queue
         poller = asyncio.get_running_loop().create_task(poll())
         try:
             out = await run
         finally:
-            poller.cancel()
+            done.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(poller, 10)  # a replica that never answers: give up on its previews
         await collect(drop=True)  # the previews were made during the call: all are there now
         return out
 
