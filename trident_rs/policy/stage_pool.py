@@ -10,8 +10,11 @@ whole pipeline on one set of GPUs (`DynamicPipelinePolicy`):
 
 Decisions, each from the cost model:
 - **Order**: earliest deadline first. A request that cannot meet its deadline at any width
-  is *late*: its key becomes deadline + SLO, so it yields to on-time work but overtakes new
-  arrivals after a bounded wait (never starved, and its lateness stays bounded for the tail).
+  is *late*: in each pass it goes after every scanned on-time task (late tasks oldest first), so
+  under sustained overload it waits until a pass leaves GPUs after the on-time work (one order
+  for both, late keyed by deadline + SLO, was tried: it cut P95 and cost attainment; RESULTS.md).
+  Its queue key becomes deadline + SLO, which decides only whether the scan (`scan_limit`)
+  reaches it.
 - **Slack from measured error**: predictions are multiplied by `exp(mean + z * std)` of the
   log of observed / predicted launch times (z for `confidence`), learned online. A request
   is late only where even the median (`exp(mean)`) misses at every width (`late_at_median`):
