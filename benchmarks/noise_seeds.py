@@ -1,0 +1,117 @@
+"""How much of a suite point's verdict is the stage-time noise: trident and the other policies
+rerun at one point under several noise seeds (same arrivals, same shapes; only the lognormal
+stage-time factors drawn again), and trident's attainment minus the best other's per seed.
+
+    .venv/bin/python benchmarks/noise_seeds.py --points 5,10,16 --seeds 5
+    .venv/bin/python benchmarks/noise_seeds.py --points tune --policies trident --seeds 3   # the noise floor
+
+A point whose verdict flips across seeds is within the noise; a variant's gain or loss there
+says little. With one policy, the table is its attainment per seed and the spread of its mean
+over the points between seeds: a variant's mean gain smaller than that is within the noise.
+Writes benchmarks/results/noise_seeds.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from suite import NOISE, OTHERS, requests_for, suite_points  # noqa: E402
+
+from trident_rs.policy.cost_model import CostModel  # noqa: E402
+from trident_rs.policy.types import Cluster  # noqa: E402
+from trident_rs.sim import SimConfig  # noqa: E402
+from trident_rs.sim.runner import run_policy  # noqa: E402
+
+SEED_STRIDE = 7919  # noise seed k of a point: its seed + k * SEED_STRIDE (k = 0 is the suite's own)
+POLICIES = ("trident",) + tuple(n for n in OTHERS if n != "static-best-fcfs")
+
+
+def run_seed(args: tuple) -> dict:
+    """The policies at one point under noise seed k: attainment and P95 per policy."""
+    point, k, policies = args
+    cost = CostModel.default()
+    reqs = requests_for(point, cost)
+    history = requests_for(point, cost, seed=point.seed + 1000)
+    config = SimConfig(noise=NOISE, seed=point.seed + k * SEED_STRIDE)
+    out = {"point": point.index, "name": point.name, "seed": k, "policies": {}}
+    for name in policies:
+        run = run_policy(name, reqs, Cluster(point.gpus // 8, 8), cost, config, history=history)
+        out["policies"][name] = {"slo_attainment": run.metrics["slo_attainment"],
+                                 "p95_latency_s": run.metrics["p95_latency_s"]}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Per point: trident − best other per seed, their mean and spread, seeds within 0.02."""
+    by_point: dict[int, list[dict]] = {}
+    for r in rows:
+        by_point.setdefault(r["point"], []).append(r)
+    lines = [f"{'point':<48} {'trident - best other, per seed':<40} {'mean':>7} {'sd':>6} {'>= -0.02':>8}"]
+    for idx in sorted(by_point):
+        seeds = sorted(by_point[idx], key=lambda r: r["seed"])
+        gaps, within = [], 0
+        for r in seeds:
+            p = r["policies"]
+            best = max(p[n]["slo_attainment"] for n in p if n != "trident")
+            gaps.append(p["trident"]["slo_attainment"] - best)
+            within += p["trident"]["slo_attainment"] >= best - 0.02  # the suite's no-regression line
+        lines.append(f"{seeds[0]['name'][:48]:<48} {' '.join(f'{g:+.3f}' for g in gaps):<40} "
+                     f"{statistics.mean(gaps):+7.3f} {statistics.pstdev(gaps):6.3f} {within:>4}/{len(gaps)}")
+    return "\n".join(lines)
+
+
+def spread(rows: list[dict], policy: str) -> str:
+    """One policy: its mean attainment over the points at each seed, and how far apart they are."""
+    seeds = sorted({r["seed"] for r in rows})
+    means = [statistics.mean(r["policies"][policy]["slo_attainment"] for r in rows if r["seed"] == k) for k in seeds]
+    per_point: dict[int, list[float]] = {}
+    for r in rows:
+        per_point.setdefault(r["point"], []).append(r["policies"][policy]["slo_attainment"])
+    sd = statistics.mean(statistics.pstdev(v) for v in per_point.values())
+    return (f"{policy}: mean attainment over {len(per_point)} points per seed "
+            f"{' '.join(f'{m:.4f}' for m in means)} (range {max(means) - min(means):.4f}); "
+            f"per-point sd across seeds, averaged: {sd:.4f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", required=True, help="comma-separated suite point indices (full suite), or tune")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES))
+    ap.add_argument("--seeds", type=int, default=5, help="noise seeds per point (the first is the suite's own)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/noise_seeds.json")
+    args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
+    if args.points == "tune":
+        points = [p for p in suite_points(False) if not p.check]
+    else:
+        want = {int(x) for x in args.points.split(",") if x.strip()}
+        points = [p for p in suite_points(False) if p.index in want]
+        if len(points) != len(want):
+            ap.error(f"no such suite points: {sorted(want - {p.index for p in points})}")
+    work = [(p, k, tuple(args.policies)) for p in points for k in range(args.seeds)]
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(max(1, args.jobs)) as pool:
+        rows = list(pool.imap_unordered(run_seed, work))
+    wall = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"noise": NOISE, "seed_stride": SEED_STRIDE, "wall_s": wall,
+                                          "rows": sorted(rows, key=lambda r: (r["point"], r["seed"]))}, indent=1))
+    if "trident" in args.policies and len(args.policies) > 1:
+        print(table(rows))
+    for name in args.policies:
+        print(spread(rows, name))
+    print(f"\n{len(points)} points x {args.seeds} noise seeds in {wall:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
