@@ -22,30 +22,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite import NOISE, OTHERS, requests_for, suite_points  # noqa: E402
-
-from trident_rs.policy.cost_model import CostModel  # noqa: E402
-from trident_rs.policy.types import Cluster  # noqa: E402
-from trident_rs.sim import SimConfig  # noqa: E402
-from trident_rs.sim.runner import run_policy  # noqa: E402
+from suite import NOISE, OTHERS, run_point, suite_points  # noqa: E402
 
 SEED_STRIDE = 7919  # noise seed k of a point: its seed + k * SEED_STRIDE (k = 0 is the suite's own)
 POLICIES = ("trident",) + tuple(n for n in OTHERS if n != "static-best-fcfs")
 
 
 def run_seed(args: tuple) -> dict:
-    """The policies at one point under noise seed k: attainment and P95 per policy."""
+    """The policies at one point under noise seed k (the suite's `run_point`): attainment and
+    P95 per policy."""
     point, k, policies = args
-    cost = CostModel.default()
-    reqs = requests_for(point, cost)
-    history = requests_for(point, cost, seed=point.seed + 1000)
-    config = SimConfig(noise=NOISE, seed=point.seed + k * SEED_STRIDE)
-    out = {"point": point.index, "name": point.name, "seed": k, "policies": {}}
-    for name in policies:
-        run = run_policy(name, reqs, Cluster(point.gpus // 8, 8), cost, config, history=history)
-        out["policies"][name] = {"slo_attainment": run.metrics["slo_attainment"],
-                                 "p95_latency_s": run.metrics["p95_latency_s"]}
-    return out
+    got = run_point((point, policies, False, point.seed + k * SEED_STRIDE))
+    broken = {name: m["error"] for name, m in got["policies"].items() if "error" in m}
+    if broken:  # a policy broke the engine's contract: a finding, not a figure
+        raise RuntimeError(f"{point.name}, noise seed {k}: {broken}")
+    return {"point": point.index, "name": point.name, "seed": k,
+            "policies": {name: {"slo_attainment": m["slo_attainment"], "p95_latency_s": m["p95_latency_s"]}
+                         for name, m in got["policies"].items()}}
 
 
 def table(rows: list[dict]) -> str:

@@ -217,8 +217,10 @@ def parse_variant(name: str) -> tuple[str, dict]:
 _COST: CostModel | None = None
 
 
-def run_point(args: tuple[SuitePoint, tuple[str, ...], bool]) -> dict:
-    point, policies, timelines = args
+def run_point(args: tuple) -> dict:
+    """Every policy in `policies` at one point: (point, policies, timelines[, noise seed]); the
+    noise seed defaults to the point's own (`benchmarks/noise_seeds.py` draws others)."""
+    point, policies, timelines, noise_seed = (*args, None)[:4]
     global _COST
     if _COST is None:
         _COST = CostModel.default()
@@ -226,7 +228,7 @@ def run_point(args: tuple[SuitePoint, tuple[str, ...], bool]) -> dict:
     reqs = requests_for(point, cost)
     history = requests_for(point, cost, seed=point.seed + 1000)
     cluster = Cluster(point.gpus // 8, 8)
-    config = SimConfig(noise=NOISE, seed=point.seed)
+    config = SimConfig(noise=NOISE, seed=point.seed if noise_seed is None else noise_seed)
     out = {"point": asdict(point), "name": point.name, "check": point.check, "requests": len(reqs),
            "capacity_rps": capacity_rps(point, cost), "policies": {}}
     t_all = time.perf_counter()
