@@ -38,6 +38,13 @@ def test_percentile_is_numpys_linear_definition_to_the_bit():
     assert math.isnan(percentile([], 50))
 
 
+def test_a_percentile_reaching_a_request_never_served_is_infinite():
+    xs = [1.0] * 18 + [math.inf] * 2  # 10% never finished
+    assert percentile(xs, 50) == 1.0 and percentile(xs, 89) == 1.0
+    assert percentile(xs, 95) == math.inf and percentile(xs, 100) == math.inf
+    assert percentile(xs, 90) == math.inf  # between the last finished one and the first never served
+
+
 def test_error_body_is_openai_shaped():
     assert error_body("bad size", "InvalidRequestError", 422, "size") == {
         "error": {"message": "bad size", "type": "InvalidRequestError", "param": "size", "code": 422}}

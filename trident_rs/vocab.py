@@ -78,13 +78,16 @@ class DeploymentKey:
 
 def percentile(values: Iterable[float], q: float) -> float:
     """The `q`-th percentile (0..100) of `values`, interpolating linearly between the closest
-    ranks (numpy's default method); NaN when there are none."""
+    ranks (numpy's default method); NaN when there are none. A percentile that interpolates
+    towards an infinite value is infinite (numpy's lerp would give NaN there)."""
     xs = sorted(values)
     if not xs:
         return math.nan
     pos = (len(xs) - 1) * (q / 100.0)
     lo = math.floor(pos)
     a, b, t = xs[lo], xs[min(lo + 1, len(xs) - 1)], pos - lo
+    if math.isinf(b) and (t > 0 or math.isinf(a)):
+        return b
     # numpy's lerp, so figures equal np.percentile's to the last bit
     return float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
 

@@ -1,6 +1,7 @@
 """Serving metrics of one simulated run: SLO attainment, latency percentiles, goodput, utilisation."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ class Metrics:
     completed: int
     slo_attainment: float  # share of arrived requests finished by their deadline (unfinished = miss)
     mean_latency_s: float  # over completed requests
+    # latency percentiles over every arrived request, one never finished (failed) counting as
+    # infinitely late: a policy that cannot serve the largest requests gets no shorter tail for it
     p50_latency_s: float
     p95_latency_s: float
     p99_latency_s: float
@@ -49,7 +52,8 @@ def summarize(result: SimResult) -> Metrics:
     lat = np.asarray(latencies, dtype=float)
     start = min((r.arrival for r in reqs), default=0.0)
     makespan = max(result.end_time - start, 1e-9)
-    pct = lambda q: percentile(latencies, q)  # noqa: E731
+    unfinished = [math.inf] * (n - len(latencies))
+    pct = lambda q: percentile(latencies + unfinished, q)  # noqa: E731
     return Metrics(
         policy=result.policy,
         requests=n,
