@@ -14,7 +14,8 @@ from trident_rs.policy import registry
 from trident_rs.policy.cost_model import CostModel
 from trident_rs.policy.residency import WeightResidency
 from trident_rs.policy.slo import slo_seconds
-from trident_rs.policy.stage_pool import StagePoolPolicy, _LogError
+from trident_rs.policy.launch_error import LaunchError
+from trident_rs.policy.stage_pool import StagePoolPolicy
 from trident_rs.policy.trident import TridentPolicy
 from trident_rs.policy.types import STAGES, Cluster, Request, Shape
 from trident_rs.sim import SimConfig, simulate
@@ -143,12 +144,12 @@ def test_two_models_share_a_gpu_where_their_weights_fit():
 
 
 def test_slack_comes_from_the_measured_error():
-    e = _LogError()
+    e = LaunchError()
     assert e.factor(1.28) == 1.0  # too few samples: no slack
     for ratio in [1.0, 1.2, 0.8, 1.1, 0.9] * 4:
         e.add(ratio)
     assert 1.1 < e.factor(1.28) < 1.3
-    exact = _LogError()
+    exact = LaunchError()
     for _ in range(20):
         exact.add(1.0)
     assert exact.factor(1.28) == pytest.approx(1.0)
@@ -226,10 +227,10 @@ def test_a_chunked_request_yields_its_gpus_to_an_urgent_one_and_resumes():
 def test_spare_gpus_go_where_they_save_the_most_seconds():
     # 5 free GPUs, two on-time tasks at width 1 each: the 3 spare GPUs widen the long task (180 s
     # saved by its first extra GPU) rather than the short one that is first in deadline order (4 s)
-    from trident_rs.policy.stage_pool import _Choice
+    from trident_rs.policy.width_share import WidthChoice
 
-    short = _Choice((1, 2, 4), {1: 10.0, 2: 6.0, 4: 4.0}, 0.0, True)
-    long = _Choice((1, 2, 4), {1: 400.0, 2: 220.0, 4: 130.0}, 0.0, True)
+    short = WidthChoice((1, 2, 4), {1: 10.0, 2: 6.0, 4: 4.0}, 0.0, True)
+    long = WidthChoice((1, 2, 4), {1: 400.0, 2: 220.0, 4: 130.0}, 0.0, True)
     order, choices = [(1.0, 0, "short"), (2.0, 1, "long")], {"short": short, "long": long}
     assert StagePoolPolicy(Cluster(1, 8), COST)._share_out(order, choices, 5) == {"short": 1, "long": 4}
     assert StagePoolPolicy(Cluster(1, 8), COST, spare="deadline")._share_out(order, choices, 5) == {"short": 4, "long": 1}

@@ -70,10 +70,13 @@ from statistics import NormalDist
 
 from trident_rs.errors import ConfigError
 from trident_rs.policy.interface import Policy
+from trident_rs.policy.launch_error import LaunchError
+from trident_rs.policy.model_shares import ModelShares
 from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S, chunk_state_bytes
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.stage_costs import StageCosts
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
+from trident_rs.policy.width_share import SPARE_RULES, WidthChoice, share_out
 
 _INF = float("inf")
 # options the runtimes give every trident placement; the pool has no use for them
@@ -96,37 +99,6 @@ class _Flight:
     @property
     def steps_left(self) -> int:
         return self.request.steps - self.done
-
-
-@dataclass(frozen=True)
-class _Choice:
-    widths: tuple[int, ...]  # on time: the on-time widths, narrowest first; late: the one it waits for
-    time: dict[int, float]  # stage seconds per width (batch 1)
-    rest: float  # fastest seconds of the stages after this one
-    on_time: bool
-
-    @property
-    def narrowest(self) -> int:
-        return self.widths[0]
-
-
-class _LogError:
-    """Running mean and variance of log(observed / predicted) (Welford)."""
-
-    def __init__(self) -> None:
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def add(self, ratio: float) -> None:
-        x = math.log(max(ratio, 1e-6))
-        self.n += 1
-        d = x - self.mean
-        self.mean += d / self.n
-        self.m2 += d * (x - self.mean)
-
-    def factor(self, z: float, min_samples: int = 10) -> float:
-        if self.n < min_samples:
-            return 1.0
-        return math.exp(self.mean + z * math.sqrt(self.m2 / (self.n - 1)))
 
 
 class StagePoolPolicy(Policy):
@@ -156,7 +128,7 @@ class StagePoolPolicy(Policy):
         if not 0.5 <= confidence < 1 or not 0 < threshold <= 1 or scan_limit < 1 or max_batch < 1:
             raise ConfigError("trident (pool): need 0.5 <= confidence < 1, 0 < threshold <= 1, "
                               "scan_limit >= 1, max_batch >= 1")
-        if spare not in ("gain", "deadline"):
+        if spare not in SPARE_RULES:
             raise ConfigError(f"trident (pool): spare must be 'gain' or 'deadline', got {spare!r}")
         self.spare = spare
         self.narrow_rest, self.widen_loads = _flag(narrow_rest), _flag(widen_loads)
@@ -192,7 +164,7 @@ class StagePoolPolicy(Policy):
         self.seq = 0
         self.busy_until: dict[tuple[int, int], float] = {}  # GPU -> predicted end of its launch
         self.started: dict[tuple, tuple[float, float]] = {}  # launch key -> (start, predicted seconds)
-        self.error = _LogError()
+        self.error = LaunchError()
         self.costs = StageCosts(cost, cluster, self.widths, max_batch)
         self._classes: dict[tuple, tuple] = {}
         # each model's share of the pool: its decayed predicted GPU-seconds of arrivals, the
@@ -201,8 +173,7 @@ class StagePoolPolicy(Policy):
         if share_window_s <= 0:
             raise ConfigError(f"trident (pool): share_window_s must be > 0, got {share_window_s}")
         self.window_s = share_window_s
-        self.demand = {m: 1e-6 * v for m, v in prior.items()}
-        self._demand_at = 0.0
+        self.shares = ModelShares(share_window_s, prior)
 
     # ---- Policy interface ------------------------------------------------------------------
     def initial_plan(self, now: float):
@@ -216,13 +187,12 @@ class StagePoolPolicy(Policy):
         while self._slos[0][0] < now - self.window_s:
             self._slos.popleft()
         self._push(request.id)
-        self._decay(now)
         r = request
         work = 0.0  # GPU-seconds of all its stages, each at its cheapest width
         for i in range(len(STAGES)):
             ws, time, _, _, _ = self._class(r.model, i, r.shape, r.steps, r.widest(STAGES[i]))
             work += min(w * time[w] for w in ws)
-        self.demand[r.model] = self.demand.get(r.model, 0.0) + work
+        self.shares.add(r.model, work, now)
 
     def on_launch_done(self, launch: Launch, now: float) -> None:
         start, predicted = self.started.pop(_key(launch))
@@ -272,7 +242,7 @@ class StagePoolPolicy(Policy):
         if not self.ready or not free:
             return SchedulerOutput()
         slack = self.error.factor(self.z)
-        self._decay(now)
+        self.shares.decay(now)
         self._budget = self._budgets()
         scanned = [heapq.heappop(self.ready) for _ in range(min(self.scan_limit, len(self.ready)))]
         choices = {rid: self._choose(self.flights[rid], now, slack, free) for _, _, rid in scanned}
@@ -333,7 +303,7 @@ class StagePoolPolicy(Policy):
         return SchedulerOutput(tuple(launches))
 
     # ---- decisions -------------------------------------------------------------------------
-    def _choose(self, f: _Flight, now: float, slack: float, free: dict[int, set[int]]) -> _Choice:
+    def _choose(self, f: _Flight, now: float, slack: float, free: dict[int, set[int]]) -> WidthChoice:
         r = f.request
         ws, time, rest, narrow, efficient = self._class(r.model, f.stage, r.shape, f.steps_left,
                                                         r.widest(STAGES[f.stage]))
@@ -348,8 +318,8 @@ class StagePoolPolicy(Policy):
             if self.elastic and f.done and f.pauses >= self.max_preemptions:
                 room = [w for w in ws if any(len(g) >= w for g in free.values())]
                 if room:
-                    return _Choice((min(room, key=lambda w: (time[w], w)),), time, rest, True)
-            return _Choice(ws, time, rest, True)
+                    return WidthChoice((min(room, key=lambda w: (time[w], w)),), time, rest, True)
+            return WidthChoice(ws, time, rest, True)
         # on time, tried in this order: with the slack, leaving room for the later stages at their
         # narrowest width (what they get when GPUs are scarce: a long video's decode at the width
         # its memory needs; `narrow_rest`); with the slack, the later stages at their fastest; at
@@ -360,15 +330,15 @@ class StagePoolPolicy(Policy):
         for factor, after in tries:
             on_time = tuple(w for w in ws if now + factor * (time[w] + after) <= r.deadline)
             if on_time:  # which of them: `_share_out`, from the free GPUs
-                return _Choice(on_time, time, after, True)
+                return WidthChoice(on_time, time, after, True)
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer; mid-diffuse, it goes on at
         # its own width where the wider one has no room
         if STAGES[f.stage] != "diffuse":  # a short stage: any width with room, widest efficient first
-            return _Choice(tuple(sorted(efficient, reverse=True)) + tuple(w for w in ws if w not in efficient),
+            return WidthChoice(tuple(sorted(efficient, reverse=True)) + tuple(w for w in ws if w not in efficient),
                            time, rest, False)
         late = (max(efficient),) if not f.done or len(f.gpus) == max(efficient) else (max(efficient), len(f.gpus))
-        return _Choice(late, time, rest, False)
+        return WidthChoice(late, time, rest, False)
 
     def _reserve(self, w: int, free: dict[int, set[int]], now: float) -> tuple[int, frozenset[int], float] | None:
         """The `w` GPUs of one node predicted to be free soonest, and when (EASY backfilling's
@@ -382,41 +352,15 @@ class StagePoolPolicy(Policy):
                 best = (n, frozenset(i for _, i in when), when[-1][0])
         return best
 
-    def _share_out(self, order, choices: dict[str, _Choice], gpus: int) -> dict[str, int]:
-        """Each on-time task's width now: the free GPUs cover every on-time task's narrowest
-        on-time width first; the spare then widens tasks up to their widest on-time width:
-        `spare="gain"`, where a GPU saves the most seconds (the widening of all queued ones with
-        the largest time saved per extra GPU, again and again: long stages first, which are
-        the tail); `spare="deadline"`, in deadline order."""
-        on_time = [(it[2], choices[it[2]]) for it in order if choices[it[2]].on_time]
-        out = {rid: c.narrowest for rid, c in on_time}
-        spare = gpus - sum(out.values())
-        if spare <= 0:
-            return out
-        if self.spare == "deadline":
-            for rid, c in on_time:
-                fit = [w for w in c.widths if w - c.narrowest <= spare]
-                out[rid] = w = max(fit)
-                spare -= w - c.narrowest
-            return out
-        heap = []  # (-seconds saved per extra GPU, seq, request, from width, to width)
-        for i, (rid, c) in enumerate(on_time):
-            heap.extend((-_gain(c, c.narrowest, w), i, rid, c.narrowest, w) for w in c.widths if w > c.narrowest)
-        heapq.heapify(heap)
-        while heap and spare > 0:
-            neg, i, rid, base, w = heapq.heappop(heap)
-            cur = out[rid]
-            if w <= cur or neg >= 0:
-                continue
-            if base != cur:  # the task widened since: priced again from where it is
-                heapq.heappush(heap, (-_gain(choices[rid], cur, w), i, rid, cur, w))
-                continue
-            if w - cur <= spare:
-                out[rid] = w
-                spare -= w - cur
-        return out
+    def _share_out(self, order, choices: dict[str, WidthChoice], gpus: int) -> dict[str, int]:
+        """Each on-time task's width now (`width_share.share_out`, the scanned order kept)."""
+        return share_out([(it[2], choices[it[2]]) for it in order if choices[it[2]].on_time], gpus, self.spare)
 
-    def _fill(self, f: _Flight, c: _Choice, w: int, spot, free, scanned, choices, taken, launches,
+    def _budgets(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(GPUs each model may hold: its share of recent demand, GPUs each holds now)."""
+        return self.shares.budgets(self.cluster.total_gpus, self.residency)
+
+    def _fill(self, f: _Flight, c: WidthChoice, w: int, spot, free, scanned, choices, taken, launches,
               now: float, slack: float) -> tuple[int, tuple[int, tuple[int, ...], float]]:
         """(width, spot) of an on-time diffuse chunk about to leave GPUs of its node that no
         undecided task's narrowest width fits, while on-time work waits for more than that: it
@@ -444,7 +388,7 @@ class StagePoolPolicy(Policy):
                 return v, wide
         return w, spot
 
-    def _stay_s(self, f: _Flight, c: _Choice, slack: float) -> float:
+    def _stay_s(self, f: _Flight, c: WidthChoice, slack: float) -> float:
         """Predicted seconds to finish going on where it runs (a diffuse at its chunk boundary);
         0 where it cannot go on there (a model load never pays then)."""
         cur = len(f.gpus)
@@ -512,7 +456,7 @@ class StagePoolPolicy(Policy):
         out.append(tuple(sorted(sorted(free, key=rank)[:w])))
         return out
 
-    def _companions(self, f: _Flight, c: _Choice, w: int, scanned, choices, taken, now: float,
+    def _companions(self, f: _Flight, c: WidthChoice, w: int, scanned, choices, taken, now: float,
                     slack: float, load: float) -> list[str]:
         """Other on-time requests of the same class to run in the same launch."""
         r, stage = f.request, STAGES[f.stage]
@@ -614,24 +558,6 @@ class StagePoolPolicy(Policy):
                 del free[node]
         return out
 
-    # ---- shares of the pool ----------------------------------------------------------------
-    def _decay(self, now: float) -> None:
-        if now > self._demand_at:
-            k = math.exp(-(now - self._demand_at) / self.window_s)
-            self.demand = {m: v * k for m, v in self.demand.items()}
-            self._demand_at = now
-
-    def _budgets(self) -> tuple[dict[str, int], dict[str, int]]:
-        """(GPUs each model may hold: its share of recent demand, GPUs each holds now)."""
-        total = sum(self.demand.values()) or 1.0
-        gpus = self.cluster.total_gpus
-        budget = {m: max(1, math.ceil(gpus * v / total)) for m, v in self.demand.items()}
-        count: dict[str, int] = {}
-        for held in self.residency.gpus.values():
-            for m, _ in held.weights:
-                count[m] = count.get(m, 0) + 1
-        return budget, count
-
     # ---- cost-model lookups (cached) -------------------------------------------------------
     def _class(self, model: str, stage_index: int, shape: Shape, steps: int, top: int | None = None):
         """(feasible widths, stage seconds per width, seconds of the stages after it each at its
@@ -677,11 +603,6 @@ def _backfill(free: dict[int, set[int]], hold: tuple[int, frozenset[int], float]
     if not out[node]:
         del out[node]
     return out
-
-
-def _gain(c: _Choice, narrow: int, wide: int) -> float:
-    """Stage seconds saved per extra GPU by running at `wide` instead of `narrow`."""
-    return (c.time[narrow] - c.time[wide]) / (wide - narrow)
 
 
 def _key(launch: Launch) -> tuple:
