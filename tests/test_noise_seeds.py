@@ -10,9 +10,10 @@ import noise_seeds  # noqa: E402
 import suite  # noqa: E402
 
 
-def _row(point: int, seed: int, trident: float, other: float) -> dict:
+def _row(point: int, seed: int, trident: float, other: float, p95: tuple[float, float] = (1.0, 1.0)) -> dict:
     return {"point": point, "name": f"p{point}", "seed": seed,
-            "policies": {"trident": {"slo_attainment": trident}, "paper": {"slo_attainment": other}}}
+            "policies": {"trident": {"slo_attainment": trident, "p95_latency_s": p95[0]},
+                         "paper": {"slo_attainment": other, "p95_latency_s": p95[1]}}}
 
 
 def test_seed_zero_is_the_suites_own_run_and_another_seed_draws_the_noise_again():
@@ -24,8 +25,10 @@ def test_seed_zero_is_the_suites_own_run_and_another_seed_draws_the_noise_again(
 
 
 def test_the_table_counts_seeds_on_the_suites_no_regression_line():
-    rows = [_row(1, 0, 0.80, 0.82), _row(1, 1, 0.80, 0.8201), _row(1, 2, 0.90, 0.85)]
+    rows = [_row(1, 0, 0.80, 0.82, (9.0, 10.0)), _row(1, 1, 0.80, 0.8201, (11.0, 10.0)),
+            _row(1, 2, 0.90, 0.85, (10.0, float("inf")))]
     line = noise_seeds.table(rows).splitlines()[1]
-    assert line.split()[-1] == "2/3"  # 0.80 vs 0.82 is on the line, 0.80 vs 0.8201 below it
+    assert line.split()[-2] == "2/3"  # 0.80 vs 0.82 is on the line, 0.80 vs 0.8201 below it
+    assert line.split()[-1] == "2/3"  # P95 at most the best other's: 9 <= 10 and 10 <= inf, not 11 > 10
     assert "-0.020" in line and "+0.050" in line
     assert "0.8000 0.8000 0.9000 (range 0.1000)" in noise_seeds.spread(rows, "trident")
