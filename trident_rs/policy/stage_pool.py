@@ -95,6 +95,7 @@ class _Flight:
     done: int = 0  # diffuse steps done (chunks)
     pauses: int = 0  # chunk boundaries at which it yielded its GPUs
     urgent: bool = False  # paused past the bound: goes first
+    memo: tuple | None = None  # (stage, steps left, width going on at) -> its class lookup, as `_choose` adjusts it
 
     @property
     def steps_left(self) -> int:
@@ -154,6 +155,7 @@ class StagePoolPolicy(Policy):
         self.regroup_s = regroup_s
         self._boundary: set[str] = set()  # requests whose chunk ended at this instant
         self._launched: set[str] = set()  # requests launched at this instant
+        self._when: dict[int, list[tuple[float, int]]] = {}
         self.paused: dict[str, float] = {}  # paused request -> since when
         self.max_batch, self.batch_max_pixels = max_batch, batch_max_pixels
         self.z = NormalDist().inv_cdf(confidence)
@@ -241,11 +243,12 @@ class StagePoolPolicy(Policy):
         self._mark_urgent(now)
         if not self.ready or not free:
             return SchedulerOutput()
-        slack = self.error.factor(self.z)
+        slack, median = self.error.factor(self.z), self.error.factor(0.0)
+        self._when: dict[int, list[tuple[float, int]]] = {}  # node -> its GPUs by when free, this pass
         self.shares.decay(now)
         self._budget = self._budgets()
         scanned = [heapq.heappop(self.ready) for _ in range(min(self.scan_limit, len(self.ready)))]
-        choices = {rid: self._choose(self.flights[rid], now, slack, free) for _, _, rid in scanned}
+        choices = {rid: self._choose(self.flights[rid], now, slack, free, median) for _, _, rid in scanned}
         order = [it for it in scanned if choices[it[2]].on_time] + sorted(
             (it for it in scanned if not choices[it[2]].on_time), key=lambda it: self.flights[it[2]].request.arrival)
         target = self._share_out(order, choices, sum(len(g) for g in free.values()))
@@ -266,8 +269,8 @@ class StagePoolPolicy(Policy):
                 kept.append(item)
                 continue
             t = target.get(rid, c.widths[0])
-            widths = (t,) + tuple(sorted((w for w in c.widths if w < t), reverse=True)) \
-                + tuple(sorted(w for w in c.widths if w > t))
+            widths = () if min(c.widths) >= blocked and not f.urgent else \
+                (t,) + tuple(sorted((w for w in c.widths if w < t), reverse=True)) + tuple(sorted(w for w in c.widths if w > t))
             spot = None
             for w in widths:
                 room = free if hold is None else _backfill(free, hold, now + slack * c.time[w])
@@ -303,15 +306,21 @@ class StagePoolPolicy(Policy):
         return SchedulerOutput(tuple(launches))
 
     # ---- decisions -------------------------------------------------------------------------
-    def _choose(self, f: _Flight, now: float, slack: float, free: dict[int, set[int]]) -> WidthChoice:
+    def _choose(self, f: _Flight, now: float, slack: float, free: dict[int, set[int]],
+                median: float | None = None) -> WidthChoice:
         r = f.request
-        ws, time, rest, narrow, efficient = self._class(r.model, f.stage, r.shape, f.steps_left,
-                                                        r.widest(STAGES[f.stage]))
-        if f.done:  # mid-diffuse: going on at its width is free, another width regroups, and it
-            # widens only where that is faster even so
-            cur = len(f.gpus)
-            time = {w: t + (0.0 if w == cur else self.regroup_s) for w, t in time.items()}
-            ws = tuple(w for w in ws if w <= cur or time[w] < time.get(cur, _INF))
+        key = (f.stage, f.steps_left, len(f.gpus) if f.done else 0)
+        if f.memo is not None and f.memo[0] == key:  # decided again every pass: the lookup is kept
+            ws, time, rest, narrow, efficient = f.memo[1]
+        else:
+            ws, time, rest, narrow, efficient = self._class(r.model, f.stage, r.shape, f.steps_left,
+                                                            r.widest(STAGES[f.stage]))
+            if f.done:  # mid-diffuse: going on at its width is free, another width regroups, and it
+                # widens only where that is faster even so
+                cur = len(f.gpus)
+                time = {w: t + (0.0 if w == cur else self.regroup_s) for w, t in time.items()}
+                ws = tuple(w for w in ws if w <= cur or time[w] < time.get(cur, _INF))
+            f.memo = (key, (ws, time, rest, narrow, efficient))
         if f.urgent:  # paused past the bound: any width, as soon as possible; but its last launch
             # (it may not pause again, and keeps that width to its last step) at the fastest width
             # with room now, not the narrowest
@@ -326,7 +335,7 @@ class StagePoolPolicy(Policy):
         # the median, still more likely on time than not (`late_at_median`: late work yields to all
         # on-time work and waits for its efficient width)
         tries = [(slack, narrow)] * self.narrow_rest + [(slack, rest)] \
-            + [(self.error.factor(0.0), rest)] * self.late_at_median
+            + [(self.error.factor(0.0) if median is None else median, rest)] * self.late_at_median
         for factor, after in tries:
             on_time = tuple(w for w in ws if now + factor * (time[w] + after) <= r.deadline)
             if on_time:  # which of them: `_share_out`, from the free GPUs
@@ -345,11 +354,13 @@ class StagePoolPolicy(Policy):
         reservation for the first task that finds no room)."""
         best = None
         for n in self.cluster.up:
-            idle = free.get(n, set())
-            when = sorted((now if i in idle else max(self.busy_until.get((n, i), now), now), i)
-                          for i in range(self.cluster.gpus_per_node))[:w]
-            if len(when) == w and (best is None or when[-1][0] < best[2]):
-                best = (n, frozenset(i for _, i in when), when[-1][0])
+            when = self._when.get(n)
+            if when is None:  # kept for the pass until a launch on the node
+                idle = free.get(n, set())
+                when = self._when[n] = sorted((now if i in idle else max(self.busy_until.get((n, i), now), now), i)
+                                              for i in range(self.cluster.gpus_per_node))
+            if w <= len(when) and (best is None or when[w - 1][0] < best[2]):
+                best = (n, frozenset(i for _, i in when[:w]), when[w - 1][0])
         return best
 
     def _share_out(self, order, choices: dict[str, WidthChoice], gpus: int) -> dict[str, int]:
@@ -502,6 +513,7 @@ class StagePoolPolicy(Policy):
         launch = Launch(tuple(batch), r.model, (stage,), w, node, gpus, steps=steps)
         predicted = load + self.costs.time(r.model, stage, r.shape, w, n, len(batch))
         self.residency.record(r.model, (stage,), node, gpus, r.shape)
+        self._when.pop(node, None)
         self.started[_key(launch)] = (now, predicted)
         for i in gpus:
             self.busy_until[(node, i)] = now + predicted
