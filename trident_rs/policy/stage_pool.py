@@ -312,6 +312,7 @@ class StagePoolPolicy(Policy):
         key = (f.stage, f.steps_left, len(f.gpus) if f.done else 0)
         if f.memo is not None and f.memo[0] == key:  # decided again every pass: the lookup is kept
             ws, time, rest, narrow, efficient = f.memo[1]
+            made = f.memo[2]
         else:
             ws, time, rest, narrow, efficient = self._class(r.model, f.stage, r.shape, f.steps_left,
                                                             r.widest(STAGES[f.stage]))
@@ -320,7 +321,8 @@ class StagePoolPolicy(Policy):
                 cur = len(f.gpus)
                 time = {w: t + (0.0 if w == cur else self.regroup_s) for w, t in time.items()}
                 ws = tuple(w for w in ws if w <= cur or time[w] < time.get(cur, _INF))
-            f.memo = (key, (ws, time, rest, narrow, efficient))
+            made = {}  # the choices made for this lookup, by (widths, seconds after, on time)
+            f.memo = (key, (ws, time, rest, narrow, efficient), made)
         if f.urgent:  # paused past the bound: any width, as soon as possible; but its last launch
             # (it may not pause again, and keeps that width to its last step) at the fastest width
             # with room now, not the narrowest
@@ -339,15 +341,15 @@ class StagePoolPolicy(Policy):
         for factor, after in tries:
             on_time = tuple(w for w in ws if now + factor * (time[w] + after) <= r.deadline)
             if on_time:  # which of them: `_share_out`, from the free GPUs
-                return WidthChoice(on_time, time, after, True)
+                return _made(made, on_time, time, after, True)
         # late: its widest efficient width (the earliest finish without wasting GPUs), and it
         # waits for that rather than run for much longer on fewer; mid-diffuse, it goes on at
         # its own width where the wider one has no room
         if STAGES[f.stage] != "diffuse":  # a short stage: any width with room, widest efficient first
-            return WidthChoice(tuple(sorted(efficient, reverse=True)) + tuple(w for w in ws if w not in efficient),
-                           time, rest, False)
+            return _made(made, tuple(sorted(efficient, reverse=True)) + tuple(w for w in ws if w not in efficient),
+                         time, rest, False)
         late = (max(efficient),) if not f.done or len(f.gpus) == max(efficient) else (max(efficient), len(f.gpus))
-        return WidthChoice(late, time, rest, False)
+        return _made(made, late, time, rest, False)
 
     def _reserve(self, w: int, free: dict[int, set[int]], now: float) -> tuple[int, frozenset[int], float] | None:
         """The `w` GPUs of one node predicted to be free soonest, and when (EASY backfilling's
@@ -602,6 +604,15 @@ class StagePoolPolicy(Policy):
 def _flag(value: object, true: tuple[str, ...] = ("1", "true")) -> bool:
     """An on/off option as YAML or the suite's `trident:key=value` ablations give it."""
     return value if isinstance(value, bool) else str(value).lower() in true
+
+
+def _made(made: dict, widths: tuple[int, ...], time: dict[int, float], after: float, on_time: bool) -> WidthChoice:
+    """The `WidthChoice` of these values, made once per flight lookup (`_Flight.memo`)."""
+    k = (widths, after, on_time)
+    c = made.get(k)
+    if c is None:
+        c = made[k] = WidthChoice(widths, time, after, on_time)
+    return c
 
 
 def _backfill(free: dict[int, set[int]], hold: tuple[int, frozenset[int], float], end: float) -> dict[int, set[int]]:
