@@ -53,6 +53,7 @@ def table(rows: list[dict]) -> str:
         seeds = sorted(by_point[idx], key=lambda r: r["seed"])
         gaps, within, tail = [], 0, 0
         for r in seeds:
+            # the point's load only matters to `judge` beside trident:elastic=0, which is not run here
             verdict = judge({"point": {"load": 0.0}, "policies": r["policies"]})
             gaps.append(verdict["trident_attainment"] - verdict["best_other_attainment"])
             within += verdict["no_regression"]

@@ -95,7 +95,9 @@ class _Flight:
     done: int = 0  # diffuse steps done (chunks)
     pauses: int = 0  # chunk boundaries at which it yielded its GPUs
     urgent: bool = False  # paused past the bound: goes first
-    memo: tuple | None = None  # (stage, steps left, width going on at) -> its class lookup, as `_choose` adjusts it
+    # `_choose`'s cache: (key = (stage, steps left, width going on at), its class lookup as
+    # `_choose` adjusts it, the WidthChoices made for that lookup); replaced when the key changes
+    memo: tuple | None = None
 
     @property
     def steps_left(self) -> int:
@@ -155,7 +157,7 @@ class StagePoolPolicy(Policy):
         self.regroup_s = regroup_s
         self._boundary: set[str] = set()  # requests whose chunk ended at this instant
         self._launched: set[str] = set()  # requests launched at this instant
-        self._when: dict[int, list[tuple[float, int]]] = {}
+        self._when: dict[int, list[tuple[float, int]]] = {}  # node -> its GPUs by when free, this pass
         self.paused: dict[str, float] = {}  # paused request -> since when
         self.max_batch, self.batch_max_pixels = max_batch, batch_max_pixels
         self.z = NormalDist().inv_cdf(confidence)
@@ -244,7 +246,7 @@ class StagePoolPolicy(Policy):
         if not self.ready or not free:
             return SchedulerOutput()
         slack, median = self.error.factor(self.z), self.error.factor(0.0)
-        self._when: dict[int, list[tuple[float, int]]] = {}  # node -> its GPUs by when free, this pass
+        self._when = {}  # sorted again as `_reserve` needs a node, until a launch there
         self.shares.decay(now)
         self._budget = self._budgets()
         scanned = [heapq.heappop(self.ready) for _ in range(min(self.scan_limit, len(self.ready)))]
