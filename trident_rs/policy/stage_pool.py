@@ -50,8 +50,9 @@ Decisions, each from the cost model:
   widens onto GPUs that must load its model only where the load plus its remaining steps there
   finish sooner than going on (`widen_loads`); a paused request waits for GPUs holding its model.
   Starvation is bounded: after `max_preemptions` pauses a request runs its remaining steps in
-  one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs (its
-  last launch, which keeps its width to the end, at the fastest width with room then).
+  one launch, and one paused for `max_pause_s` goes first and is reserved the next GPUs, loading
+  its model there if they hold another, whatever its share (its last launch, which keeps its
+  width to the end, at the fastest width with room then).
   Paused state never exceeds `host_memory_gb`: a request whose pause would overflow it goes on.
   A chunk does not strand GPUs (`fill`): where it would leave GPUs of its node that no undecided
   task fits while on-time work waits for more (a whole node), it runs on them, if they hold its
@@ -429,9 +430,11 @@ class StagePoolPolicy(Policy):
         _, n, gpus, load = best
         if load >= self.model_load_s and f.done and not f.urgent and load + work_s >= stay_s:
             return None  # a paused diffuse waits for GPUs holding its model rather than load it
-        if load >= self.model_load_s:  # another model's GPUs: only within our share, and only if
-            # waiting for our own GPUs (their first free moment, then the work queued ahead of us
-            # shared over them) finishes later or misses; always where ours can never hold `w`
+        if load >= self.model_load_s and not f.urgent:  # another model's GPUs: only within our share,
+            # and only if waiting for our own GPUs (their first free moment, then the work queued
+            # ahead of us shared over them) finishes later or misses; always where ours can never
+            # hold `w`. A request paused past the bound loads wherever it has room: its own
+            # model's GPUs go on to other requests' next chunks, and the bound would not hold
             own = self.residency.first_free_for(r.model, w, self.cluster.up, self.cluster.gpus_per_node,
                                                 self.busy_until, now)
             if own < _INF:
