@@ -130,7 +130,7 @@ def test_options_are_coerced_and_bad_ones_raise():
                              slo_scale=4.0, models={"img": 1.0})
     assert isinstance(t, TetriServePolicy) and t.round_s == 3.0 and t.max_preemptions == 2
     g = registry.make_policy("genserve", cluster, COST, chunk_s="1.5", host_memory_gb="64", tick_s=1.0)
-    assert isinstance(g, GenServePolicy) and g.chunk_s == 1.5 and g.host_budget == 64e9
+    assert isinstance(g, GenServePolicy) and g.chunk_s == 1.5 and g.paused.budget == 64e9
     with pytest.raises(ConfigError, match="unknown"):
         registry.make_policy("tetriserve", cluster, COST, chunk_s=2.0)  # genserve's option
     with pytest.raises(ConfigError, match="unknown"):

@@ -73,7 +73,8 @@ from trident_rs.errors import ConfigError
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.launch_error import LaunchError
 from trident_rs.policy.model_shares import ModelShares
-from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S, chunk_state_bytes
+from trident_rs.policy.paused_state import PausedState
+from trident_rs.policy.payload_size import CHUNK_BOUNDARY_S, SERVE_HOP_OVERHEAD_S
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.stage_costs import StageCosts
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
@@ -154,12 +155,11 @@ class StagePoolPolicy(Policy):
         self.threshold, self.scan_limit = threshold, scan_limit
         self.elastic, self.chunk_overhead, self.boundary_s = elastic, chunk_overhead, boundary_s
         self.max_preemptions, self.max_pause_s = max_preemptions, max_pause_s
-        self.host_bytes, self.paused_bytes = host_memory_gb * 1e9, 0.0
         self.regroup_s = regroup_s
         self._boundary: set[str] = set()  # requests whose chunk ended at this instant
         self._launched: set[str] = set()  # requests launched at this instant
         self._when: dict[int, list[tuple[float, int]]] = {}  # node -> its GPUs by when free, this pass
-        self.paused: dict[str, float] = {}  # paused request -> since when
+        self.paused = PausedState(host_memory_gb * 1e9)  # requests paused at a boundary, since when
         self.max_batch, self.batch_max_pixels = max_batch, batch_max_pixels
         self.z = NormalDist().inv_cdf(confidence)
         self.model_load_s = model_load_s
@@ -221,13 +221,12 @@ class StagePoolPolicy(Policy):
     def on_launch_refused(self, launch: Launch, now: float) -> None:
         self.started.pop(_key(launch), None)
         for rid in launch.request_ids:
-            f = self.flights.pop(rid, None)
-            if self.paused.pop(rid, None) is not None:
-                self.paused_bytes -= self._state_bytes(f)
+            self.flights.pop(rid, None)
+            self.paused.release(rid)
 
     def next_wakeup(self, now: float) -> float | None:
         """When the longest-paused request reaches the pause bound (it goes first then)."""
-        due = [since + self.max_pause_s for rid, since in self.paused.items() if not self.flights[rid].urgent]
+        due = [since + self.max_pause_s for rid, since in self.paused.since.items() if not self.flights[rid].urgent]
         return min(due) if due else None
 
     def pending(self) -> int:
@@ -513,10 +512,8 @@ class StagePoolPolicy(Policy):
             steps = (f.done, f.done + n)
         for rid in batch:
             self._launched.add(rid)
-            if self.paused.pop(rid, None) is not None:
-                g = self.flights[rid]
-                self.paused_bytes -= self._state_bytes(g)
-                g.urgent = False
+            if self.paused.release(rid):
+                self.flights[rid].urgent = False
         launch = Launch(tuple(batch), r.model, (stage,), w, node, gpus, steps=steps)
         predicted = load + self.costs.time(r.model, stage, r.shape, w, n, len(batch))
         self.residency.record(r.model, (stage,), node, gpus, r.shape)
@@ -532,23 +529,19 @@ class StagePoolPolicy(Policy):
         per_step = self.costs.time(model, "diffuse", shape, w, 1, batch)
         return max(1, math.ceil(self.boundary_s / (self.chunk_overhead * per_step)))
 
-    def _state_bytes(self, f: _Flight) -> float:
-        return chunk_state_bytes(f.request.model, f.request.shape)
-
     def _pause_the_unresumed(self, now: float) -> None:
         """Chunks that ended now and did not go on yielded their GPUs: they are paused."""
         for rid in self._boundary:
             f = self.flights.get(rid)
             if f is not None and rid not in self._launched and rid not in self.paused:
-                self.paused[rid] = now
+                self.paused.pause(f.request, now)
                 f.pauses += 1
-                self.paused_bytes += self._state_bytes(f)
         self._boundary.clear()
         self._launched.clear()
 
     def _mark_urgent(self, now: float) -> None:
         """Paused past `max_pause_s`: first in the queue from now on."""
-        for rid, since in self.paused.items():
+        for rid, since in self.paused.since.items():
             f = self.flights[rid]
             if not f.urgent and now - since >= self.max_pause_s - 1e-9:
                 f.urgent = True
@@ -559,12 +552,12 @@ class StagePoolPolicy(Policy):
     def _go_on_where_paused_state_would_overflow(self, scanned, choices, free, now: float) -> list[Launch]:
         """A request at a boundary whose pause would overflow host memory goes on where it ran."""
         out = []
-        budget = self.host_bytes - self.paused_bytes
+        budget = self.paused.room
         for _, _, rid in scanned:
             f = self.flights[rid]
             if rid not in self._boundary:
                 continue
-            need = self._state_bytes(f)
+            need = PausedState.size(f.request)
             if need <= budget:
                 budget -= need
                 continue

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from trident_rs.errors import ConfigError
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.stage_costs import StageCosts
-from trident_rs.policy.payload_size import chunk_state_bytes
+from trident_rs.policy.paused_state import PausedState
 from trident_rs.policy.residency import DEFAULT_REGROUP_S, WeightResidency
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, Request, SchedulerOutput, Shape
 
@@ -134,7 +134,6 @@ class StepLevelPolicy(Policy):
         self.cluster, self.cost = cluster, cost
         self.threshold = opts["threshold"]
         self.scan_limit, self.max_preemptions = opts["scan_limit"], opts["max_preemptions"]
-        self.host_budget = opts["host_memory_gb"] * 1e9
         self.regroup_s, self.overhead_s = opts["regroup_s"], opts["overhead_s"]
         self.model_load_s = opts["model_load_s"]
         self.residency = WeightResidency(cost, cluster.gpu_memory_gb, opts["model_load_s"], opts["regroup_s"])
@@ -147,8 +146,7 @@ class StepLevelPolicy(Policy):
         self.diffuse_q: list[tuple[float, int, str]] = []  # diffuse ready (not running): (key, seq, id)
         self.seq = 0
         self.boundary: dict[str, float] = {}  # request -> when its chunk ended (resumable now)
-        self.paused: dict[str, float] = {}  # request -> bytes of its chunk state in host memory
-        self.paused_bytes = 0.0
+        self.paused = PausedState(opts["host_memory_gb"] * 1e9)  # chunk state in host memory
         self.costs = StageCosts(cost, cluster)
         self._eff_cache: dict[tuple, int] = {}
         self._times_cache: dict[tuple, dict[int, float]] = {}
@@ -184,7 +182,7 @@ class StepLevelPolicy(Policy):
         for rid in launch.request_ids:
             self.reqs.pop(rid, None)
             self.boundary.pop(rid, None)
-            self.paused_bytes -= self.paused.pop(rid, 0.0)
+            self.paused.release(rid)
 
     def pending(self) -> int:
         return len(self.reqs)
@@ -198,9 +196,7 @@ class StepLevelPolicy(Policy):
                 del self.boundary[rid]
                 r = self.reqs[rid]
                 r.preemptions += 1
-                size = self._state_bytes(r.request)
-                self.paused[rid] = size
-                self.paused_bytes += size
+                self.paused.pause(r.request, t)
         free = {n: set(g) for n, g in state.free_gpus.items() if g}
         if not free or not (self.stage_q or self.diffuse_q):
             return SchedulerOutput()
@@ -223,13 +219,13 @@ class StepLevelPolicy(Policy):
         memory left for their state) continue at once, on their own GPUs at the same degree."""
         if not self.boundary:
             return
-        room = self.host_budget - self.paused_bytes
+        room = self.paused.room
         order = sorted(self.boundary, key=lambda rid: self.reqs[rid].request.deadline, reverse=True)
         for rid in order:
             r = self.reqs[rid]
             if r.running:
                 continue
-            size = self._state_bytes(r.request)
+            size = PausedState.size(r.request)
             if r.preemptions < self.max_preemptions and size <= room:
                 room -= size  # it may pause: keep room for its state
                 continue
@@ -252,9 +248,6 @@ class StepLevelPolicy(Policy):
             when = self._own_free[key] = self.residency.first_free_for(
                 req.model, k, self.cluster.up, self.cluster.gpus_per_node, self.busy_until, now)
         return when >= now + load
-
-    def _state_bytes(self, req: Request) -> float:
-        return chunk_state_bytes(req.model, req.shape)
 
     # ---- encode and decode -----------------------------------------------------------------
     def _launch_stages(self, now: float, free: dict[int, set[int]], launches: list[Launch],
@@ -428,7 +421,7 @@ class StepLevelPolicy(Policy):
             q = self.reqs[rid]
             q.running = True
             self.boundary.pop(rid, None)
-            self.paused_bytes -= self.paused.pop(rid, 0.0)
+            self.paused.release(rid)
         if free is not None and node in free:
             free[node] -= set(gpus)
             if not free[node]:

@@ -14,6 +14,7 @@ import time
 from trident_rs.errors import TridentError
 from trident_rs.policy.interface import Policy
 from trident_rs.policy.payload_size import TEXT_EMBEDDING_BYTES, chunk_state_bytes, latent_bytes
+from trident_rs.policy.paused_state import PausedState
 from trident_rs.policy.types import STAGES, Cluster, ClusterState, Launch, PlacementPlan, ReplicaGroup, Request
 from trident_rs.sim.config import SimConfig
 from trident_rs.sim.launch_cost import LaunchCost
@@ -78,8 +79,7 @@ class Simulator:
         # the policy resumes them at once); paused requests and the host memory they hold
         self.steps_done: dict[str, int] = {}
         self.at_boundary: list[str] = []
-        self.paused: dict[str, float] = {}  # request -> bytes of chunk state in host memory
-        self.paused_bytes = self.peak_paused_bytes = 0.0
+        self.paused = PausedState(self.config.host_memory_gb * 1e9)
         # node faults: nodes down, the plan's groups waiting there for the node, launches whose
         # GPUs went with their node (re-run elsewhere: when they end, and that they free nothing)
         self.down: set[int] = set()
@@ -227,7 +227,7 @@ class Simulator:
         on the same GPUs; a paused request's chunk state comes back from host memory."""
         s = req.shape
         if req.id in self.paused:
-            return self.paused[req.id] / (self.config.intra_node_gbps * 1e9)
+            return self.paused.bytes[req.id] / (self.config.intra_node_gbps * 1e9)
         prev = self.where.get(req.id)
         if prev is None:
             return 0.0
@@ -305,7 +305,7 @@ class Simulator:
         if launch.steps is not None and launch.steps[0] > 0:
             extra += self.config.chunk_boundary_s
         for rid in launch.request_ids:
-            self.paused_bytes -= self.paused.pop(rid, 0.0)
+            self.paused.release(rid)
         if launch.offload:
             extra += self.cost.offload_s(launch.model, launch.offload)
         duration = compute + extra
@@ -330,7 +330,7 @@ class Simulator:
         self.memory_refusals += 1
         for rid in launch.request_ids:
             self.failed[rid] = why
-            self.paused_bytes -= self.paused.pop(rid, 0.0)
+            self.paused.release(rid)
         self.policy.on_launch_refused(launch, self.now)
         return True
 
@@ -410,14 +410,10 @@ class Simulator:
         for rid in self.at_boundary:
             if rid in self.in_flight or rid in self.failed:
                 continue
-            r = self.by_id[rid]
-            size = chunk_state_bytes(r.model, r.shape)
-            self.paused[rid] = size
-            self.paused_bytes += size
+            self.paused.pause(self.by_id[rid], self.now)
         self.at_boundary.clear()
-        self.peak_paused_bytes = max(self.peak_paused_bytes, self.paused_bytes)
-        if self.paused_bytes > self.config.host_memory_gb * 1e9:
-            self._fail(f"paused requests hold {self.paused_bytes / 1e9:.1f} GB of host memory, "
+        if self.paused.room < 0:
+            self._fail(f"paused requests hold {self.paused.total / 1e9:.1f} GB of host memory, "
                        f"over the {self.config.host_memory_gb:g} GB budget")
 
     def run(self, progress=None) -> SimResult:
@@ -494,7 +490,7 @@ class Simulator:
             in_flight_at_end=unfinished, replan_reasons=self.replan_reasons, failed=dict(self.failed),
             memory_refusals=self.memory_refusals, timeline=self.timeline,
             demoted=frozenset(getattr(self.policy, "demoted", ()) or ()),
-            peak_paused_gb=self.peak_paused_bytes / 1e9,
+            peak_paused_gb=self.paused.peak / 1e9,
             adapter_hits=self.charges.adapters.hits, adapter_loads=self.charges.adapters.loads,
         )
 
