@@ -4,6 +4,7 @@ with the fair engine (memory enforced, stage-time noise, Serve's overheads, regr
     .venv/bin/python benchmarks/suite.py --quick            # 32 points, < 6 min on 2 cores
     .venv/bin/python benchmarks/suite.py                    # 160 points, < 40 min on 2 cores
     .venv/bin/python benchmarks/suite.py --only check       # the held-out checking points only
+    .venv/bin/python benchmarks/suite.py --quick --draw 1   # a fresh draw: unseen workloads
     .venv/bin/python benchmarks/suite.py --report benchmarks/results/suite_quick.json  # tables of a run
     .venv/bin/python benchmarks/suite.py --policies trident --merge benchmarks/results/suite.json \
         --note "why"                                        # rerun one policy into an earlier run
@@ -92,22 +93,27 @@ class SuitePoint:
     gpus: int
     seed: int
     target: int  # requests to aim for
+    draw: int = 0  # 0: the suite's own points; K > 0: a fresh draw (`--draw K`), never tuned on
 
     @property
     def check(self) -> bool:
-        return self.index % 5 == 4
+        return self.draw > 0 or self.index % 5 == 4
 
     @property
     def name(self) -> str:
         return (f"{self.index:03d}-{self.family}-{self.steps}-{self.arrivals}-x{self.load:g}-slo{self.slo_scale:g}"
-                f"-{self.gpus}g-s{self.seed}")
+                f"-{self.gpus}g-s{self.seed}" + (f"-d{self.draw}" if self.draw else ""))
 
 
-def suite_points(quick: bool) -> list[SuitePoint]:
+def suite_points(quick: bool, draw: int = 0) -> list[SuitePoint]:
     """The declared points: a seeded draw where every axis value appears evenly (each axis walks
-    its values in a shuffled cycle)."""
+    its values in a shuffled cycle). `draw` K > 0: another draw of the same axes, with other
+    combinations, arrivals, shapes and noise (seeds 100 K + index mod 5): workloads no policy
+    change was ever judged on, every point a checking point."""
+    if draw < 0:
+        raise ValueError(f"draw must be >= 0, got {draw}")
     n = 32 if quick else 160
-    rng = random.Random(2026_12_01 + (1 if quick else 0))
+    rng = random.Random(2026_12_01 + (1 if quick else 0) + 1000 * draw)
 
     def cycle(values):
         out = []
@@ -124,7 +130,7 @@ def suite_points(quick: bool) -> list[SuitePoint]:
     for i in range(n):
         st = steps[i] if any(REGISTRY[m].is_video for m in fams[i].split("+")) else "default"
         target = 150 if quick else (300 if gpus[i] == 32 else 500)
-        points.append(SuitePoint(i, fams[i], st, arrs[i], loads[i], slos[i], gpus[i], i % 5, target))
+        points.append(SuitePoint(i, fams[i], st, arrs[i], loads[i], slos[i], gpus[i], 100 * draw + i % 5, target, draw))
     return points
 
 
@@ -472,6 +478,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 points on 32 GPUs, ~150 requests each")
     ap.add_argument("--only", choices=("all", "tune", "check"), default="all")
+    ap.add_argument("--draw", type=int, default=0,
+                    help="K > 0: a fresh draw of points, never tuned on (all of them checking points)")
     ap.add_argument("--points", type=str, default="", help="comma-separated point indices")
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--jobs", type=int, default=2)
@@ -490,7 +498,9 @@ def main() -> int:
         return 0
     if args.merge and not Path(args.merge).is_file():
         ap.error(f"--merge: no such file {args.merge}")
-    points = suite_points(args.quick)
+    if args.draw < 0:
+        ap.error(f"--draw must be >= 0, got {args.draw}")
+    points = suite_points(args.quick, args.draw)
     if args.only != "all":
         points = [p for p in points if p.check == (args.only == "check")]
     if args.points:
@@ -498,7 +508,8 @@ def main() -> int:
         points = [p for p in points if p.index in keep]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("suite_quick" if args.quick else "suite") + (f"_{args.tag}" if args.tag else "")
+    stem = ("suite_quick" if args.quick else "suite") + (f"_draw{args.draw}" if args.draw else "") \
+        + (f"_{args.tag}" if args.tag else "")
     t0 = time.perf_counter()
     results = []
     work = [(p, tuple(args.policies), args.timelines) for p in points]
