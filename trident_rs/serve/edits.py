@@ -32,6 +32,7 @@ from trident_rs.errors import InvalidRequestError
 from trident_rs.models.families import get_family
 from trident_rs.models.spec import get_spec
 from trident_rs.request import GenerationParams
+from trident_rs.serve.openai_bodies import ImagesRequest, parse_size
 
 MAX_INPUT_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
 FILE_FIELDS = ("image", "image[]", "mask")
@@ -45,7 +46,7 @@ class EditRequest:
     """A checked edit: the generations body it shares the path with, the resolved params of its
     first image, the encode stage's input tensors, and a digest of it all (idempotency)."""
 
-    body: Any  # ingress.ImagesRequest
+    body: ImagesRequest
     params: GenerationParams
     inputs: dict[str, np.ndarray]
     digest: str
@@ -76,11 +77,10 @@ async def read_form(request) -> tuple[dict[str, str], dict[str, bytes]]:
     return fields, files
 
 
-def parse_edit(fields: dict[str, str], files: dict[str, bytes], body_model: type,
-               resolve: Callable[..., GenerationParams], parse_size: Callable) -> EditRequest:
+def parse_edit(fields: dict[str, str], files: dict[str, bytes],
+               resolve: Callable[..., GenerationParams]) -> EditRequest:
     """The form -> an `EditRequest`; `InvalidRequestError` naming the first bad field. From the
-    ingress: `body_model` (its generations body), `resolve(**fields)` (its check of generation
-    params: served model, limits) and `parse_size` ('WxH' -> (height, width))."""
+    ingress: `resolve(**fields)`, its check of generation params (served model, limits)."""
     if "image" in files and "image[]" in files:
         raise InvalidRequestError("image", "give one image")
     data = files.get("image", files.get("image[]"))
@@ -91,7 +91,7 @@ def parse_edit(fields: dict[str, str], files: dict[str, bytes], body_model: type
     for name in IGNORED_FIELDS:
         values.pop(name, None)
     try:
-        body = body_model.model_validate(values)
+        body = ImagesRequest.model_validate(values)
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(x) for x in first.get("loc", ())) or "body"
@@ -100,7 +100,7 @@ def parse_edit(fields: dict[str, str], files: dict[str, bytes], body_model: type
     if not get_family(spec.family).stages.edit_pipelines:
         raise InvalidRequestError("model", f"{body.model} makes no image edits; edits: the sd3 and flux families")
     image = _open(data, "image")
-    height, width = _size(body.size, image.size, spec.size_multiple, parse_size)
+    height, width = _size(body.size, image.size, spec.size_multiple)
     inputs = {"image": np.asarray(image.convert("RGB"))[None].copy()}
     if "mask" in files:
         inputs["mask"] = _repaint_mask(_open(files["mask"], "mask"), image.size)
@@ -148,8 +148,7 @@ def _open(data: bytes, field: str):
     return image
 
 
-def _size(size: str | None, image_size: tuple[int, int], multiple: int,
-          parse_size: Callable) -> tuple[int | None, int | None]:
+def _size(size: str | None, image_size: tuple[int, int], multiple: int) -> tuple[int | None, int | None]:
     """(height, width): `size` 'WxH', or (None or 'auto') the image's own rounded down to `multiple`."""
     if size is not None and size.strip().lower() != "auto":
         return parse_size(size)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -37,7 +37,7 @@ from trident_rs.errors import (ConfigError, ConflictError, GoneError, InvalidReq
 from trident_rs.media import mp4_bytes, png_bytes
 from trident_rs.executors.base import StagePayload
 from trident_rs.models.spec import get_spec
-from trident_rs.request import GenerationParams, LoraRef, RequestState
+from trident_rs.request import GenerationParams, RequestState
 from trident_rs.serve.adapters import adapter_cards, check_adapters
 from trident_rs.serve.admission import Admission
 from trident_rs.serve.cancellation import Inflight, RequestCancelled
@@ -48,6 +48,7 @@ from trident_rs.serve.files import FileStore
 from trident_rs.serve.grant import Grant
 from trident_rs.serve.idempotency import IdempotencyCache, fingerprint, key_of
 from trident_rs.serve.limits import GuardMiddleware, check_limits, configure as configure_guard
+from trident_rs.serve.openai_bodies import ImagesRequest, VideosRequest, event_quality, parse_size
 from trident_rs.serve.own_calls import OwnCalls
 from trident_rs.serve.stage_retry import is_replica_failure
 from trident_rs.serve.stage_runner import StageRunner
@@ -89,74 +90,6 @@ async def _validation_error(_: Request, e: RequestValidationError) -> JSONRespon
     loc = loc[1:] if len(loc) > 1 and loc[0] in ("body", "query") else loc
     field = ".".join(loc) or "body"
     return _error(422, f"{field}: {first.get('msg', 'invalid request')}", "InvalidRequestError", field)
-
-
-class ImagesRequest(BaseModel):
-    """OpenAI `images.generate` body, plus trident's extra knobs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    prompt: str
-    n: int = Field(1, ge=1)
-    size: str | None = Field(None, description="'WxH', e.g. '1024x1024'")
-    response_format: Literal["b64_json", "url"] = Field(
-        "b64_json", description="'url': PNGs stored (config `files`) and served at GET /v1/files/{id}/content")
-    quality: str | None = None  # accepted for compatibility, ignored
-    style: str | None = None
-    user: str | None = None
-    steps: int | None = None
-    seed: int = Field(0, ge=0, lt=2**63)
-    guidance_scale: float | None = None
-    negative_prompt: str = ""
-    slo_ms: float | None = Field(None, gt=0)
-    stream: bool = Field(False, strict=True, description="server-sent events: partial images, then the image")
-    partial_images: int | None = Field(None, ge=0, le=3, strict=True,
-                                       description="previews streamed before the image (0-3; stream only)")
-    output_format: Literal["png"] | None = None  # OpenAI's; only PNG is made here
-    background: Literal["auto", "opaque"] | None = None
-    lora: tuple[LoraRef, ...] = Field((), description="LoRA adapters [{name, scale}] (config `loras`)")
-
-
-class VideosRequest(BaseModel):
-    """OpenAI `videos.create` body (JSON or multipart form, as the official client sends it):
-    `prompt`, `model` (default: the first video model served), `seconds` (mapped to frames at the
-    family's fps, `trident_rs.serve.videos`), `size` 'WxH'; plus every knob."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = None
-    prompt: str
-    size: str | None = None
-    seconds: Any = Field(None, description="clip length, e.g. '4' (or give num_frames)")
-    input_reference: Any = Field(None, description="not supported (text-to-video only)")
-    num_frames: int | None = None
-    steps: int | None = None
-    seed: int = Field(0, ge=0, lt=2**63)
-    guidance_scale: float | None = None
-    negative_prompt: str = ""
-    slo_ms: float | None = Field(None, gt=0)
-    wait: bool = Field(False, description="answer with the MP4 instead of a job id to poll")
-    response_format: Literal["b64_json", "url"] | None = Field(
-        None, description="'url': the completed job carries the MP4's URL; 'b64_json' (wait only, its default): "
-        "the MP4 inline")
-    lora: tuple[LoraRef, ...] = Field((), description="LoRA adapters [{name, scale}] (config `loras`)")
-
-
-def _quality(q: str | None) -> str:
-    """The request's `quality` as OpenAI's events spell it (unknown values: 'auto')."""
-    return q if q in ("low", "medium", "high", "auto") else "auto"
-
-
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """'WxH' -> (height, width); None -> model defaults."""
-    if size is None:
-        return None, None
-    try:
-        w, h = (int(x) for x in size.lower().split("x"))
-    except ValueError:
-        raise InvalidRequestError("size", f"{size!r} is not of the form 'WIDTHxHEIGHT'") from None
-    return h, w
 
 
 @serve.ingress(api)
@@ -278,7 +211,7 @@ class Ingress:
         """OpenAI `images.edit`: the multipart form checked in `trident_rs.serve.edits`, then the
         generations path (stream or not) with the image (and mask) in the encode stage's payload."""
         try:
-            edit = parse_edit(*await read_form(request), ImagesRequest, self._resolve, parse_size)
+            edit = parse_edit(*await read_form(request), self._resolve)
             self._check_n(edit.body.n)
         except TridentError as e:
             self._reject(e)
@@ -314,7 +247,7 @@ class Ingress:
         queue: asyncio.Queue = asyncio.Queue()
         if n:
             self.runner.preview_sinks[rid] = (n, queue)
-        common = {"size": f"{base.width}x{base.height}", "quality": _quality(body.quality),
+        common = {"size": f"{base.width}x{base.height}", "quality": event_quality(body.quality),
                   "background": "opaque", "output_format": "png"}
 
         def event(kind: str, **fields: Any) -> str:
